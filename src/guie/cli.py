@@ -1,0 +1,158 @@
+"""The `guie` command: a thin typer layer over the library (every command is a library call)."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="guie: universal image embeddings (<= 64-d): embed, evaluate with the exact GUIE mP@5, "
+                       "train, export, search.")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: benchmarks, importers, checks, shards.")
+app.add_typer(data_app, name="data")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+def _load_table(source: Path, model: Optional[str], where, batch_size, workers, device, image_size):
+    """An embeddings Parquet file as is, or a manifest/folder embedded on the fly with `model`."""
+    from .data.manifest import filter_rows, read_manifest
+    from .embed import EMBEDDING_COLUMN, embed_images, read_embeddings
+
+    if source.suffix in (".parquet", ".pq") and source.is_file():
+        import pyarrow.parquet as pq
+
+        if EMBEDDING_COLUMN in pq.read_schema(source).names:
+            df, emb = read_embeddings(source)
+            if where:
+                from .data.manifest import filter_rows as fr
+                keep = fr(df.assign(_row=range(len(df))), where)["_row"].to_numpy()
+                df, emb = df.iloc[keep].reset_index(drop=True), emb[keep]
+            return df, emb
+    from .models.embedder import resolve_embedder
+
+    df = filter_rows(read_manifest(source, require_labels=True), where)
+    embedder = resolve_embedder(model, image_size=image_size)
+    res = embed_images(embedder, df["path"].tolist(), batch_size=batch_size, num_workers=workers, device=device)
+    if res.errors:
+        typer.echo(f"{len(res.errors)} images could not be read and were left out", err=True)
+    return df[res.ok].reset_index(drop=True), res.embeddings
+
+
+@app.command()
+def embed(source: Path = typer.Argument(..., help="image folder, or manifest (.csv/.parquet with a 'path' column)"),
+          out: Path = typer.Option(..., "--out", "-o", help="output embeddings .parquet"),
+          model: str = typer.Option("efficientnet_lite0", help="guie checkpoint (.pt) or backbone name"),
+          embed_dim: Optional[int] = typer.Option(None, help="head size for a fresh backbone (default: raw features)"),
+          features: bool = typer.Option(False, help="write backbone features instead of the head's embedding"),
+          image_size: Optional[int] = typer.Option(None, help="input resolution (default: the model's)"),
+          batch_size: int = typer.Option(64), workers: Optional[int] = typer.Option(None, help="decode workers"),
+          device: str = typer.Option("auto"), shard_size: int = typer.Option(4096, help="rows per resumable shard"),
+          where: Optional[List[str]] = typer.Option(None, help="keep rows with column=value (repeatable)"),
+          overwrite: bool = typer.Option(False, help="discard shards of an earlier run with another model")):
+    """Embed images into a Parquet file (manifest columns + 'embedding'); resumes an interrupted run."""
+    from .data.manifest import ManifestError, filter_rows, read_manifest
+    from .embed import embed_to_file
+    from .models.embedder import resolve_embedder
+    from .models.preprocess import PreprocessConfig
+
+    try:
+        df = filter_rows(read_manifest(source), where)
+        embedder = resolve_embedder(model, embed_dim=embed_dim)
+    except (ManifestError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    pre = embedder.preprocess.replace(image_size=image_size) if image_size else None
+    kept, emb, errors = embed_to_file(embedder, df, out, batch_size=batch_size, num_workers=workers,
+                                      device=None if device == "auto" else device, features=features,
+                                      shard_size=shard_size, preprocess=pre, overwrite=overwrite)
+    typer.echo(f"wrote {len(kept)} embeddings of dim {emb.shape[1]} to {out}")
+    if errors:
+        typer.echo(f"skipped {len(errors)} unreadable images (listed in {out}.failed.csv)", err=True)
+
+
+@app.command()
+def evaluate(embeddings: Optional[Path] = typer.Argument(None, help="one embeddings file or manifest, split by --folds-by"),
+             query: Optional[Path] = typer.Option(None, help="query embeddings/manifest"),
+             index: Optional[Path] = typer.Option(None, help="index embeddings/manifest"),
+             folds_by: Optional[str] = typer.Option(None, help="leave-one-group-out folds over this column"),
+             model: Optional[str] = typer.Option(None, help="model for manifests (checkpoint or backbone name)"),
+             where: Optional[List[str]] = typer.Option(None, help="keep rows with column=value (repeatable)"),
+             k: int = typer.Option(5, help="neighbours per query (GUIE: 5)"),
+             exclude_missing: bool = typer.Option(False, help="drop queries with n_q = 0 instead of failing"),
+             out: Optional[Path] = typer.Option(None, help="folder for results.json and report.html"),
+             image_size: Optional[int] = typer.Option(None), batch_size: int = typer.Option(64),
+             workers: Optional[int] = typer.Option(None), device: str = typer.Option("auto")):
+    """Score embeddings with the exact GUIE metric (mP@k, Euclidean k-NN) and write a report with pictures."""
+    from .data.manifest import ManifestError
+    from .evaluate.protocol import evaluate_folds, evaluate_query_index
+    from .evaluate.report import format_table, write_report
+
+    dev = None if device == "auto" else device
+    missing = "exclude" if exclude_missing else "error"
+    try:
+        if embeddings is not None:
+            if not folds_by:
+                _fail("with a single embeddings file, say how to split it into queries and index: --folds-by COLUMN "
+                      "(or give --query and --index)")
+            df, emb = _load_table(embeddings, model, where, batch_size, workers, dev, image_size)
+            ev = evaluate_folds(df, emb, by=folds_by, k=k, missing=missing)
+        elif query is not None and index is not None:
+            qdf, qemb = _load_table(query, model, where, batch_size, workers, dev, image_size)
+            idf, iemb = _load_table(index, model, where, batch_size, workers, dev, image_size)
+            ev = evaluate_query_index(qdf, qemb, idf, iemb, k=k, missing=missing)
+        else:
+            _fail("give an embeddings file with --folds-by, or both --query and --index")
+    except (ManifestError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    rows = [{"fold": f["fold"], "queries": f["queries"], f"mP@{k}": f["score"]} for f in ev.folds]
+    rows.append({"fold": "mean", "queries": sum(f["queries"] for f in ev.folds), f"mP@{k}": ev.score})
+    typer.echo(format_table(rows, ["fold", "queries", f"mP@{k}"], title="GUIE metric"))
+    if ev.per_domain is not None:
+        drows = ev.per_domain.to_dict(orient="records")
+        typer.echo(format_table(drows, ["domain", "queries", "score"], title="per domain"))
+    if out:
+        report = write_report(ev, out, title=f"guie evaluate: {embeddings or query}")
+        typer.echo(f"report: {report}")
+    typer.echo(json.dumps({f"mP@{k}": round(ev.score, 6)}))
+
+
+@data_app.command("emoji")
+def data_emoji(cache: Optional[Path] = typer.Option(None, help="cache folder (default $GUIE_CACHE or ~/.cache/guie)"),
+               force: bool = typer.Option(False, help="fetch and rebuild even if present")):
+    """Fetch the emoji cross-vendor benchmark with npm and write its manifest."""
+    from .data.emoji import build_emoji_benchmark
+    from .data.manifest import read_manifest
+
+    manifest = build_emoji_benchmark(cache, force=force)
+    df = read_manifest(manifest)
+    counts = df.drop_duplicates("label")["split"].value_counts().to_dict()
+    typer.echo(f"{manifest}: {len(df)} images, {df['label'].nunique()} classes x {df['vendor'].nunique()} vendors; "
+               f"classes per split {counts}")
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("outputs/demo"), help="where reports go"),
+         cache: Optional[Path] = typer.Option(None, help="cache folder (default $GUIE_CACHE or ~/.cache/guie)"),
+         image_size: int = typer.Option(224, help="input resolution of the backbone"),
+         device: str = typer.Option("auto")):
+    """The emoji benchmark end to end on the default backbone: zero-shot, PCA-64, trained 64-d head."""
+    from .demo import run_demo
+
+    run_demo(out, cache, image_size=image_size, device=None if device == "auto" else device)
+
+
+def main() -> None:
+    """Entry point of the `guie` console script."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    app()
+
+
+if __name__ == "__main__":
+    main()

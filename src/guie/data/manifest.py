@@ -1,0 +1,83 @@
+"""Manifests: the table every guie command reads. Columns: `path` (required), `label`, `domain`, anything else.
+
+A manifest is a CSV or Parquet file, or a folder of images (label = the image's parent folder when nested).
+Relative paths are resolved against the manifest's own folder, so a dataset folder can be moved as a whole.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from .images import IMAGE_EXTENSIONS
+
+MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq", ".tsv")
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; the message names the file."""
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """All image files under `folder`, recursively, in a stable (sorted) order."""
+    folder = Path(folder)
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def read_manifest(source: str | Path, require_labels: bool = False) -> pd.DataFrame:
+    """Read a folder, CSV or Parquet manifest into a DataFrame with absolute `path` strings.
+
+    Raises ManifestError (naming the source) for missing files, empty folders, a missing `path` column, or
+    missing labels when `require_labels`.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise ManifestError(f"{source}: no such file or folder")
+    if source.is_dir():
+        files = list_images(source)
+        if not files:
+            raise ManifestError(f"{source}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)})")
+        df = pd.DataFrame({"path": [str(p.resolve()) for p in files]})
+        labels = [str(p.parent.relative_to(source)) for p in files]
+        if any(lbl != "." for lbl in labels):
+            df["label"] = labels
+    else:
+        suffix = source.suffix.lower()
+        try:
+            if suffix in (".parquet", ".pq"):
+                df = pd.read_parquet(source)
+            elif suffix in (".csv", ".tsv"):
+                df = pd.read_csv(source, sep="\t" if suffix == ".tsv" else ",", dtype={"label": str})
+            else:
+                raise ManifestError(f"{source}: unsupported manifest type {suffix!r}; use a folder, "
+                                    f"{', '.join(MANIFEST_SUFFIXES)}")
+        except ManifestError:
+            raise
+        except Exception as e:  # pandas/pyarrow raise many types for unreadable files
+            raise ManifestError(f"{source}: cannot read manifest ({type(e).__name__}: {e})") from None
+        if "path" not in df.columns:
+            raise ManifestError(f"{source}: manifest has no 'path' column (columns: {list(df.columns)})")
+        if df.empty:
+            raise ManifestError(f"{source}: manifest has no rows")
+        base = source.resolve().parent
+        df["path"] = [str(p if Path(p).is_absolute() else (base / p)) for p in df["path"].astype(str)]
+    if require_labels:
+        if "label" not in df.columns:
+            raise ManifestError(f"{source}: a 'label' column is required here")
+        if df["label"].isna().any():
+            raise ManifestError(f"{source}: {int(df['label'].isna().sum())} rows have no label")
+    if "label" in df.columns:
+        df["label"] = df["label"].astype(str)
+    return df.reset_index(drop=True)
+
+
+def filter_rows(df: pd.DataFrame, where: list[str] | None) -> pd.DataFrame:
+    """Keep rows matching every `column=value` (or `column=v1,v2`) condition."""
+    for cond in where or []:
+        col, sep, values = cond.partition("=")
+        if not sep:
+            raise ValueError(f"filter {cond!r} must look like column=value")
+        if col not in df.columns:
+            raise ValueError(f"filter {cond!r}: no column {col!r} (columns: {list(df.columns)})")
+        df = df[df[col].astype(str).isin(values.split(","))]
+    return df.reset_index(drop=True)

@@ -1,0 +1,5 @@
+"""Losses: ArcFace / CosFace with sub-centres and per-class margins, plus margin schedules."""
+from .margin import LOSSES, ArcFaceLoss, CosFaceLoss, MarginLoss, create_loss
+from .schedules import MarginSchedule, dynamic_margins
+
+__all__ = ["LOSSES", "ArcFaceLoss", "CosFaceLoss", "MarginLoss", "create_loss", "MarginSchedule", "dynamic_margins"]

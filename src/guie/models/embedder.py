@@ -1,0 +1,130 @@
+"""Embedder = normalisation + backbone + head + L2 normalisation, with the preprocessing it expects.
+
+`create_embedder` builds one from a backbone name (like timm's `create_model`); `save_embedder`/`load_embedder`
+round-trip it through a self-describing checkpoint that needs no hub access to load.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..utils import atomic_save
+from .backbones import Backbone, create_backbone
+from .heads import ProjectionHead
+from .preprocess import ImageNormalize, ImageTransform, PreprocessConfig
+
+CHECKPOINT_FORMAT = "guie-embedder/1"
+
+
+@dataclass
+class EmbedderSpec:
+    """Everything needed to rebuild an Embedder's architecture (weights live in the state dict)."""
+
+    backbone: str = "efficientnet_lite0"
+    embed_dim: int | None = 64  # None: no head, the backbone's raw features (zero-shot baseline; > 64-d)
+    dropout: float = 0.0
+    image_size: int | None = None
+    backbone_kwargs: dict = field(default_factory=dict)
+
+
+class Embedder(nn.Module):
+    """images (uint8 [B,3,S,S], or float in [0,1]) -> L2-normalised embeddings [B, d]."""
+
+    def __init__(self, backbone: Backbone, head: nn.Module | None, preprocess: PreprocessConfig,
+                 spec: EmbedderSpec):
+        super().__init__()
+        self.normalize = ImageNormalize(preprocess.mean, preprocess.std)
+        self.backbone = backbone
+        self.head = head if head is not None else nn.Identity()
+        self.preprocess = preprocess
+        self.spec = spec
+
+    @property
+    def embed_dim(self) -> int:
+        return self.head.embed_dim if isinstance(self.head, ProjectionHead) else self.backbone.num_features
+
+    @property
+    def transform(self) -> ImageTransform:
+        """PIL RGB image -> uint8 tensor at this model's resolution."""
+        return ImageTransform(self.preprocess)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone features [B, F] before the head (what the frozen-backbone cache stores)."""
+        return self.backbone(self.normalize(images))
+
+    def embed_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Head + L2 normalisation applied to backbone features."""
+        return F.normalize(self.head(features).float(), dim=-1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embed_features(self.forward_features(images))
+
+    def set_preprocess(self, preprocess: PreprocessConfig) -> None:
+        """Change resolution/resize policy (e.g. evaluate at 280 px); mean/std must stay those of the weights."""
+        if tuple(preprocess.mean) != tuple(self.preprocess.mean) or tuple(preprocess.std) != tuple(self.preprocess.std):
+            raise ValueError("set_preprocess cannot change mean/std: they belong to the backbone's weights")
+        self.preprocess = preprocess
+        self.spec.image_size = preprocess.image_size
+
+
+def create_embedder(backbone: str = "efficientnet_lite0", embed_dim: int | None = 64, dropout: float = 0.0,
+                    pretrained: bool = True, image_size: int | None = None, preprocess: dict | None = None,
+                    **backbone_kwargs) -> Embedder:
+    """Build an Embedder: a registered backbone + Dropout/Linear head to `embed_dim` (<= 64) + L2 normalisation.
+
+    Args:
+        backbone: see `guie.models.backbones.create_backbone` (``efficientnet_lite0``, ``timm:...``, ``open_clip:...``).
+        embed_dim: output dimension (<= 64), or None for the backbone's raw features (no head).
+        dropout: dropout before the projection (active in train mode only).
+        pretrained: load the backbone's pretrained weights.
+        image_size: input resolution (defaults to the backbone's native one).
+        preprocess: overrides of PreprocessConfig fields, e.g. ``{"crop_pct": 1.0}``.
+    """
+    net, pre = create_backbone(backbone, pretrained=pretrained, image_size=image_size, **backbone_kwargs)
+    if preprocess:
+        pre = pre.replace(**preprocess)
+    head = ProjectionHead(net.num_features, embed_dim, dropout) if embed_dim is not None else None
+    spec = EmbedderSpec(backbone=backbone, embed_dim=embed_dim, dropout=dropout, image_size=pre.image_size,
+                        backbone_kwargs=dict(backbone_kwargs))
+    return Embedder(net, head, pre, spec)
+
+
+def save_embedder(embedder: Embedder, path: str | Path, extra: dict | None = None) -> Path:
+    """Write a self-describing checkpoint (spec + preprocessing + weights) atomically."""
+    payload = {"format": CHECKPOINT_FORMAT, "spec": asdict(embedder.spec),
+               "preprocess": embedder.preprocess.to_dict(), "state_dict": embedder.state_dict(),
+               "extra": extra or {}}
+    return atomic_save(payload, path)
+
+
+def load_embedder(path: str | Path, map_location: str | torch.device = "cpu") -> Embedder:
+    """Rebuild an Embedder from `save_embedder` output (random init, then the stored weights: no hub access)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model checkpoint not found: {path}")
+    payload = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a guie embedder checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    spec = EmbedderSpec(**payload["spec"])
+    pre = PreprocessConfig.from_dict(payload["preprocess"])
+    embedder = create_embedder(spec.backbone, spec.embed_dim, spec.dropout, pretrained=False,
+                               image_size=spec.image_size, **spec.backbone_kwargs)
+    embedder.preprocess = pre
+    embedder.load_state_dict(payload["state_dict"], strict=True)
+    return embedder.eval()
+
+
+def resolve_embedder(model: str | Path | Embedder | None, **kwargs) -> Embedder:
+    """An Embedder from an instance, a checkpoint file, or a backbone name (raw features unless embed_dim given)."""
+    if isinstance(model, Embedder):
+        return model
+    if model is None:
+        model = "efficientnet_lite0"
+    if Path(str(model)).is_file():
+        return load_embedder(model)
+    kwargs.setdefault("embed_dim", None)
+    return create_embedder(str(model), **kwargs).eval()

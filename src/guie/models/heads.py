@@ -1,0 +1,55 @@
+"""Embedding heads: the <=64-d projection that the GUIE metric sees, and a training-free PCA initialiser."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+MAX_EMBED_DIM = 64  # the competition's limit
+
+
+class ProjectionHead(nn.Module):
+    """Dropout -> Linear(in_features -> embed_dim), the head every top GUIE solution used (dropout 0.2 in the 1st/2nd).
+
+    The L2 normalisation that follows is done by the Embedder, so that Euclidean k-NN equals cosine ranking.
+    """
+
+    def __init__(self, in_features: int, embed_dim: int = 64, dropout: float = 0.0, bias: bool = True,
+                 max_dim: int | None = MAX_EMBED_DIM):
+        super().__init__()
+        if max_dim is not None and embed_dim > max_dim:
+            raise ValueError(f"embed_dim={embed_dim} exceeds the GUIE limit of {max_dim} dimensions")
+        if embed_dim < 1:
+            raise ValueError(f"embed_dim must be >= 1, got {embed_dim}")
+        self.in_features, self.embed_dim = in_features, embed_dim
+        self.dropout = nn.Dropout(dropout)
+        self.proj = nn.Linear(in_features, embed_dim, bias=bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.dropout(features))
+
+    @torch.no_grad()
+    def init_from_pca(self, mean: np.ndarray, components: np.ndarray) -> "ProjectionHead":
+        """Set the projection to x -> (x - mean) @ components.T (so the head starts as PCA)."""
+        comps = torch.as_tensor(components, dtype=torch.float32)
+        if comps.shape != self.proj.weight.shape:
+            raise ValueError(f"PCA components {tuple(comps.shape)} do not fit head {tuple(self.proj.weight.shape)}")
+        self.proj.weight.copy_(comps)
+        if self.proj.bias is not None:
+            self.proj.bias.copy_(-comps @ torch.as_tensor(mean, dtype=torch.float32))
+        return self
+
+
+def fit_pca(features: np.ndarray, dim: int, whiten: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """PCA of a feature matrix [N, F] -> (mean [F], components [dim, F]); whiten scales each axis to unit variance."""
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"PCA needs a 2-D matrix with at least 2 rows, got shape {x.shape}")
+    if dim > min(x.shape):
+        raise ValueError(f"PCA to {dim} dims needs at least {dim} samples and features, got {x.shape}")
+    mean = x.mean(0)
+    _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
+    comps = vt[:dim]
+    if whiten:
+        comps = comps / (s[:dim, None] / np.sqrt(len(x) - 1) + 1e-8)
+    return mean.astype(np.float32), comps.astype(np.float32)

@@ -1,0 +1,118 @@
+"""Image preprocessing that travels with a model: PIL image -> uint8 tensor at the model's resolution.
+
+Normalisation (mean/std) is *not* done here but inside the model (`ImageNormalize`), so data loaders ship uint8
+(4x less memory and transfer than float) and an exported model takes raw pixels, as the GUIE competition expected.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from PIL import Image
+from torch import nn
+
+INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+                  "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+RESIZE_MODES = ("crop", "squash", "pad")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How raw images become model input; every backbone returns one of these with its module."""
+
+    image_size: int = 224
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875  # "crop" mode: resize the short side to image_size / crop_pct, then centre-crop
+    resize_mode: str = "crop"  # crop | squash (ignore aspect) | pad (letterbox on white)
+
+    def __post_init__(self):
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation {self.interpolation!r}: choose from {sorted(INTERPOLATIONS)}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode {self.resize_mode!r}: choose from {RESIZE_MODES}")
+        if not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.image_size < 8:
+            raise ValueError(f"image_size must be >= 8, got {self.image_size}")
+
+    def replace(self, **changes) -> "PreprocessConfig":
+        """A copy with some fields changed (None values are ignored)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessConfig":
+        d = dict(d)
+        for key in ("mean", "std"):
+            if key in d:
+                d[key] = tuple(float(x) for x in d[key])
+        return cls(**d)
+
+
+def resize_image(image: Image.Image, cfg: PreprocessConfig) -> Image.Image:
+    """Resize an RGB PIL image to cfg.image_size x cfg.image_size following cfg.resize_mode."""
+    size, resample = cfg.image_size, INTERPOLATIONS[cfg.interpolation]
+    w, h = image.size
+    if cfg.resize_mode == "squash":
+        return image.resize((size, size), resample)
+    if cfg.resize_mode == "pad":
+        scale = size / max(w, h)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        canvas = Image.new("RGB", (size, size), (255, 255, 255))
+        canvas.paste(image.resize((nw, nh), resample), ((size - nw) // 2, (size - nh) // 2))
+        return canvas
+    short = size / cfg.crop_pct
+    scale = short / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        image = image.resize((nw, nh), resample)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def draft_size(cfg: PreprocessConfig) -> int:
+    """Smallest side a JPEG may be decoded at (DCT scaling via PIL's draft) without losing resolution."""
+    if cfg.resize_mode == "crop":
+        return math.ceil(cfg.image_size / cfg.crop_pct)
+    return cfg.image_size
+
+
+def pil_to_uint8(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 tensor [3, H, W] (no copy beyond the one numpy needs)."""
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+class ImageTransform:
+    """Callable PIL (RGB) -> uint8 tensor [3, S, S]; picklable, so DataLoader workers can run it."""
+
+    def __init__(self, cfg: PreprocessConfig):
+        self.cfg = cfg
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return pil_to_uint8(resize_image(image, self.cfg))
+
+    def __repr__(self) -> str:
+        return f"ImageTransform({self.cfg})"
+
+
+class ImageNormalize(nn.Module):
+    """uint8 [0,255] or float [0,1] images -> (x - mean) / std, in one fused multiply-add."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("scale", 1.0 / std_t, persistent=False)
+        self.register_buffer("shift", mean_t / std_t, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            return x.float() * (self.scale / 255.0) - self.shift
+        return x.float() * self.scale - self.shift

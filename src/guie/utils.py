@@ -1,0 +1,87 @@
+"""Small helpers shared by every module: atomic writes, device choice, logging."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("guie")
+
+
+def atomic_write_bytes(data: bytes, path: str | Path) -> Path:
+    """Write to a temp file in the same folder, fsync, then rename: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """torch.save through a temp file + rename."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(buf.getvalue(), path)
+
+
+def atomic_write_text(text: str, path: str | Path) -> Path:
+    return atomic_write_bytes(text.encode("utf-8"), path)
+
+
+def atomic_write_json(obj: Any, path: str | Path) -> Path:
+    return atomic_write_text(json.dumps(obj, indent=2, default=_json_default) + "\n", path)
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """'auto'/None -> cuda if available else cpu."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def default_cache_dir() -> Path:
+    """Where guie keeps downloaded data and feature caches ($GUIE_CACHE, else ~/.cache/guie)."""
+    return Path(os.environ.get("GUIE_CACHE", Path.home() / ".cache" / "guie"))
+
+
+def save_parquet_atomic(df, path: str | Path) -> Path:
+    """Write a DataFrame/Table to Parquet atomically."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = df if isinstance(df, pa.Table) else pa.Table.from_pandas(df, preserve_index=False)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return atomic_write_bytes(buf.getvalue(), path)
