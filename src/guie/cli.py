@@ -148,6 +148,13 @@ def demo(out: Path = typer.Option(Path("outputs/demo"), help="where reports go")
     run_demo(out, cache, image_size=image_size, device=None if device == "auto" else device)
 
 
+from .data.commands import register as _register_data_commands  # noqa: E402
+from .export.commands import register as _register_export_commands  # noqa: E402
+
+_register_data_commands(data_app)
+_register_export_commands(app)
+
+
 def main() -> None:
     """Entry point of the `guie` console script."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
