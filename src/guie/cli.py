@@ -123,6 +123,38 @@ def evaluate(embeddings: Optional[Path] = typer.Argument(None, help="one embeddi
     typer.echo(json.dumps({f"mP@{k}": round(ev.score, 6)}))
 
 
+@app.command()
+def train(recipe: Path = typer.Argument(..., help="YAML training recipe (see configs/)"),
+          resume: bool = typer.Option(False, help="continue from the run folder's last checkpoint"),
+          set_: Optional[List[str]] = typer.Option(None, "--set", help="override a recipe value: key.sub=value"),
+          output_dir: Optional[Path] = typer.Option(None, help="run folder (default: runs/<name>)"),
+          progress: bool = typer.Option(True, help="show progress bars")):
+    """Train an embedder through a recipe's stages (torchrun --nproc_per_node N guie train ... for DDP)."""
+    from .config import ConfigError
+    from .train.config import load_run_config
+    from .train.engine import TrainingInterrupted, train as run_training
+
+    overrides = list(set_ or [])
+    if output_dir:
+        overrides.append(f"output_dir={output_dir}")
+    try:
+        cfg = load_run_config(recipe, overrides)
+    except ConfigError as e:
+        _fail(str(e))
+    try:
+        final = run_training(cfg, resume=resume, progress=progress)
+    except TrainingInterrupted as e:
+        typer.secho(str(e), fg="yellow", err=True)
+        raise typer.Exit(143)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    finally:
+        from .train.distributed import cleanup_distributed
+
+        cleanup_distributed()
+    typer.echo(f"model: {final}")
+
+
 @data_app.command("emoji")
 def data_emoji(cache: Optional[Path] = typer.Option(None, help="cache folder (default $GUIE_CACHE or ~/.cache/guie)"),
                force: bool = typer.Option(False, help="fetch and rebuild even if present")):
@@ -158,6 +190,7 @@ _register_export_commands(app)
 def main() -> None:
     """Entry point of the `guie` console script."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs which SIMD build it picked
     app()
 
 

@@ -59,7 +59,6 @@ def _model_fn(embedder: Embedder, features: bool) -> Callable[[torch.Tensor], to
     return embedder.forward_features if features else embedder.forward
 
 
-@torch.inference_mode()
 def embed_images(embedder: Embedder, paths: Sequence[str], batch_size: int = 64, num_workers: int | None = None,
                  device: str | torch.device | None = None, features: bool = False, progress: bool = True,
                  preprocess: PreprocessConfig | None = None, report_failure: Callable[[str], None] | None = None,
@@ -74,7 +73,16 @@ def embed_images(embedder: Embedder, paths: Sequence[str], batch_size: int = 64,
     preprocess = preprocess or embedder.preprocess
     num_workers = default_num_workers() if num_workers is None else num_workers
     report_failure = report_failure or (lambda msg: print(f"skipped {msg}", file=sys.stderr))
+    # Converted outside inference mode: parameters created inside it become inference tensors, which would break
+    # training the same model afterwards (e.g. validation during fine-tuning).
     embedder = embedder.to(device).eval().to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        return _embed_loop(embedder, paths, batch_size, num_workers, device, features, progress, preprocess,
+                           report_failure, desc)
+
+
+def _embed_loop(embedder, paths, batch_size, num_workers, device, features, progress, preprocess, report_failure,
+                desc) -> "EmbedResult":
     fn = _model_fn(embedder, features)
     use_bf16 = device.type == "cuda"
     loader = make_loader(paths, preprocess, batch_size, num_workers, pin_memory=device.type == "cuda")

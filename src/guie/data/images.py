@@ -2,10 +2,17 @@
 
 Handled: EXIF orientation, alpha/palette transparency (composited on white, as the emoji and product photos
 expect), CMYK, 16-bit and float grey, 1-bit, truncated files, empty files and decompression bombs.
+
+A path may also be a *shard reference* ``/abs/shard-000003.tar#<offset>:<size>:<member name>`` (see
+`guie.data.shards`): the image's bytes are read by seeking to `offset` in the tar file, so shards give random
+access to samples (DataLoader shuffling and workers work as with loose files).
 """
 from __future__ import annotations
 
+import io
+import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +23,89 @@ DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own hard limit (2x MAX_IMAGE_PIXELS); 
 
 
 class ImageLoadError(Exception):
-    """An image that cannot be used; str() is a one-line '<path>: <reason>'."""
+    """An image that cannot be used; str() is a one-line '<path>: <reason>'.
 
-    def __init__(self, path, reason: str):
+    `kind` names the failure for reports: missing, empty, format, bomb, truncated, corrupt, decode.
+    """
+
+    def __init__(self, path, reason: str, kind: str = "unreadable"):
         super().__init__(f"{path}: {reason}")
-        self.path, self.reason = str(path), reason
+        self.path, self.reason, self.kind = str(path), reason, kind
+
+
+_SHARD_REF = re.compile(r"^(?P<tar>.+?\.tar)#(?P<offset>\d+):(?P<size>\d+):(?P<name>.+)$", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """Where one sample's bytes live inside a tar shard."""
+
+    tar: str
+    offset: int  # byte offset of the member's data (after its tar header)
+    size: int
+    name: str  # member name, e.g. 000000042.jpg
+
+    def __str__(self) -> str:
+        return f"{self.tar}#{self.offset}:{self.size}:{self.name}"
+
+
+def parse_shard_ref(path: str | Path) -> ShardRef | None:
+    """The ShardRef encoded in `path`, or None when `path` is an ordinary file path."""
+    m = _SHARD_REF.match(str(path))
+    if m is None:
+        return None
+    return ShardRef(m["tar"], int(m["offset"]), int(m["size"]), m["name"])
+
+
+def read_image_bytes(path: str | Path) -> bytes:
+    """The raw bytes of an image file or of a shard member (local path, or any fsspec URL for shards).
+
+    Raises ImageLoadError (kind missing/empty) naming the path.
+    """
+    ref = parse_shard_ref(path)
+    try:
+        if ref is None:
+            data = Path(path).read_bytes()
+        elif "://" in ref.tar:
+            import fsspec  # optional: only for remote shards
+
+            with fsspec.open(ref.tar, "rb") as f:
+                f.seek(ref.offset)
+                data = f.read(ref.size)
+        else:
+            with open(ref.tar, "rb") as f:
+                f.seek(ref.offset)
+                data = f.read(ref.size)
+    except FileNotFoundError:
+        raise ImageLoadError(path, "file not found", "missing") from None
+    except IsADirectoryError:
+        raise ImageLoadError(path, "is a folder, not an image", "format") from None
+    if ref is not None and len(data) != ref.size:
+        raise ImageLoadError(path, f"shard ends early ({len(data)} of {ref.size} bytes)", "truncated")
+    if not data:
+        raise ImageLoadError(path, "empty file (0 bytes)", "empty")
+    return data
+
+
+def image_source(path: str | Path):
+    """What PIL.Image.open should read: the file path itself, a BytesIO of a shard member, or `path` unchanged
+    when it is already a binary file object (e.g. bytes streamed from a shard).
+
+    Raises ImageLoadError (kind missing/empty) before any decoding is attempted.
+    """
+    if hasattr(path, "read"):
+        return path
+    if parse_shard_ref(path) is not None:
+        return io.BytesIO(read_image_bytes(path))
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageLoadError(path, "empty file (0 bytes)", "empty")
+    except FileNotFoundError:
+        raise ImageLoadError(path, "file not found", "missing") from None
+    if path.is_dir():
+        raise ImageLoadError(path, "is a folder, not an image", "format")
+    return path
 
 
 def to_rgb(image: Image.Image, background=(255, 255, 255)) -> Image.Image:
@@ -48,6 +133,8 @@ def to_rgb(image: Image.Image, background=(255, 255, 255)) -> Image.Image:
 def load_image(path: str | Path, draft_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open an image file as 8-bit RGB with EXIF orientation applied.
 
+    `path` may be a shard reference (``shard.tar#offset:size:name``); its bytes are read by seeking into the tar.
+
     Args:
         draft_size: for JPEGs, let libjpeg decode at a reduced scale whose short side stays >= draft_size
             (DCT scaling: several times faster on large photos, no visible loss after the resize that follows).
@@ -55,20 +142,17 @@ def load_image(path: str | Path, draft_size: int | None = None, max_pixels: int 
     Raises:
         ImageLoadError: with the file name and a one-line reason.
     """
-    path = Path(path)
-    try:
-        if path.stat().st_size == 0:
-            raise ImageLoadError(path, "empty file (0 bytes)")
-    except FileNotFoundError:
-        raise ImageLoadError(path, "file not found") from None
+    source = image_source(path)
+    if isinstance(source, Path):
+        path = source
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 w, h = im.size
                 if w * h > max_pixels:
                     raise ImageLoadError(path, f"too large ({w}x{h} = {w * h:,} pixels > {max_pixels:,}); "
-                                               "possible decompression bomb")
+                                               "possible decompression bomb", "bomb")
                 if draft_size and im.format == "JPEG" and im.mode in ("RGB", "L"):
                     im.draft("RGB", _draft_request(w, h, draft_size))
                 im.load()
@@ -77,13 +161,15 @@ def load_image(path: str | Path, draft_size: int | None = None, max_pixels: int 
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
-        raise ImageLoadError(path, "not a recognised image format") from None
+        raise ImageLoadError(path, "not a recognised image format", "format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(path, f"decompression bomb: {e}") from None
+        raise ImageLoadError(path, f"decompression bomb: {e}", "bomb") from None
     except OSError as e:
-        raise ImageLoadError(path, f"corrupt or truncated image ({e})") from None
+        kind = "truncated" if "truncat" in str(e).lower() else "corrupt"
+        raise ImageLoadError(path, f"corrupt or truncated image ({e})", kind) from None
     except (ValueError, SyntaxError, EOFError) as e:
-        raise ImageLoadError(path, f"cannot decode ({type(e).__name__}: {e})") from None
+        kind = "truncated" if isinstance(e, EOFError) or "truncat" in str(e).lower() else "decode"
+        raise ImageLoadError(path, f"cannot decode ({type(e).__name__}: {e})", kind) from None
 
 
 def _draft_request(w: int, h: int, short_side: int) -> tuple[int, int]:

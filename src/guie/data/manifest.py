@@ -2,6 +2,8 @@
 
 A manifest is a CSV or Parquet file, or a folder of images (label = the image's parent folder when nested).
 Relative paths are resolved against the manifest's own folder, so a dataset folder can be moved as a whole.
+A folder of tar shards written by `guie data shard` (or its `index.parquet`) is a manifest too: its `path`s are
+shard references (``/abs/shard-000003.tar#<offset>:<size>:<member>``) that `load_image` reads by seeking.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import pandas as pd
 from .images import IMAGE_EXTENSIONS
 
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq", ".tsv")
+SHARD_INDEX_FILE = "index.parquet"  # = guie.data.shards.INDEX_FILE
 
 
 class ManifestError(ValueError):
@@ -33,6 +36,10 @@ def read_manifest(source: str | Path, require_labels: bool = False) -> pd.DataFr
     source = Path(source)
     if not source.exists():
         raise ManifestError(f"{source}: no such file or folder")
+    if source.is_dir() and (source / SHARD_INDEX_FILE).is_file():
+        from .shards import read_shard_index  # imported on use: shards pulls in torch
+
+        return _check_labels(read_shard_index(source / SHARD_INDEX_FILE), source, require_labels)
     if source.is_dir():
         files = list_images(source)
         if not files:
@@ -55,12 +62,21 @@ def read_manifest(source: str | Path, require_labels: bool = False) -> pd.DataFr
             raise
         except Exception as e:  # pandas/pyarrow raise many types for unreadable files
             raise ManifestError(f"{source}: cannot read manifest ({type(e).__name__}: {e})") from None
+        if "path" not in df.columns and {"shard", "offset", "size", "member"} <= set(df.columns):
+            from .shards import read_shard_index
+
+            return _check_labels(read_shard_index(source, df), source, require_labels)
         if "path" not in df.columns:
             raise ManifestError(f"{source}: manifest has no 'path' column (columns: {list(df.columns)})")
         if df.empty:
             raise ManifestError(f"{source}: manifest has no rows")
         base = source.resolve().parent
-        df["path"] = [str(p if Path(p).is_absolute() else (base / p)) for p in df["path"].astype(str)]
+        df["path"] = [str(p if Path(p).is_absolute() or "://" in p else (base / p)) for p in df["path"].astype(str)]
+    return _check_labels(df, source, require_labels)
+
+
+def _check_labels(df: pd.DataFrame, source: Path, require_labels: bool) -> pd.DataFrame:
+    """Labels as strings; ManifestError when they are required but absent."""
     if require_labels:
         if "label" not in df.columns:
             raise ManifestError(f"{source}: a 'label' column is required here")
@@ -69,6 +85,36 @@ def read_manifest(source: str | Path, require_labels: bool = False) -> pd.DataFr
     if "label" in df.columns:
         df["label"] = df["label"].astype(str)
     return df.reset_index(drop=True)
+
+
+def write_manifest(df: pd.DataFrame, out: str | Path) -> Path:
+    """Write a manifest CSV/Parquet atomically, with paths under the manifest's folder stored relative to it.
+
+    Relative paths keep a dataset folder movable as a whole (`read_manifest` resolves them back); paths elsewhere
+    and shard references stay absolute.
+    """
+    from ..utils import atomic_write_text, save_parquet_atomic
+
+    out = Path(out)
+    base = out.resolve().parent
+    df = df.copy()
+    if "path" in df.columns:
+        df["path"] = [_relative_if_under(p, base) for p in df["path"].astype(str)]
+    suffix = out.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        return save_parquet_atomic(df, out)
+    if suffix not in (".csv", ".tsv"):
+        raise ManifestError(f"{out}: unsupported manifest type {suffix!r}; use .csv, .tsv or .parquet")
+    return atomic_write_text(df.to_csv(index=False, sep="\t" if suffix == ".tsv" else ","), out)
+
+
+def _relative_if_under(path: str, base: Path) -> str:
+    if "#" in path or "://" in path:  # shard references and URLs stay as they are
+        return path
+    try:
+        return Path(path).relative_to(base).as_posix()
+    except ValueError:
+        return path
 
 
 def filter_rows(df: pd.DataFrame, where: list[str] | None) -> pd.DataFrame:

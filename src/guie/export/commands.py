@@ -1,8 +1,184 @@
-"""`guie export` and `guie check-submission`."""
+"""`guie export`, `guie check-submission`, `guie soup` and `guie ensemble-embeddings`."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import List, Optional
+
 import typer
+
+FORMATS = ("auto", "torchscript", "onnx")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(code)
+
+
+def _parse_weights(text: Optional[str], n: int) -> Optional[list[float]]:
+    if not text:
+        return None
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        _fail(f"--weights must be comma-separated numbers, got {text!r}")
+    if len(weights) != n:
+        _fail(f"--weights has {len(weights)} values for {n} inputs")
+    return weights
+
+
+def _format_for(out: Path, fmt: str) -> str:
+    if fmt not in FORMATS:
+        _fail(f"--format {fmt!r}: choose from {', '.join(FORMATS)}")
+    if fmt == "auto":
+        return "onnx" if out.suffix == ".onnx" else "torchscript"
+    return fmt
+
+
+def _image_paths(source: Optional[Path], where: Optional[List[str]], max_images: int) -> list[str]:
+    if source is None:
+        return []
+    from ..data.manifest import filter_rows, read_manifest
+
+    df = filter_rows(read_manifest(source), where)
+    return df["path"].astype(str).tolist()[:max_images]
+
+
+def _print_report(report, json_out: Optional[Path]) -> None:
+    from ..utils import atomic_write_json
+
+    typer.echo(report.table())
+    if json_out:
+        atomic_write_json(report.to_dict(), json_out)
+        typer.echo(f"report: {json_out}")
 
 
 def register(app: typer.Typer) -> None:
     """Add the export commands to the top-level `guie` app."""
+
+    @app.command("export")
+    def export(checkpoints: List[Path] = typer.Argument(..., help="guie checkpoint(s); several = shared-head ensemble"),
+               out: Path = typer.Option(..., "--out", "-o", help="output file: .pt (TorchScript) or .onnx"),
+               format: str = typer.Option("auto", help="torchscript | onnx | auto (from the --out suffix)"),
+               tta: str = typer.Option("none", help="views averaged in the model: none, flip, letterbox, "
+                                                    "flip,letterbox"),
+               min_aspect: float = typer.Option(1.25, help="letterbox view only for long/short side >= this"),
+               soup: bool = typer.Option(False, help="average the checkpoints' weights into one model first"),
+               weights: Optional[str] = typer.Option(None, help="soup weights, comma-separated (default equal)"),
+               allow_different_heads: bool = typer.Option(False, help="ensemble members whose heads differ "
+                                                                      "(usually worse than one model)"),
+               max_dim: int = typer.Option(64, help="refuse wider outputs (GUIE limit 64); 0 = no limit"),
+               device: str = typer.Option("cpu", help="TorchScript: device to trace on"),
+               check: bool = typer.Option(True, help="run check-submission on the result")):
+        """Export a model, a shared-head ensemble or a soup as a competition-format TorchScript or ONNX file.
+
+        The file maps raw uint8 RGB images of any size ([3,H,W] or [B,3,H,W]) to float32 [B,d] embeddings, with
+        resizing, normalisation, TTA and L2 normalisation inside.
+        """
+        from .ensemble import IncompatibleMembersError, load_members, soup_checkpoints
+        from .metadata import ExportError
+        from .module import TTAConfig
+
+        fmt = _format_for(out, format)
+        try:
+            tta_cfg = TTAConfig.parse(tta, min_aspect)
+            if soup:
+                members = [soup_checkpoints(checkpoints, weights=_parse_weights(weights, len(checkpoints)))]
+                sources = [None]
+            else:
+                if weights:
+                    _fail("--weights is for --soup; ensemble members are averaged with equal weight")
+                members = load_members(checkpoints, allow_different_heads=allow_different_heads)
+                sources = [str(c) for c in checkpoints]
+            if fmt == "onnx":
+                from .onnx import export_onnx
+
+                result = export_onnx(members, out, tta_cfg, sources, max_dim=max_dim or None)
+            else:
+                from .torchscript import export_torchscript
+
+                result = export_torchscript(members, out, tta_cfg, sources, device=device, max_dim=max_dim or None)
+        except (ExportError, IncompatibleMembersError, FileNotFoundError, ValueError) as e:
+            _fail(str(e))
+        typer.echo(f"wrote {result.path}: {fmt}, {result.metadata.embed_dim}-d, {len(members)} member(s), "
+                   f"max |exported - eager| = {result.max_abs_diff:.1e}")
+        if check:
+            from .check import check_submission
+
+            report = check_submission(result.path, references=members, tta=tta_cfg, max_dim=max_dim or 10**9,
+                                      latency_runs=3)
+            _print_report(report, None)
+            if not report.ok:
+                raise typer.Exit(1)
+
+    @app.command("check-submission")
+    def check_submission_cmd(
+            model: Path = typer.Argument(..., help="exported model: .pt (TorchScript) or .onnx"),
+            checkpoint: Optional[List[Path]] = typer.Option(None, help="guie checkpoint(s) it came from, for parity "
+                                                                       "(default: those recorded in the file)"),
+            images: Optional[Path] = typer.Option(None, help="real images (folder or manifest) for end-to-end "
+                                                             "parity and top-5 agreement"),
+            where: Optional[List[str]] = typer.Option(None, help="keep manifest rows with column=value"),
+            max_images: int = typer.Option(200, help="use at most this many of --images"),
+            tta: Optional[str] = typer.Option(None, help="TTA of a model without guie metadata"),
+            max_dim: int = typer.Option(64, help="largest allowed output dimension"),
+            device: str = typer.Option("cpu", help="device to run the model on (cpu, cuda)"),
+            latency_runs: int = typer.Option(5, help="timed runs for the latency figure (0 = skip)"),
+            json_out: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON")):
+        """Verify an exported model in a clean process: contract, odd sizes, determinism, parity, latency.
+
+        Exit code 0 when every check passes, 1 when one fails, 2 for bad arguments.
+        """
+        from ..data.manifest import ManifestError
+        from .check import check_submission
+        from .module import TTAConfig
+
+        try:
+            paths = _image_paths(images, where, max_images)
+            report = check_submission(model, checkpoints=checkpoint or None, images=paths,
+                                      tta=TTAConfig.parse(tta) if tta else None, max_dim=max_dim, device=device,
+                                      latency_runs=latency_runs)
+        except (ManifestError, ValueError, FileNotFoundError) as e:
+            _fail(str(e))
+        _print_report(report, json_out)
+        if not report.ok:
+            raise typer.Exit(1)
+
+    @app.command("soup")
+    def soup(checkpoints: List[Path] = typer.Argument(..., help="two or more checkpoints of one architecture"),
+             out: Path = typer.Option(..., "--out", "-o", help="output checkpoint (.pt)"),
+             weights: Optional[str] = typer.Option(None, help="comma-separated weights (default equal)")):
+        """Average the weights of fine-tunes of one model ("model soup") into a new guie checkpoint."""
+        from .ensemble import IncompatibleMembersError, soup_checkpoints
+
+        try:
+            soup_checkpoints(checkpoints, out, _parse_weights(weights, len(checkpoints)))
+        except (IncompatibleMembersError, FileNotFoundError, ValueError) as e:
+            _fail(str(e))
+        typer.echo(f"wrote {out}: soup of {len(checkpoints)} checkpoints")
+
+    @app.command("ensemble-embeddings")
+    def ensemble_embeddings_cmd(
+            files: List[Path] = typer.Argument(..., help="embeddings .parquet files of the same images"),
+            out: Path = typer.Option(..., "--out", "-o", help="output embeddings .parquet"),
+            weights: Optional[str] = typer.Option(None, help="comma-separated member weights (default equal)")):
+        """Average per-member embeddings (L2-normalised mean), as an exported ensemble would, to score it cheaply."""
+        from ..embed import embeddings_table, read_embeddings
+        from ..utils import save_parquet_atomic
+        from .ensemble import ensemble_embeddings
+
+        try:
+            tables = [read_embeddings(f) for f in files]
+        except (FileNotFoundError, ValueError) as e:
+            _fail(str(e))
+        df0 = tables[0][0]
+        for f, (df, _) in zip(files[1:], tables[1:]):
+            same = len(df) == len(df0) and ("path" not in df0 or df0["path"].tolist() == df["path"].tolist())
+            if not same:
+                _fail(f"{f} does not hold the same images in the same order as {files[0]}")
+        try:
+            emb = ensemble_embeddings([e for _, e in tables], _parse_weights(weights, len(files)))
+        except ValueError as e:
+            _fail(str(e))
+        save_parquet_atomic(embeddings_table(df0, emb), out)
+        typer.echo(json.dumps({"out": str(out), "rows": len(df0), "dim": int(emb.shape[1])}))

@@ -16,6 +16,9 @@ from torch import nn
 class MarginLoss(nn.Module):
     """Shared machinery: normalised class centres, optional sub-centres (max-pooled), scaled cross-entropy."""
 
+    max_margin: float = math.inf
+    margin_unit: str = ""
+
     def __init__(self, embed_dim: int, num_classes: int, scale: float = 30.0, margin: float | torch.Tensor = 0.5,
                  sub_centers: int = 1):
         super().__init__()
@@ -36,6 +39,9 @@ class MarginLoss(nn.Module):
             m = m.expand(self.num_classes)
         if m.shape != (self.num_classes,):
             raise ValueError(f"per-class margins must have shape ({self.num_classes},), got {tuple(m.shape)}")
+        if not torch.isfinite(m).all() or (m < 0).any() or (m > self.max_margin).any():
+            raise ValueError(f"{type(self).__name__}: margins must be in [0, {self.max_margin:.4g}] "
+                             f"({self.margin_unit}), got values in [{m.min().item():.4g}, {m.max().item():.4g}]")
         self.margins.copy_(m)
 
     def lock_centers(self, locked: bool = True) -> None:
@@ -43,26 +49,42 @@ class MarginLoss(nn.Module):
         self.weight.requires_grad_(not locked)
 
     def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """cos(embedding, class centre) [B, C]; with sub-centres, the closest sub-centre of each class."""
-        cos = F.linear(F.normalize(embeddings.float(), dim=-1), F.normalize(self.weight.float(), dim=-1))
+        """cos(embedding, class centre) [B, C]; with sub-centres, the closest sub-centre of each class.
+
+        Computed in float32 (float64 if the embeddings are float64) with autocast off: under bf16 autocast the
+        cosines would keep ~3 significant digits, which a scale of 30-64 turns into logit noise of ~0.1-0.5.
+        """
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.embed_dim:
+            raise ValueError(f"{type(self).__name__}: embeddings must be [B, {self.embed_dim}], "
+                             f"got {list(embeddings.shape)}")
+        dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+        with torch.autocast(embeddings.device.type, enabled=False):
+            cos = F.linear(F.normalize(embeddings.to(dtype), dim=-1), F.normalize(self.weight.to(dtype), dim=-1))
         if self.sub_centers > 1:
             cos = cos.view(-1, self.num_classes, self.sub_centers).amax(dim=-1)
         return cos
 
     def target_logit(self, cos_target: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+        """The own-class logit before scaling, from cos(theta) [B, 1] and that class's margin [B, 1]."""
         raise NotImplementedError
 
     def logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Scaled logits [B, C] with the margin applied to each sample's own class."""
+        if labels.shape != (embeddings.shape[0],):
+            raise ValueError(f"{type(self).__name__}: labels must be [{embeddings.shape[0]}] (one per embedding), "
+                             f"got {list(labels.shape)}")
         cos = self.cosine(embeddings)
         labels = labels.long().view(-1, 1)
         target = cos.gather(1, labels)
-        new_target = self.target_logit(target, self.margins[labels])
+        with torch.autocast(embeddings.device.type, enabled=False):
+            new_target = self.target_logit(target, self.margins[labels].to(cos.dtype))
         return self.scale * cos.scatter(1, labels, new_target)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over the batch. embeddings [B, d] (need not be normalised), labels [B] in [0, C)."""
-        return F.cross_entropy(self.logits(embeddings, labels), labels.long())
+        logits = self.logits(embeddings, labels)
+        with torch.autocast(embeddings.device.type, enabled=False):
+            return F.cross_entropy(logits, labels.long())
 
 
 class ArcFaceLoss(MarginLoss):
@@ -71,6 +93,10 @@ class ArcFaceLoss(MarginLoss):
     Where theta + m would pass pi, cos(theta + m) stops decreasing; there the target logit continues as
     cos(theta) - m*sin(m) (the insightface convention), which keeps the loss monotonic in theta.
     """
+
+    # pytorch-metric-learning's ArcFaceLoss takes degrees (default 28.6): refuse such values instead of training
+    # with a margin of 28.6 rad.
+    max_margin, margin_unit = math.pi / 2, "radians"
 
     def target_logit(self, cos_target, margin):
         cos_target = cos_target.clamp(-1 + 1e-7, 1 - 1e-7)
@@ -83,6 +109,8 @@ class CosFaceLoss(MarginLoss):
     """CosFace / AM-softmax (Wang et al. 2018): target logit s*(cos(theta) - m); the 1st GUIE place's
     `AddMarginProduct` with s=30, m=0.55-0.65."""
 
+    max_margin, margin_unit = 2.0, "cosine units"
+
     def target_logit(self, cos_target, margin):
         return cos_target - margin
 
@@ -92,6 +120,10 @@ LOSSES = {"arcface": ArcFaceLoss, "cosface": CosFaceLoss}
 
 def create_loss(name: str, embed_dim: int, num_classes: int, **kwargs) -> MarginLoss:
     """Build a margin loss by name ('arcface' or 'cosface'); kwargs: scale, margin, sub_centers."""
-    if name not in LOSSES:
+    key = name.lower()
+    if key not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose from {sorted(LOSSES)}")
-    return LOSSES[name](embed_dim, num_classes, **kwargs)
+    unknown = set(kwargs) - {"scale", "margin", "sub_centers"}
+    if unknown:
+        raise ValueError(f"loss {name!r}: unknown option(s) {sorted(unknown)}; valid: scale, margin, sub_centers")
+    return LOSSES[key](embed_dim, num_classes, **kwargs)

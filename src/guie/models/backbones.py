@@ -35,6 +35,9 @@ class Backbone(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         raise NotImplementedError
 
+    def set_image_size(self, image_size: int) -> None:
+        """Adapt to another input resolution (ViTs resample their position embeddings; CNNs need nothing)."""
+
 
 class TimmBackbone(Backbone):
     """A timm model with its classifier removed (num_classes=0): forward returns pre-logits features."""
@@ -56,6 +59,10 @@ class TimmBackbone(Backbone):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
+
+    def set_image_size(self, image_size: int) -> None:
+        if hasattr(self.model, "set_input_size"):  # timm ViTs: resamples pos_embed in place
+            self.model.set_input_size(img_size=image_size)
 
 
 class OpenClipBackbone(Backbone):
@@ -91,6 +98,28 @@ class OpenClipBackbone(Backbone):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.set_grad_checkpointing(enable)
+
+    def set_image_size(self, image_size: int) -> None:
+        """Resample the position embedding to the new grid (bicubic, as open_clip's resize_pos_embed)."""
+        from open_clip.model import resize_pos_embed
+
+        visual = self.visual
+        patch = visual.conv1.kernel_size[0]
+        if image_size % patch:
+            raise ValueError(f"image_size {image_size} is not a multiple of the patch size {patch}")
+        grid = (image_size // patch, image_size // patch)
+        if tuple(visual.grid_size) == grid:
+            return
+        state = {"visual.positional_embedding": visual.positional_embedding.detach()}
+        holder = nn.Module()
+        holder.visual = nn.Module()
+        holder.visual.grid_size = grid
+        holder.visual.positional_embedding = visual.positional_embedding
+        resize_pos_embed(state, holder)
+        visual.positional_embedding = nn.Parameter(state["visual.positional_embedding"].to(
+            visual.positional_embedding.dtype), requires_grad=visual.positional_embedding.requires_grad)
+        visual.grid_size = grid
+        visual.image_size = (image_size, image_size)
 
 
 def _split_name(name: str) -> tuple[str, str, str | None]:

@@ -1,0 +1,139 @@
+"""Parity and speed of exported models (TorchScript, ONNX) against the training-time Embedder on the emoji test set.
+
+    .venv/bin/python benchmarks/export_parity.py [--manifest /tmp/guiecache/emoji/16.0.0/manifest.csv]
+        [--image-size 64] [--limit N] [--tta none|flip|letterbox|flip,letterbox] [--formats torchscript,onnx]
+
+Model: the offline default backbone (efficientnet_lite0, ImageNet weights) + a seeded random 64-d head. Prints, for
+each exported format: max |exported - eager| where both get the same pixels (network parity), end to end on the raw
+images (in-model torch resize vs PIL resize), the share of queries whose top-5 neighbours are identical in the emoji
+protocol (4 vendor folds), mP@5 of each, and images/s as a ratio to the eager baseline run in the same process.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_MANIFEST = "/tmp/guiecache/emoji/16.0.0/manifest.csv"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _batches(arrays: list[np.ndarray], size: int):
+    """Runs of same-shaped images, at most `size` long (the exported models take one H x W per batch)."""
+    start = 0
+    while start < len(arrays):
+        end = start + 1
+        while end < len(arrays) and end - start < size and arrays[end].shape == arrays[start].shape:
+            end += 1
+        yield start, np.stack(arrays[start:end])
+        start = end
+
+
+def _top5(df, emb):
+    from guie.evaluate.protocol import evaluate_folds
+
+    ev = evaluate_folds(df, emb, by="vendor")
+    return ev.score, ev.per_query.sort_values(["fold", "path"])["neighbors"].map(tuple).to_numpy()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--manifest", default=DEFAULT_MANIFEST)
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--limit", type=int, default=None, help="use the first N test images")
+    ap.add_argument("--tta", default="none")
+    ap.add_argument("--formats", default="torchscript,onnx", help="which exports to measure (comma-separated)")
+    args = ap.parse_args()
+    if not Path(args.manifest).is_file():
+        sys.exit(f"{args.manifest}: not found (build the emoji set with `guie data emoji`, or pass --manifest)")
+
+    import torch
+
+    from guie.data.images import load_image
+    from guie.data.manifest import filter_rows, read_manifest
+    from guie.export import TTAConfig, export_onnx, export_torchscript, reference_embed
+    from guie.export.check import identity_side, synthetic_image
+    from guie.models import create_embedder
+    from guie.models.preprocess import pil_to_uint8
+
+    df = filter_rows(read_manifest(args.manifest), ["split=test"]).reset_index(drop=True)
+    if args.limit:
+        df = df.head(args.limit)
+    tta = TTAConfig.parse(args.tta)
+    print(f"command: {' '.join([Path(sys.executable).name] + sys.argv)}")
+    print(f"machine: {_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
+          f"threads), Python {platform.python_version()}")
+    torch.manual_seed(0)
+    emb = create_embedder("efficientnet_lite0", image_size=args.image_size).eval()
+    print(f"model: efficientnet_lite0 + random 64-d head at {args.image_size} px, TTA {args.tta}; "
+          f"{len(df)} emoji test images, {df['label'].nunique()} classes x {df['vendor'].nunique()} vendors")
+    images = [load_image(p) for p in df["path"]]
+    arrays = [pil_to_uint8(im).numpy() for im in images]
+
+    tmp = Path(tempfile.mkdtemp(prefix="guie-bench-"))
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    runners = {}
+    if "torchscript" in formats:
+        t = time.perf_counter()
+        ts = export_torchscript([emb], tmp / "m.pt", tta)
+        print(f"export torchscript: {time.perf_counter() - t:.1f} s")
+        runners["torchscript"] = lambda x, m=torch.jit.load(str(ts.path)): m(torch.from_numpy(x)).numpy()
+    if "onnx" in formats:
+        import onnxruntime as ort
+
+        t = time.perf_counter()
+        ox = export_onnx([emb], tmp / "m.onnx", tta)
+        print(f"export onnx: {time.perf_counter() - t:.1f} s")
+        sess = ort.InferenceSession(str(ox.path), providers=["CPUExecutionProvider"])
+        runners["onnx"] = lambda x, s=sess: s.run(None, {"images": x})[0]
+
+    side = identity_side(emb.preprocess)
+    native = [synthetic_image(side, side, seed=s) for s in range(16)]
+    from PIL import Image
+
+    native_ref = reference_embed([emb], [Image.fromarray(a.transpose(1, 2, 0)) for a in native], tta)
+
+    t = time.perf_counter()
+    eager = reference_embed([emb], images, tta)
+    t_eager = time.perf_counter() - t
+    score_e, nn_e = _top5(df, eager)
+    rows = [("eager (PIL resize + Embedder)", "-", "-", "-", score_e, len(df) / t_eager, 1.0)]
+    with torch.inference_mode():
+        for name, fn in runners.items():
+            for _ in range(3):  # warm-up (TorchScript's profiling executor specialises on the first calls)
+                fn(np.stack(arrays[:64]))
+            net = float(np.abs(np.concatenate([fn(a[None]) for a in native]) - native_ref).max())
+            t = time.perf_counter()
+            out = np.empty_like(eager)
+            for start, batch in _batches(arrays, 64):
+                out[start:start + len(batch)] = fn(batch)
+            dt = time.perf_counter() - t
+            score, nn = _top5(df, out)
+            same = float(np.mean([a == b for a, b in zip(nn, nn_e)]))
+            rows.append((name, f"{net:.1e}", f"{np.abs(out - eager).max():.1e}", f"{same:.2%}", score,
+                         len(df) / dt, (len(df) / dt) / (len(df) / t_eager)))
+    print()
+    header = ("path", "network max|diff|", "end-to-end max|diff|", "same top-5", "mP@5", "img/s", "vs eager")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.4f} | {r[5]:.0f} | {r[6]:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

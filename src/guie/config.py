@@ -1,0 +1,129 @@
+"""Typed configs from YAML: dataclasses built recursively, unknown keys and wrong types rejected with the key's path.
+
+Why by hand: dacite/omegaconf would do it, but this is 60 lines and gives errors naming the recipe file and key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot be used; the message names the file and the key."""
+
+
+def _build(tp, value, where: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        last_err = None
+        for a in non_none:
+            try:
+                return _build(a, value, where)
+            except ConfigError as e:
+                last_err = e
+        raise last_err or ConfigError(f"{where}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        inner = args[0] if args else Any
+        items = [_build(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        vt = args[1] if len(args) == 2 else Any
+        return {k: _build(vt, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is Any or tp is object:
+        return value
+    if tp in (dict, list) and isinstance(value, tp):
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads "1e-4" as a string
+        except ValueError:
+            pass
+    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    if tp is Path and isinstance(value, (str, Path)):
+        return Path(os.path.expandvars(os.path.expanduser(str(value))))
+    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
+    """Build dataclass `cls` from a dict, recursively; unknown keys raise ConfigError naming the key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+    kwargs = {k: _build(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def load_yaml_config(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
+    """Read a YAML recipe into `cls`, applying `key.sub=value` overrides (values parsed as YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for item in overrides or []:
+        apply_override(data, item)
+    return from_dict(cls, data, where=str(path))
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Set data['a']['b'] = yaml(value) for 'a.b=value'; list items by index ('stages.0.lr=0.1')."""
+    key, sep, raw = item.partition("=")
+    if not sep:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    parts = key.split(".")
+    node: Any = data
+    for p in parts[:-1]:
+        node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+    last = parts[-1]
+    value = yaml.safe_load(raw)
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def to_dict(obj) -> dict:
+    """Dataclass -> plain dict (Paths as strings) for writing the resolved recipe."""
+    def conv(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        if isinstance(v, Path):
+            return str(v)
+        return v
+    return conv(obj)

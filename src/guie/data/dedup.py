@@ -1,0 +1,254 @@
+"""Exact and near-duplicate images, within a manifest and between training data and evaluation sets.
+
+Three detectors, from cheapest to most tolerant:
+* exact: SHA-1 of the file bytes (the same file copied or re-uploaded unchanged);
+* phash: 64-bit DCT perceptual hash (imagehash.phash) within a Hamming distance (re-encoded, resized, lightly
+  edited copies), searched with a FAISS binary index;
+* embedding: cosine similarity of model embeddings above a threshold (crops, colour changes, screenshots),
+  searched with a FAISS inner-product index.
+
+Leakage (evaluation images that also occur in training data) is the most common way such projects fool themselves:
+`find_leaks` reports them and `drop_leaks` removes them from the evaluation side.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .check import parallel_map
+from .images import ImageLoadError, load_image, read_image_bytes
+
+METHODS = ("exact", "phash", "embedding")
+PAIR_COLUMNS = ["i", "j", "method", "score"]
+
+
+@dataclass
+class DedupConfig:
+    """Which detectors to run and their thresholds."""
+
+    methods: tuple[str, ...] = ("exact", "phash")
+    max_distance: int = 4            # phash: Hamming distance <= this (of 64 bits) is a near duplicate
+    min_cosine: float = 0.95         # embedding: cosine >= this is a near duplicate
+    model: Any = None                # embedding: checkpoint, backbone name or Embedder (default efficientnet_lite0)
+    image_size: int | None = None
+    batch_size: int = 64
+
+    def __post_init__(self):
+        self.methods = tuple(self.methods)
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {list(self.methods)}")
+        if not 0 <= self.max_distance <= 32:
+            raise ValueError(f"max_distance must be in 0..32 bits, got {self.max_distance}")
+        if not -1.0 <= self.min_cosine <= 1.0:
+            raise ValueError(f"min_cosine must be in [-1, 1], got {self.min_cosine}")
+
+
+def _digest(path: str) -> str | None:
+    try:
+        return hashlib.sha1(read_image_bytes(path)).hexdigest()
+    except ImageLoadError:
+        return None
+
+
+def file_digests(paths: Sequence[str], workers: int | None = None, progress: bool = False) -> list[str | None]:
+    """SHA-1 hex digest of each file's bytes (shard references included); None where the file cannot be read."""
+    return parallel_map(_digest, list(paths), workers, chunksize=64, progress=progress, desc="sha1")
+
+
+def _phash(path: str) -> bytes | None:
+    import imagehash
+
+    try:
+        image = load_image(path, draft_size=64)  # phash looks at 32x32 grey: a JPEG draft decode is enough
+    except ImageLoadError:
+        return None
+    return np.packbits(imagehash.phash(image, hash_size=8).hash.reshape(-1)).tobytes()
+
+
+def perceptual_hashes(paths: Sequence[str], workers: int | None = None,
+                      progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """64-bit perceptual hashes as uint8 [N, 8] plus an `ok` mask (False: undecodable, row left zero)."""
+    raw = parallel_map(_phash, list(paths), workers, chunksize=32, progress=progress, desc="phash")
+    ok = np.array([r is not None for r in raw], dtype=bool)
+    codes = np.zeros((len(raw), 8), dtype=np.uint8)
+    for k, r in enumerate(raw):
+        if r is not None:
+            codes[k] = np.frombuffer(r, dtype=np.uint8)
+    return codes, ok
+
+
+def exact_pairs(digests_a: Sequence[str | None], digests_b: Sequence[str | None] | None = None) -> pd.DataFrame:
+    """Pairs (i in a, j in b) with equal digests; within `a` alone (b None) only i < j."""
+    within = digests_b is None
+    b = digests_a if within else digests_b
+    where: dict[str, list[int]] = {}
+    for j, d in enumerate(b):
+        if d is not None:
+            where.setdefault(d, []).append(j)
+    rows = []
+    for i, d in enumerate(digests_a):
+        for j in where.get(d, ()) if d is not None else ():
+            if not within or j > i:
+                rows.append((i, j, "exact", 1.0))
+    return pd.DataFrame(rows, columns=PAIR_COLUMNS)
+
+
+def _range_pairs(index, queries: np.ndarray, radius, within: bool, method: str, to_score,
+                 chunk: int = 4096) -> pd.DataFrame:
+    parts = []
+    for lo in range(0, len(queries), chunk):
+        lims, dist, idx = index.range_search(queries[lo:lo + chunk], radius)
+        i = np.repeat(np.arange(lo, lo + len(lims) - 1), np.diff(lims).astype(np.int64))
+        keep = idx > i if within else np.ones(len(idx), dtype=bool)
+        parts.append(pd.DataFrame({"i": i[keep], "j": idx[keep].astype(np.int64), "method": method,
+                                   "score": to_score(dist[keep])}))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=PAIR_COLUMNS)
+
+
+def phash_pairs(codes_a: np.ndarray, codes_b: np.ndarray | None = None, max_distance: int = 4,
+                ok_a: np.ndarray | None = None, ok_b: np.ndarray | None = None) -> pd.DataFrame:
+    """Pairs whose perceptual hashes differ in at most `max_distance` bits; score = the Hamming distance.
+
+    Brute-force FAISS binary range search (popcount over 64-bit codes: ~10^9 comparisons/s per core).
+    """
+    import faiss
+
+    within = codes_b is None
+    b, ok_b = (codes_a, ok_a) if within else (codes_b, ok_b)
+    ok_a = np.ones(len(codes_a), bool) if ok_a is None else ok_a
+    ok_b = np.ones(len(b), bool) if ok_b is None else ok_b
+    if not ok_a.any() or not ok_b.any():
+        return pd.DataFrame(columns=PAIR_COLUMNS)
+    ia, ib = np.flatnonzero(ok_a), np.flatnonzero(ok_b)
+    index = faiss.IndexBinaryFlat(codes_a.shape[1] * 8)
+    index.add(np.ascontiguousarray(b[ib]))
+    # FAISS returns distances strictly below the radius
+    pairs = _range_pairs(index, np.ascontiguousarray(codes_a[ia]), max_distance + 1, False, "phash",
+                         lambda d: d.astype(np.float64))
+    pairs["i"], pairs["j"] = ia[pairs["i"].to_numpy(dtype=np.int64)], ib[pairs["j"].to_numpy(dtype=np.int64)]
+    if within:
+        pairs = pairs[pairs["j"] > pairs["i"]]
+    return pairs.reset_index(drop=True)
+
+
+def embedding_pairs(emb_a: np.ndarray, emb_b: np.ndarray | None = None, min_cosine: float = 0.95) -> pd.DataFrame:
+    """Pairs with cosine similarity >= `min_cosine` (rows are L2-normalised here); score = the cosine."""
+    import faiss
+
+    def norm(x):
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    a = norm(emb_a)
+    b = a if emb_b is None else norm(emb_b)
+    index = faiss.IndexFlatIP(a.shape[1])
+    index.add(b)
+    # range_search on inner products keeps scores > radius; nudge to make the threshold inclusive
+    return _range_pairs(index, a, float(np.nextafter(np.float32(min_cosine), np.float32(-2))), emb_b is None,
+                        "embedding", lambda d: d.astype(np.float64))
+
+
+@dataclass
+class DuplicateReport:
+    """Duplicate pairs between rows of `a` and rows of `b` (b is a itself for within-manifest reports)."""
+
+    pairs: pd.DataFrame                         # i, j, method, score, path_i, path_j, label_i, label_j
+    unreadable: dict[str, int] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        """Pairs per method (a pair found by two methods is counted under each)."""
+        return self.pairs["method"].value_counts().to_dict() if len(self.pairs) else {}
+
+
+def _embeddings(df: pd.DataFrame, cfg: DedupConfig, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    from ..embed import embed_images
+    from ..models.embedder import resolve_embedder
+
+    embedder = resolve_embedder(cfg.model, image_size=cfg.image_size)
+    res = embed_images(embedder, df["path"].astype(str).tolist(), batch_size=cfg.batch_size, progress=progress,
+                       report_failure=lambda msg: None, desc="embed")
+    full = np.zeros((len(df), res.embeddings.shape[1]), dtype=np.float32)
+    full[res.ok] = res.embeddings
+    return full, res.ok
+
+
+def _pairs_for(df_a: pd.DataFrame, df_b: pd.DataFrame | None, cfg: DedupConfig, workers: int | None,
+               progress: bool) -> DuplicateReport:
+    frames, unreadable = [], {}
+    paths_a = df_a["path"].astype(str).tolist()
+    paths_b = None if df_b is None else df_b["path"].astype(str).tolist()
+    if "exact" in cfg.methods:
+        da = file_digests(paths_a, workers, progress)
+        db = None if paths_b is None else file_digests(paths_b, workers, progress)
+        unreadable["exact"] = sum(d is None for d in da) + (0 if db is None else sum(d is None for d in db))
+        frames.append(exact_pairs(da, db))
+    if "phash" in cfg.methods:
+        ca, oka = perceptual_hashes(paths_a, workers, progress)
+        cb, okb = (None, None) if paths_b is None else perceptual_hashes(paths_b, workers, progress)
+        unreadable["phash"] = int((~oka).sum() + (0 if okb is None else (~okb).sum()))
+        frames.append(phash_pairs(ca, cb, cfg.max_distance, oka, okb))
+    if "embedding" in cfg.methods:
+        ea, oka = _embeddings(df_a, cfg, progress)
+        eb, okb = (None, None) if df_b is None else _embeddings(df_b, cfg, progress)
+        unreadable["embedding"] = int((~oka).sum() + (0 if okb is None else (~okb).sum()))
+        p = embedding_pairs(ea, eb, cfg.min_cosine)
+        ok_j = oka if okb is None else okb
+        p = p[oka[p["i"].to_numpy(dtype=np.int64)] & ok_j[p["j"].to_numpy(dtype=np.int64)]]
+        frames.append(p)
+    pairs = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) \
+        else pd.DataFrame(columns=PAIR_COLUMNS)
+    other = df_a if df_b is None else df_b
+    pairs["i"] = pairs["i"].astype(np.int64)
+    pairs["j"] = pairs["j"].astype(np.int64)
+    pairs["path_i"] = df_a["path"].to_numpy()[pairs["i"].to_numpy()]
+    pairs["path_j"] = other["path"].to_numpy()[pairs["j"].to_numpy()]
+    if "label" in df_a.columns and "label" in other.columns:
+        pairs["label_i"] = df_a["label"].astype(str).to_numpy()[pairs["i"].to_numpy()]
+        pairs["label_j"] = other["label"].astype(str).to_numpy()[pairs["j"].to_numpy()]
+    pairs = pairs.sort_values(["i", "j", "method"]).reset_index(drop=True)
+    return DuplicateReport(pairs, {k: v for k, v in unreadable.items() if v})
+
+
+def find_duplicates(df: pd.DataFrame, cfg: DedupConfig | None = None, workers: int | None = None,
+                    progress: bool = False) -> DuplicateReport:
+    """Duplicate pairs (i < j) among the rows of one manifest. Pairs with different labels are label noise or
+    cross-class duplicates; pairs with the same label inflate that class."""
+    return _pairs_for(df.reset_index(drop=True), None, cfg or DedupConfig(), workers, progress)
+
+
+def find_leaks(eval_df: pd.DataFrame, train_df: pd.DataFrame, cfg: DedupConfig | None = None,
+               workers: int | None = None, progress: bool = False) -> DuplicateReport:
+    """Evaluation rows (i) that duplicate a training row (j): images the model may have been trained on."""
+    return _pairs_for(eval_df.reset_index(drop=True), train_df.reset_index(drop=True), cfg or DedupConfig(),
+                      workers, progress)
+
+
+def duplicate_groups(n: int, pairs: pd.DataFrame) -> np.ndarray:
+    """Connected components of the duplicate graph: group id per row (rows without duplicates are alone)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    i, j = pairs["i"].to_numpy(dtype=np.int64), pairs["j"].to_numpy(dtype=np.int64)
+    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def drop_duplicates(df: pd.DataFrame, report: DuplicateReport) -> pd.DataFrame:
+    """Keep the first row of every duplicate group (within-manifest report)."""
+    df = df.reset_index(drop=True)
+    groups = duplicate_groups(len(df), report.pairs)
+    keep = ~pd.Series(groups).duplicated().to_numpy()
+    return df[keep].reset_index(drop=True)
+
+
+def drop_leaks(eval_df: pd.DataFrame, report: DuplicateReport) -> pd.DataFrame:
+    """The evaluation rows that duplicate no training image (leak report from `find_leaks`)."""
+    eval_df = eval_df.reset_index(drop=True)
+    leaked = np.zeros(len(eval_df), dtype=bool)
+    leaked[report.pairs["i"].to_numpy(dtype=np.int64)] = True
+    return eval_df[~leaked].reset_index(drop=True)

@@ -1,0 +1,185 @@
+"""Training recipes: a run is a model, named datasets, a validation set and a list of stages.
+
+Written once in YAML (see configs/), loaded into these dataclasses; a resolved copy goes into every run folder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import ConfigError, load_yaml_config
+
+PARTS = ("backbone", "head", "centers")  # backbone | projection head ("neck") | class-centre matrix of the loss
+
+
+@dataclass
+class ModelConfig:
+    """The embedder to train (or a guie checkpoint to start from)."""
+
+    backbone: str = "efficientnet_lite0"
+    embed_dim: int = 64
+    dropout: float = 0.2
+    image_size: int | None = None
+    pretrained: bool = True
+    preprocess: dict = field(default_factory=dict)       # PreprocessConfig overrides, e.g. {crop_pct: 1.0}
+    backbone_kwargs: dict = field(default_factory=dict)  # e.g. {keep_projection: false} for open_clip
+    init_checkpoint: Path | None = None                  # start from a saved guie embedder
+
+
+@dataclass
+class DatasetConfig:
+    """One source of training images, with its own label namespace and balancing."""
+
+    manifest: str                                  # CSV/Parquet/folder/shard index; "emoji" = the built-in benchmark
+    where: dict = field(default_factory=dict)      # column -> value or list of values to keep
+    namespace: str | None = None                   # label prefix (default: the dataset's name)
+    domain: str | None = None                      # overrides the manifest's domain column
+    min_images: int = 2                            # drop classes with fewer images
+    max_per_class: int | None = None               # cap (2nd place: 100)
+    min_per_class: int | None = None               # upsample by repetition (2nd place: 20)
+
+
+@dataclass
+class LossConfig:
+    """Margin loss of a stage; margins in radians (ArcFace) or cosine units (CosFace)."""
+
+    name: str = "arcface"
+    scale: float = 30.0
+    margin: float = 0.5
+    margin_step: float = 0.0          # per-epoch ramp (2nd place: 0.3 + 0.1/epoch, max 0.8)
+    margin_max: float = 0.8
+    class_size_a: float | None = None  # per-class margins a + b*minmax(n^-1/4) (4th/6th place: 0.05, 0.45)
+    class_size_b: float | None = None
+    sub_centers: int = 1
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"               # adamw | sgd
+    weight_decay: float = 1e-4
+    momentum: float = 0.9             # sgd only
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"              # cosine | step | constant
+    warmup_steps: int = 0
+    warmup_start: float = 0.01        # warm-up starts at this fraction of the LR
+    milestones: list[float] = field(default_factory=list)  # step schedule: epochs at which LR *= gamma
+    gamma: float = 0.1
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class SamplerConfig:
+    name: str = "shuffle"             # shuffle | class_balanced
+    m_per_class: int = 2
+    balance: str = "class"            # class | domain (class_balanced only)
+
+
+@dataclass
+class StageConfig:
+    """One stage: which data, which parts train, how long and how fast."""
+
+    name: str
+    datasets: list[str]
+    train: list[str] = field(default_factory=lambda: ["head", "centers"])
+    new_centers: bool = False         # a fresh class-centre matrix (always when the label space changes)
+    image_size: int | None = None     # change resolution (ViT position embeddings are resampled)
+    epochs: float | None = None       # length in epochs, or
+    steps: int | None = None          # in optimizer steps
+    batch_size: int = 64              # global batch (split over DDP ranks)
+    accumulation_steps: int = 1
+    lr: dict = field(default_factory=lambda: {"head": 0.01, "centers": 0.01, "backbone": 1e-4})
+    layer_decay: float = 1.0          # backbone LR *= layer_decay ** (depth from the top) ("stratified LR")
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    augment: dict = field(default_factory=dict)   # guie.data.augment.AugmentConfig fields
+    dropout: float | None = None      # change the head's dropout for this stage
+    feature_cache: str = "auto"       # auto (when the backbone is frozen) | on | off
+    cache_views: int = 1              # frozen path: clean view + (cache_views - 1) augmented views per image
+    freeze_bn: bool = True            # keep backbone BatchNorm statistics fixed while fine-tuning
+    grad_checkpointing: bool = False
+    ema_decay: float | None = None
+    precision: str = "auto"           # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    max_grad_norm: float | None = None
+
+    def __post_init__(self):
+        bad = sorted(set(self.train) - set(PARTS))
+        if bad:
+            raise ValueError(f"stage {self.name!r}: unknown part(s) {bad} in 'train'; parts are {list(PARTS)}")
+        if not self.train:
+            raise ValueError(f"stage {self.name!r}: 'train' lists no part")
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError(f"stage {self.name!r}: give exactly one of 'epochs' or 'steps'")
+        if self.feature_cache not in ("auto", "on", "off"):
+            raise ValueError(f"stage {self.name!r}: feature_cache must be auto, on or off")
+        if self.feature_cache == "on" and "backbone" in self.train:
+            raise ValueError(f"stage {self.name!r}: the feature cache needs a frozen backbone")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"stage {self.name!r}: precision must be auto, bf16 or fp32")
+        missing_lr = [p for p in self.train if p not in self.lr]
+        if missing_lr:
+            raise ValueError(f"stage {self.name!r}: no lr for trained part(s) {missing_lr}")
+
+    @property
+    def uses_feature_cache(self) -> bool:
+        return "backbone" not in self.train and self.feature_cache != "off"
+
+
+@dataclass
+class ValidationConfig:
+    """Periodic GUIE mP@5 on held-out data (never the test classes)."""
+
+    manifest: str | None = None
+    where: dict = field(default_factory=dict)
+    folds_by: str | None = None       # leave-one-group-out folds (emoji: vendor), or
+    query_where: dict = field(default_factory=dict)   # explicit query/index subsets of the manifest
+    index_where: dict = field(default_factory=dict)
+    every_steps: int = 0              # 0: only at stage ends
+    batch_size: int = 64
+
+
+@dataclass
+class RunConfig:
+    """A whole training run."""
+
+    name: str
+    stages: list[StageConfig]
+    datasets: dict[str, DatasetConfig]
+    model: ModelConfig = field(default_factory=ModelConfig)
+    validation: ValidationConfig | None = None
+    seed: int = 0
+    output_dir: Path | None = None     # default runs/<name>
+    checkpoint_every_steps: int = 500
+    log_every_steps: int = 20
+    num_workers: int | None = None
+    device: str = "auto"
+    cache_dir: Path | None = None      # feature caches / benchmark data (default $GUIE_CACHE)
+
+    def __post_init__(self):
+        if not self.stages:
+            raise ValueError("a run needs at least one stage")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        for s in self.stages:
+            unknown = [d for d in s.datasets if d not in self.datasets]
+            if unknown:
+                raise ValueError(f"stage {s.name!r} uses undefined dataset(s) {unknown}; defined: {sorted(self.datasets)}")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML training recipe (with optional `a.b=value` overrides)."""
+    return load_yaml_config(RunConfig, path, overrides)
+
+
+__all__ = ["ConfigError", "DatasetConfig", "LossConfig", "ModelConfig", "OptimizerConfig", "RunConfig",
+           "SamplerConfig", "ScheduleConfig", "StageConfig", "ValidationConfig", "load_run_config", "PARTS"]

@@ -1,0 +1,512 @@
+"""The training engine: runs a recipe's stages in order, resumably, on one CPU or many GPUs (DDP).
+
+Per stage: build the stage's label space, pick what trains (backbone / head / class centres), then either train on
+cached backbone features (frozen backbone: the fast path) or on images. Checkpoints (model, centres, optimizer, step,
+sampler position, RNG) are written atomically every N steps, at stage ends and on SIGTERM; `resume=True` continues
+from the last one and reproduces the uninterrupted run.
+"""
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..config import to_dict
+from ..data.augment import AugmentConfig, build_train_transform
+from ..data.samplers import ClassBalancedSampler, ShuffleSampler
+from ..embed import default_num_workers, embed_images
+from ..evaluate.protocol import evaluate_folds, evaluate_query_index
+from ..losses import LOSSES, MarginSchedule, create_loss
+from ..models.embedder import Embedder, create_embedder, load_embedder, save_embedder
+from ..models.preprocess import draft_size
+from ..utils import atomic_save, atomic_write_text, log
+from .config import RunConfig, StageConfig
+from .data import (SeededImageDataset, SeededSampler, StageData, build_stage_data, collate_training,
+                   load_validation_frame, sample_seed, select_rows)
+from .distributed import DistInfo, barrier, init_distributed, mean_across_ranks
+from .features import stage_feature_cache
+from .logger import RunLogger
+from .optim import create_optimizer, lr_multiplier, param_groups
+
+CHECKPOINT_VERSION = 1
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised after SIGTERM/SIGINT once a checkpoint has been written."""
+
+
+class TrainModule(nn.Module):
+    """embedder head (+ backbone unless features are given) + margin loss: the module DDP wraps."""
+
+    def __init__(self, embedder: Embedder, loss: nn.Module):
+        super().__init__()
+        self.embedder, self.loss = embedder, loss
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, features_given: bool) -> torch.Tensor:
+        feats = inputs if features_given else self.embedder.forward_features(inputs)
+        return self.loss(self.embedder.head(feats.float()), targets)
+
+
+def _set_trainable(embedder: Embedder, loss: nn.Module, parts: list[str]) -> None:
+    embedder.requires_grad_(False)
+    embedder.head.requires_grad_("head" in parts)
+    embedder.backbone.requires_grad_("backbone" in parts)
+    loss.lock_centers("centers" not in parts)
+
+
+def _set_train_mode(embedder: Embedder, stage: StageConfig) -> None:
+    """Head in train mode (dropout); a frozen backbone fully in eval mode; BN statistics fixed if freeze_bn."""
+    embedder.train()
+    if "backbone" not in stage.train:
+        embedder.backbone.eval()
+    elif stage.freeze_bn:
+        for m in embedder.backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+class Trainer:
+    """Runs a RunConfig. `Trainer(cfg).run()` returns the path of the final model checkpoint."""
+
+    def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool = True):
+        self.cfg, self.resume, self.progress = cfg, resume, progress
+        self.dist: DistInfo = init_distributed(cfg.device)
+        self.device = self.dist.device
+        self.run_dir = cfg.run_dir
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.logger = RunLogger(self.run_dir, enabled=self.dist.is_main)
+        self._stop_signal: int | None = None
+        _seed_everything(cfg.seed)
+        self.embedder = self._build_embedder()
+        self.loss: nn.Module | None = None
+        self.class_names: np.ndarray | None = None
+        self._init_centers = None
+        self._val_cache: dict = {}
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def _build_embedder(self) -> Embedder:
+        m = self.cfg.model
+        if m.init_checkpoint:
+            embedder = load_embedder(m.init_checkpoint)
+            payload = torch.load(m.init_checkpoint, map_location="cpu", weights_only=False)
+            extra = payload.get("extra", {})
+            if "centers" in extra:
+                self._init_centers = extra  # reused by a first stage that keeps the same label space
+            return embedder
+        return create_embedder(m.backbone, m.embed_dim, m.dropout, pretrained=m.pretrained, image_size=m.image_size,
+                               preprocess=m.preprocess or None, **m.backbone_kwargs)
+
+    def _write_resolved_config(self) -> None:
+        if self.dist.is_main:
+            import yaml
+
+            atomic_write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False), self.run_dir / "config.yaml")
+
+    def _apply_image_size(self, stage: StageConfig) -> None:
+        size = stage.image_size
+        if size and size != self.embedder.preprocess.image_size:
+            self.embedder.backbone.set_image_size(size)
+            self.embedder.preprocess = self.embedder.preprocess.replace(image_size=size)
+            self.embedder.spec.image_size = size
+
+    def _setup_loss(self, stage: StageConfig, data: StageData) -> None:
+        same_space = self.class_names is not None and np.array_equal(self.class_names, data.class_names)
+        lc = stage.loss
+        if self.loss is None and self._init_centers is not None and not stage.new_centers:
+            init_names = np.asarray(self._init_centers["class_names"])
+            if np.array_equal(init_names, data.class_names):
+                self.loss = create_loss(self._init_centers["loss_name"], self.embedder.embed_dim, len(init_names),
+                                        sub_centers=self._init_centers["sub_centers"])
+                self.loss.load_state_dict(self._init_centers["centers"])
+                self.class_names, same_space = init_names, True
+        if (self.loss is None or stage.new_centers or not same_space
+                or self.loss.sub_centers != lc.sub_centers or type(self.loss) is not LOSSES.get(lc.name)):
+            self.loss = create_loss(lc.name, self.embedder.embed_dim, data.num_classes, scale=lc.scale,
+                                    margin=lc.margin, sub_centers=lc.sub_centers)
+            self.class_names = data.class_names
+        self.loss.scale = lc.scale
+        self.loss.to(self.device)
+
+    def _margin_for_epoch(self, stage: StageConfig, epoch: int, data: StageData):
+        lc = stage.loss
+        sched = MarginSchedule(start=lc.margin, step=lc.margin_step, max=lc.margin_max,
+                               class_size_a=lc.class_size_a, class_size_b=lc.class_size_b)
+        return sched.margin(epoch, data.class_counts)
+
+    def _make_sampler(self, stage: StageConfig, data: StageData, local_batch: int):
+        df = data.df
+        common = dict(num_replicas=self.dist.world_size, rank=self.dist.rank, seed=self.cfg.seed)
+        if stage.sampler.name == "class_balanced":
+            domains = df["domain"].to_numpy() if stage.sampler.balance == "domain" else None
+            return ClassBalancedSampler(df["target"].to_numpy(), batch_size=stage.batch_size,
+                                        m_per_class=stage.sampler.m_per_class, domains=domains, **common)
+        if stage.sampler.name == "shuffle":
+            return ShuffleSampler(len(df), batch_size=stage.batch_size, **common)
+        raise ValueError(f"stage {stage.name!r}: sampler {stage.sampler.name!r}: choose shuffle or class_balanced")
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _checkpoint(self, stage_index: int, stage: StageConfig, step: int, micro: int, opt, ema, done: bool,
+                    tag: str | None = None) -> None:
+        if not self.dist.is_main:
+            return
+        state = {"version": CHECKPOINT_VERSION, "stage_index": stage_index, "stage_name": stage.name,
+                 "step": step, "micro_step": micro, "stage_done": done,
+                 "image_size": self.embedder.preprocess.image_size,
+                 "model": self.embedder.state_dict(), "loss": self.loss.state_dict(),
+                 "loss_name": stage.loss.name, "sub_centers": self.loss.sub_centers,
+                 "class_names": list(map(str, self.class_names)),
+                 "optimizer": opt.state_dict() if opt is not None else None,
+                 "ema": ema.state_dict() if ema is not None else None, "rng": _rng_state(),
+                 "config": to_dict(self.cfg)}
+        atomic_save(state, self.ckpt_dir / "last.pt")
+        if tag:
+            atomic_save(state, self.ckpt_dir / f"{tag}.pt")
+
+    def _load_last(self) -> dict | None:
+        path = self.ckpt_dir / "last.pt"
+        if not path.exists():
+            return None
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise RuntimeError(f"{path}: checkpoint version {state.get('version')} is not {CHECKPOINT_VERSION}")
+        names = [s.name for s in self.cfg.stages]
+        if state["stage_name"] not in names or names.index(state["stage_name"]) != state["stage_index"]:
+            raise RuntimeError(f"{path}: checkpoint is from stage {state['stage_name']!r}, which is not stage "
+                               f"{state['stage_index']} of this recipe {names}; use a new output_dir")
+        return state
+
+    def _save_model(self, path: Path, ema, extra_name: str) -> None:
+        if not self.dist.is_main:
+            return
+        model = self.embedder
+        if ema is not None:
+            model = _ema_embedder(self.embedder, ema)
+        extra = {"centers": self.loss.state_dict(), "class_names": list(map(str, self.class_names)),
+                 "loss_name": type(self.loss).__name__.removesuffix("Loss").lower(),
+                 "sub_centers": self.loss.sub_centers, "stage": extra_name, "run": self.cfg.name}
+        save_embedder(model, path, extra=extra)
+
+    # --------------------------------------------------------------------------------------------- signals
+    def _on_signal(self, signum, frame):
+        self._stop_signal = signum
+
+    # ------------------------------------------------------------------------------------------- validation
+    @torch.no_grad()
+    def validate(self, stage: StageConfig, use_features: bool) -> float | None:
+        """GUIE mP@5 on the validation set with the current (eval-mode) model; rank 0 computes."""
+        vcfg = self.cfg.validation
+        if vcfg is None or vcfg.manifest is None:
+            return None
+        score = None
+        if self.dist.is_main:
+            if "df" not in self._val_cache:
+                self._val_cache["df"] = load_validation_frame(vcfg, self.cfg.cache_dir)
+            df = self._val_cache["df"]
+            self.embedder.eval()
+            if use_features:
+                key = ("features", self.embedder.preprocess)
+                if key not in self._val_cache:
+                    res = embed_images(self.embedder, df["path"].tolist(), batch_size=vcfg.batch_size,
+                                       num_workers=self.cfg.num_workers, device=self.device, features=True,
+                                       progress=False)
+                    self._val_cache[key] = (res.embeddings, res.ok)
+                feats, ok = self._val_cache[key]
+                emb = self.embedder.embed_features(torch.as_tensor(feats, device=self.device)).cpu().numpy()
+            else:
+                res = embed_images(self.embedder, df["path"].tolist(), batch_size=vcfg.batch_size,
+                                   num_workers=self.cfg.num_workers, device=self.device, progress=False)
+                emb, ok = res.embeddings, res.ok
+            vdf = df[ok].reset_index(drop=True)
+            if vcfg.folds_by:
+                score = evaluate_folds(vdf, emb, by=vcfg.folds_by, missing="exclude").score
+            else:
+                qmask = vdf.index.isin(select_rows(vdf.reset_index(), vcfg.query_where, "validation query")["index"])
+                imask = vdf.index.isin(select_rows(vdf.reset_index(), vcfg.index_where, "validation index")["index"])
+                score = evaluate_query_index(vdf[qmask], emb[qmask], vdf[imask], emb[imask],
+                                             missing="exclude").score
+            _set_train_mode(self.embedder, stage)
+        if self.dist.enabled:
+            obj = [score]
+            torch.distributed.broadcast_object_list(obj, src=0)
+            score = obj[0]
+        return score
+
+    # -------------------------------------------------------------------------------------------------- run
+    def run(self) -> Path:
+        """Run (or resume) every stage; returns run_dir/model.pt."""
+        self._write_resolved_config()
+        state = self._load_last() if self.resume else None
+        if self.resume and state is None and self.dist.is_main:
+            log.info("no checkpoint in %s: starting from scratch", self.ckpt_dir)
+        start = 0
+        if state is not None:
+            start = state["stage_index"] + (1 if state["stage_done"] else 0)
+            for s in self.cfg.stages[:state["stage_index"] + 1]:
+                self._apply_image_size(s)
+            self.embedder.load_state_dict(state["model"])
+            self.logger.truncate_after(state["stage_name"], state["step"])
+            if state["stage_done"]:
+                self._restore_loss_from_state(state)
+                _set_rng_state(state["rng"])
+                state = None
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            for i in range(start, len(self.cfg.stages)):
+                self._run_stage(i, self.cfg.stages[i], state)
+                state = None
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            self.logger.close()
+        final = self.run_dir / "model.pt"
+        barrier(self.dist)
+        return final
+
+    def _restore_loss_from_state(self, state: dict) -> None:
+        self.loss = create_loss(state["loss_name"], self.embedder.embed_dim, len(state["class_names"]),
+                                sub_centers=state["sub_centers"])
+        self.loss.load_state_dict(state["loss"])
+        self.loss.to(self.device)
+        self.class_names = np.asarray(state["class_names"], dtype=object)
+
+    def _run_stage(self, index: int, stage: StageConfig, state: dict | None) -> None:
+        cfg, dist = self.cfg, self.dist
+        t_stage = time.time()
+        data = build_stage_data(cfg, stage)
+        if stage.dropout is not None:
+            self.embedder.head.dropout.p = stage.dropout
+        self._apply_image_size(stage)
+        if state is not None:
+            self._restore_loss_from_state(state)
+            if not np.array_equal(np.asarray(self.class_names, dtype=str), data.class_names.astype(str)):
+                raise RuntimeError(f"stage {stage.name!r}: the data's classes changed since the checkpoint")
+            self.class_names = data.class_names
+            self.loss.scale = stage.loss.scale
+        else:
+            self._setup_loss(stage, data)
+        # Always channels_last (faster on CPU and GPU); also keeps a resumed run numerically identical to an
+        # uninterrupted one, whose model embed_images has already converted.
+        self.embedder.to(self.device, memory_format=torch.channels_last)
+        _set_trainable(self.embedder, self.loss, stage.train)
+        use_features = stage.uses_feature_cache
+        if stage.grad_checkpointing and not use_features:
+            self.embedder.backbone.set_grad_checkpointing(True)
+        if dist.is_main:
+            log.info("stage %d/%d %r: %d images, %d classes, training %s on %s", index + 1, len(cfg.stages),
+                     stage.name, len(data.df), data.num_classes, "+".join(stage.train),
+                     "cached features" if use_features else "images")
+
+        if stage.batch_size % dist.world_size:
+            raise ValueError(f"stage {stage.name!r}: batch_size {stage.batch_size} is not divisible by "
+                             f"{dist.world_size} processes")
+        local_batch = stage.batch_size // dist.world_size
+        sampler = self._make_sampler(stage, data, local_batch)
+        micro_per_epoch = len(sampler) // local_batch
+        if micro_per_epoch < 1:
+            raise ValueError(f"stage {stage.name!r}: fewer samples per epoch ({len(sampler)}) than one batch")
+        accum = stage.accumulation_steps
+        total_steps = stage.steps or max(1, math.ceil(stage.epochs * micro_per_epoch / accum))
+
+        groups = param_groups(self.embedder, self.loss, stage.lr, stage.train, stage.layer_decay,
+                              stage.optimizer.weight_decay)
+        opt = create_optimizer(groups, stage.optimizer)
+        module: nn.Module = TrainModule(self.embedder, self.loss)
+        if dist.enabled:
+            module = nn.parallel.DistributedDataParallel(
+                module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
+        ema = None
+        if stage.ema_decay:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            ema = AveragedModel(self.embedder, multi_avg_fn=get_ema_multi_avg_fn(stage.ema_decay), use_buffers=True)
+
+        step, micro = 0, 0
+        if state is not None:
+            step, micro = state["step"], state["micro_step"]
+            opt.load_state_dict(state["optimizer"])
+            if ema is not None and state.get("ema"):
+                ema.load_state_dict(state["ema"])
+            _set_rng_state(state["rng"])
+            if dist.is_main:
+                log.info("resuming stage %r at step %d/%d", stage.name, step, total_steps)
+
+        if use_features:
+            feats = stage_feature_cache(self, stage, data)  # [V, N, F] float16 on CPU
+            batches = self._feature_batches(sampler, data, feats, local_batch, micro, micro_per_epoch)
+        else:
+            batches = self._image_batches(sampler, stage, data, local_batch, micro, micro_per_epoch)
+
+        precision = stage.precision if stage.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext())
+        _set_train_mode(self.embedder, stage)
+        last_epoch = -1
+        bar = tqdm(total=total_steps, initial=step, desc=f"stage {stage.name}", disable=not (self.progress and dist.is_main),
+                   dynamic_ncols=True)
+        t0, seen, loss_sum, loss_n = time.time(), 0, 0.0, 0
+        while step < total_steps:
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * lr_multiplier(step, total_steps, max(1, micro_per_epoch // accum),
+                                                       stage.schedule)
+            opt.zero_grad(set_to_none=True)
+            for a in range(accum):
+                epoch = micro // micro_per_epoch
+                if epoch != last_epoch:
+                    self.loss.set_margin(self._margin_for_epoch(stage, epoch, data))
+                    last_epoch = epoch
+                inputs, targets = next(batches)
+                sync = a == accum - 1 or not dist.enabled
+                with (nullcontext() if sync else module.no_sync()), autocast:
+                    loss = module(inputs, targets, use_features) / accum
+                loss.backward()
+                micro += 1
+                seen += len(targets)
+                loss_sum += float(loss.detach()) * accum
+                loss_n += 1
+            if stage.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                               stage.max_grad_norm)
+            opt.step()
+            if ema is not None:
+                ema.update_parameters(self.embedder)
+            step += 1
+            bar.update(1)
+            stop = self._stop_signal is not None
+            if dist.enabled:
+                flag = torch.tensor([1.0 if stop else 0.0])
+                torch.distributed.all_reduce(flag)
+                stop = bool(flag.item())
+            val_due = cfg.validation is not None and cfg.validation.every_steps and step % cfg.validation.every_steps == 0
+            if step % cfg.log_every_steps == 0 or step == total_steps or val_due:
+                mean_loss = mean_across_ranks(loss_sum / max(1, loss_n), dist)
+                rate = seen * dist.world_size / max(1e-9, time.time() - t0)
+                val = self.validate(stage, use_features) if (val_due and step != total_steps) else None
+                margin = self.loss.margins.mean().item()
+                self.logger.log(self._global_step(index, step), stage=stage.name, step=step,
+                                epoch=round(micro / micro_per_epoch, 3), loss=mean_loss,
+                                lr=opt.param_groups[0]["lr"], margin=margin, images_per_s=round(rate, 1),
+                                **({"val_mP@5": val} if val is not None else {}))
+                bar.set_postfix(loss=f"{mean_loss:.3f}", **({"val": f"{val:.3f}"} if val is not None else {}))
+                t0, seen, loss_sum, loss_n = time.time(), 0, 0.0, 0
+            if stop:
+                self._checkpoint(index, stage, step, micro, opt, ema, done=False)
+                bar.close()
+                raise TrainingInterrupted(f"stopped by signal at stage {stage.name!r} step {step}/{total_steps}; "
+                                          f"checkpoint written, continue with --resume")
+            if step % cfg.checkpoint_every_steps == 0 and step < total_steps:
+                self._checkpoint(index, stage, step, micro, opt, ema, done=False)
+        bar.close()
+        if stage.grad_checkpointing and not use_features:
+            self.embedder.backbone.set_grad_checkpointing(False)
+        if ema is not None:
+            self.embedder.load_state_dict(_ema_embedder(self.embedder, ema).state_dict())
+        val = self.validate(stage, use_features)
+        self.embedder.eval()
+        self.logger.log(self._global_step(index, step), stage=stage.name, step=step,
+                        epoch=round(micro / micro_per_epoch, 3), **({"val_mP@5": val} if val is not None else {}))
+        self._checkpoint(index, stage, step, micro, None, None, done=True, tag=f"stage-{index:02d}-{stage.name}")
+        self._save_model(self.run_dir / f"model-stage-{index:02d}-{stage.name}.pt", None, stage.name)
+        self._save_model(self.run_dir / "model.pt", None, stage.name)
+        self.logger.plot(f"{cfg.name}")
+        if dist.is_main:
+            msg = f"stage {stage.name!r} done in {time.time() - t_stage:.0f} s"
+            log.info(msg + (f", validation mP@5 {val:.4f}" if val is not None else ""))
+        barrier(dist)
+
+    def _global_step(self, stage_index: int, step: int) -> int:
+        return stage_index * 10_000_000 + step
+
+    # ------------------------------------------------------------------------------------------ batch feeds
+    def _feature_batches(self, sampler, data: StageData, feats: torch.Tensor, local_batch: int, micro: int,
+                         micro_per_epoch: int):
+        """Endless (inputs, targets) from cached features; one deterministic view per (epoch, sample)."""
+        targets_all = torch.as_tensor(data.df["target"].to_numpy().copy())
+        n_views = feats.shape[0]
+        epoch, skip = micro // micro_per_epoch, micro % micro_per_epoch
+        while True:
+            sampler.set_epoch(epoch)
+            idx_all = np.fromiter(iter(sampler), dtype=np.int64)
+            for b in range(skip, micro_per_epoch):
+                idx = idx_all[b * local_batch:(b + 1) * local_batch]
+                views = np.array([sample_seed(self.cfg.seed, epoch, int(i)) % n_views for i in idx])
+                x = feats[torch.as_tensor(views), torch.as_tensor(idx)].float().to(self.device)
+                yield x, targets_all[idx].to(self.device)
+            epoch, skip = epoch + 1, 0
+
+    def _image_batches(self, sampler, stage: StageConfig, data: StageData, local_batch: int, micro: int,
+                       micro_per_epoch: int):
+        """Endless (uint8 images, targets) through DataLoader workers; resumes mid-epoch."""
+        transform = build_train_transform(self.embedder.preprocess, AugmentConfig.from_dict(stage.augment))
+        ds = SeededImageDataset(data.df["path"].tolist(), data.df["target"].to_numpy(), transform,
+                                draft_size=draft_size(self.embedder.preprocess))
+        seeded = SeededSampler(sampler, self.cfg.seed)
+        workers = default_num_workers() if self.cfg.num_workers is None else self.cfg.num_workers
+        epoch, skip = micro // micro_per_epoch, micro % micro_per_epoch
+        reported = 0
+        while True:
+            seeded.set_epoch(epoch)
+            seeded.start = skip * local_batch
+            loader = DataLoader(ds, batch_size=local_batch, sampler=seeded, num_workers=workers,
+                                collate_fn=collate_training, drop_last=True, worker_init_fn=_worker_init,
+                                pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(0),
+                                prefetch_factor=4 if workers else None, persistent_workers=False)
+            for b, (images, targets, _, errors) in enumerate(loader, start=skip):
+                if b >= micro_per_epoch:
+                    break
+                for e in errors:
+                    if reported < 20:
+                        log.warning("skipped %s", e)
+                    reported += 1
+                if images is None:
+                    continue
+                images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                yield images, targets.to(self.device, non_blocking=True)
+            epoch, skip = epoch + 1, 0
+
+
+def _ema_embedder(embedder: Embedder, ema) -> Embedder:
+    import copy
+
+    model = copy.deepcopy(embedder)
+    model.load_state_dict(ema.module.state_dict())
+    return model
+
+
+def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Run a training recipe; returns the final model checkpoint (run_dir/model.pt)."""
+    return Trainer(cfg, resume=resume, progress=progress).run()

@@ -1,0 +1,195 @@
+"""Training engine: recipes, stages (frozen-feature and image paths), locking, layer decay, resume after kill -9,
+SIGTERM, and DDP (2 gloo processes) against one process."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from guie.config import ConfigError
+from guie.models import load_embedder
+from guie.train.config import load_run_config
+from guie.train.engine import Trainer
+from guie.train.optim import param_groups
+from train_fixtures import make_labelled_images, tiny_recipe
+
+HEAD_STAGE = """  - name: head
+    datasets: [gen]
+    train: [head, centers]
+    steps: {steps}
+    batch_size: 16
+    lr: {{head: 0.05, centers: 0.05}}
+    cache_views: 2
+"""
+BACKBONE_STAGE = """  - name: backbone
+    datasets: [gen]
+    train: [backbone]
+    steps: {steps}
+    batch_size: 8
+    lr: {{backbone: 0.001}}
+    sampler: {{name: class_balanced, m_per_class: 2}}
+    augment: {{hflip: 0.5, affine_p: 0.5}}
+"""
+
+
+@pytest.fixture(scope="module")
+def gen_manifest(tmp_path_factory):
+    return make_labelled_images(tmp_path_factory.mktemp("gen"), n_classes=16, per_class=4)
+
+
+def write_recipe(tmp_path, manifest, stages, extra="", name="recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(tiny_recipe(manifest, tmp_path / "run", tmp_path / "cache", stages, extra))
+    return path
+
+
+def run_cli(args, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "guie.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, **kw)
+
+
+def test_unknown_recipe_key_names_file_and_key(tmp_path, gen_manifest):
+    path = write_recipe(tmp_path, gen_manifest, HEAD_STAGE.format(steps=5).replace("cache_views", "cache_viewz"))
+    with pytest.raises(ConfigError, match=r"recipe.yaml.*stages\[0\].*cache_viewz"):
+        load_run_config(path)
+
+
+def test_stage_validation_errors(tmp_path, gen_manifest):
+    bad = HEAD_STAGE.format(steps=5).replace("train: [head, centers]", "train: [head, neck]")
+    with pytest.raises(ConfigError, match="unknown part"):
+        load_run_config(write_recipe(tmp_path, gen_manifest, bad))
+    undefined = HEAD_STAGE.format(steps=5).replace("datasets: [gen]", "datasets: [nope]")
+    with pytest.raises(ConfigError, match="undefined dataset"):
+        load_run_config(write_recipe(tmp_path, gen_manifest, undefined))
+
+
+def test_two_stage_run_locks_what_it_should_and_learns(tmp_path, gen_manifest):
+    cfg = load_run_config(write_recipe(tmp_path, gen_manifest, HEAD_STAGE.format(steps=30) + BACKBONE_STAGE.format(steps=4)))
+    trainer = Trainer(cfg, progress=False)
+    backbone_before = {k: v.clone() for k, v in trainer.embedder.backbone.state_dict().items()}
+    final = trainer.run()
+    run = cfg.run_dir
+    for name in ("config.yaml", "metrics.csv", "training.png", "model.pt", "model-stage-00-head.pt",
+                 "checkpoints/last.pt", "checkpoints/stage-01-backbone.pt"):
+        assert (run / name).exists(), name
+    stage1 = load_embedder(run / "model-stage-00-head.pt")
+    stage2 = load_embedder(final)
+    # stage 1 trained the head only: the backbone is the pretrained one
+    for k, v in stage1.backbone.state_dict().items():
+        assert torch.equal(v, backbone_before[k]), k
+    # stage 2 trained the backbone only: head and class centres are locked
+    assert torch.equal(stage1.head.proj.weight, stage2.head.proj.weight)
+    c1 = torch.load(run / "model-stage-00-head.pt", weights_only=False)["extra"]["centers"]["weight"]
+    c2 = torch.load(final, weights_only=False)["extra"]["centers"]["weight"]
+    assert torch.equal(c1, c2)
+    assert any(not torch.equal(v, backbone_before[k]) for k, v in stage2.backbone.state_dict().items()
+               if v.dtype.is_floating_point)
+    metrics = pd.read_csv(run / "metrics.csv")
+    head_loss = metrics[(metrics.stage == "head")].dropna(subset=["loss"])["loss"].to_numpy()
+    assert head_loss[-1] < head_loss[0]
+    assert metrics["val_mP@5"].notna().sum() >= 2
+
+
+def test_layer_decay_scales_backbone_lrs_by_depth(tmp_path):
+    from guie.losses import create_loss
+    from guie.models import create_embedder
+
+    emb = create_embedder("timm:vit_tiny_patch16_224", pretrained=False, image_size=32, embed_dim=8)
+    loss = create_loss("arcface", 8, 4)
+    groups = param_groups(emb, loss, {"backbone": 1.0, "head": 0.5, "centers": 0.25}, ["backbone", "head", "centers"],
+                          layer_decay=0.5)
+    lrs = {g["name"]: g["lr"] for g in groups}
+    ids, n = emb.backbone.param_layer_ids()
+    assert lrs["head"] == 0.5 and lrs["centers"] == 0.25
+    assert lrs[f"backbone.{n - 1}"] == 1.0 and lrs["backbone.0"] == pytest.approx(0.5 ** (n - 1))
+    names = {id(p) for g in groups for p in g["params"]}
+    assert len(names) == sum(1 for _ in emb.parameters()) + 1  # every parameter exactly once (+ centres)
+
+
+def _final_state(run: Path):
+    payload = torch.load(run / "model.pt", weights_only=False)
+    return payload["state_dict"], payload["extra"]["centers"]["weight"]
+
+
+def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path, gen_manifest):
+    stages = HEAD_STAGE.format(steps=12) + BACKBONE_STAGE.format(steps=24)
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    ref = write_recipe(ref_dir, gen_manifest, stages)
+    r = run_cli(["train", str(ref), "--no-progress"])
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    killed_dir = tmp_path / "killed"
+    killed_dir.mkdir()
+    recipe = write_recipe(killed_dir, gen_manifest, stages)
+    ckpt = killed_dir / "run" / "checkpoints" / "last.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "guie.cli", "train", str(recipe), "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists():
+            state = torch.load(ckpt, weights_only=False)
+            if state["stage_name"] == "backbone" and state["step"] >= 5:
+                break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = torch.load(ckpt, weights_only=False)
+    assert state["stage_name"] == "backbone" and not state["stage_done"], "the run was not interrupted mid-stage"
+    r = run_cli(["train", str(recipe), "--resume", "--no-progress"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming stage 'backbone'" in r.stderr
+    (ref_sd, ref_c), (res_sd, res_c) = _final_state(ref_dir / "run"), _final_state(killed_dir / "run")
+    assert torch.equal(ref_c, res_c)
+    for k in ref_sd:
+        torch.testing.assert_close(res_sd[k], ref_sd[k], rtol=0, atol=1e-6, msg=k)
+    ref_m = pd.read_csv(ref_dir / "run" / "metrics.csv")
+    res_m = pd.read_csv(killed_dir / "run" / "metrics.csv")
+    assert ref_m["val_mP@5"].dropna().tolist() == pytest.approx(res_m["val_mP@5"].dropna().tolist())
+
+
+def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path, gen_manifest):
+    recipe = write_recipe(tmp_path, gen_manifest, BACKBONE_STAGE.format(steps=400))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "guie.cli", "train", str(recipe), "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err and "continue with --resume" in err
+    state = torch.load(ckpt, weights_only=False)
+    assert 0 < state["step"] < 400 and not state["stage_done"]
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes_match_one_process(tmp_path, gen_manifest):
+    stages = HEAD_STAGE.format(steps=15).replace("cache_views: 2", "cache_views: 2\n    sampler: {name: class_balanced, m_per_class: 2}")
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    for d in (one, two):
+        d.mkdir()
+        write_recipe(d, gen_manifest, stages)
+    r = run_cli(["train", str(one / "recipe.yaml"), "--no-progress"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                "-m", "guie.cli", "train", str(two / "recipe.yaml"), "--no-progress"]
+    r = subprocess.run(torchrun, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    (sd1, c1), (sd2, c2) = _final_state(one / "run"), _final_state(two / "run")
+    torch.testing.assert_close(sd2["head.proj.weight"], sd1["head.proj.weight"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(c2, c1, rtol=1e-4, atol=1e-5)
+    # rank 0 alone wrote the logs: every logged step appears once
+    m1, m2 = pd.read_csv(one / "run" / "metrics.csv"), pd.read_csv(two / "run" / "metrics.csv")
+    assert len(m2) == len(m1)
+    assert m2["loss"].dropna().to_numpy() == pytest.approx(m1["loss"].dropna().to_numpy(), rel=1e-4)
+    assert sorted(p.name for p in (two / "run" / "checkpoints").iterdir()) == ["last.pt", "stage-00-head.pt"]
