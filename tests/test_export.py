@@ -65,7 +65,7 @@ def test_in_model_resize_follows_pil_geometry(mode, interpolation):
         diff = (ours.int() - ref.int()).abs()
         # same crop/pad geometry; only rounding differs (PIL rounds to 8 bits between its horizontal and vertical
         # passes, which shows most when upsampling a tiny noisy image); a wrong offset or scale gives tens of levels
-        assert diff.max() <= 8 and diff.float().mean() < 0.5, (mode, interpolation, h, w)
+        assert diff.max() <= 8 and diff.float().mean() < 0.3, (mode, interpolation, h, w)
 
 
 def test_resize_is_identity_at_the_native_side():
@@ -334,3 +334,18 @@ def test_export_cli_refuses_different_heads_and_exports_soup(tmp_path):
     assert exported.exit_code == 0, exported.output
     meta = read_metadata(tmp_path / "soup.ts.pt")
     assert meta.tta["flip"] and meta.members[0]["checkpoint"].endswith("soup.pt")
+
+
+def test_shared_head_with_batchnorm_ignores_the_step_counter_but_not_the_statistics():
+    a = tiny(seed=0, head_norm="batchnorm")
+    b = tiny(seed=1, head_norm="batchnorm")
+    b.head.load_state_dict(a.head.state_dict())
+    b.head.norm.num_batches_tracked += 5  # fine-tuned longer with the head frozen: same head
+    check_shared_head([a, b])
+    with torch.no_grad():
+        b.head.norm.running_mean += 0.1  # the statistics moved: a different head
+    with pytest.raises(IncompatibleMembersError, match="different heads"):
+        check_shared_head([a, b])
+    soup = soup_embedders([a, b])
+    assert soup.spec.head_norm == "batchnorm" and torch.allclose(
+        soup.head.norm.running_mean, (a.head.norm.running_mean + b.head.norm.running_mean) / 2)

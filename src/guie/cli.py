@@ -21,7 +21,7 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _load_table(source: Path, model: Optional[str], where, batch_size, workers, device, image_size):
+def _load_table(source: Path, model: Optional[str], where, batch_size, workers, device, image_size, progress=True):
     """An embeddings Parquet file as is, or a manifest/folder embedded on the fly with `model`."""
     from .data.manifest import filter_rows, read_manifest
     from .embed import EMBEDDING_COLUMN, embed_images, read_embeddings
@@ -32,17 +32,17 @@ def _load_table(source: Path, model: Optional[str], where, batch_size, workers, 
         if EMBEDDING_COLUMN in pq.read_schema(source).names:
             df, emb = read_embeddings(source)
             if where:
-                from .data.manifest import filter_rows as fr
-                keep = fr(df.assign(_row=range(len(df))), where)["_row"].to_numpy()
+                keep = filter_rows(df.assign(_row=range(len(df))), where)["_row"].to_numpy()
                 df, emb = df.iloc[keep].reset_index(drop=True), emb[keep]
             return df, emb
     from .models.embedder import resolve_embedder
 
     df = filter_rows(read_manifest(source, require_labels=True), where)
     embedder = resolve_embedder(model, image_size=image_size)
-    res = embed_images(embedder, df["path"].tolist(), batch_size=batch_size, num_workers=workers, device=device)
+    res = embed_images(embedder, df["path"].tolist(), batch_size=batch_size, num_workers=workers, device=device,
+                       progress=progress)
     if res.errors:
-        typer.echo(f"{len(res.errors)} images could not be read and were left out", err=True)
+        typer.echo(f"{source}: {len(res.errors)} images could not be read and were left out", err=True)
     return df[res.ok].reset_index(drop=True), res.embeddings
 
 
@@ -53,25 +53,30 @@ def embed(source: Path = typer.Argument(..., help="image folder, or manifest (.c
           embed_dim: Optional[int] = typer.Option(None, help="head size for a fresh backbone (default: raw features)"),
           features: bool = typer.Option(False, help="write backbone features instead of the head's embedding"),
           image_size: Optional[int] = typer.Option(None, help="input resolution (default: the model's)"),
-          batch_size: int = typer.Option(64), workers: Optional[int] = typer.Option(None, help="decode workers"),
+          batch_size: int = typer.Option(64), workers: Optional[int] = typer.Option(
+              None, help="decode processes (default: 0 on CPU, decoding between forwards; cores-1 on GPU)"),
           device: str = typer.Option("auto"), shard_size: int = typer.Option(4096, help="rows per resumable shard"),
+          decode: str = typer.Option("cpu", help="cpu (PIL) or gpu (JPEGs decoded on the model's device)"),
+          compile: bool = typer.Option(False, "--compile", help="torch.compile the model (long runs on GPU)"),
           where: Optional[List[str]] = typer.Option(None, help="keep rows with column=value (repeatable)"),
-          overwrite: bool = typer.Option(False, help="discard shards of an earlier run with another model")):
+          overwrite: bool = typer.Option(False, help="discard shards of an earlier run with another model"),
+          progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar")):
     """Embed images into a Parquet file (manifest columns + 'embedding'); resumes an interrupted run."""
     from .data.manifest import ManifestError, filter_rows, read_manifest
-    from .embed import embed_to_file
+    from .embed import ResumeError, embed_to_file
     from .models.embedder import resolve_embedder
-    from .models.preprocess import PreprocessConfig
 
     try:
         df = filter_rows(read_manifest(source), where)
-        embedder = resolve_embedder(model, embed_dim=embed_dim)
-    except (ManifestError, ValueError, FileNotFoundError) as e:
+        if df.empty:
+            _fail(f"{source}: no rows left after --where {' '.join(where or [])}")
+        embedder = resolve_embedder(model, embed_dim=embed_dim, image_size=image_size)
+        kept, emb, errors = embed_to_file(embedder, df, out, batch_size=batch_size, num_workers=workers,
+                                          device=None if device == "auto" else device, features=features,
+                                          shard_size=shard_size, overwrite=overwrite, decode=decode,
+                                          compile=compile, progress=progress)
+    except (ManifestError, ResumeError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
-    pre = embedder.preprocess.replace(image_size=image_size) if image_size else None
-    kept, emb, errors = embed_to_file(embedder, df, out, batch_size=batch_size, num_workers=workers,
-                                      device=None if device == "auto" else device, features=features,
-                                      shard_size=shard_size, preprocess=pre, overwrite=overwrite)
     typer.echo(f"wrote {len(kept)} embeddings of dim {emb.shape[1]} to {out}")
     if errors:
         typer.echo(f"skipped {len(errors)} unreadable images (listed in {out}.failed.csv)", err=True)
@@ -88,7 +93,8 @@ def evaluate(embeddings: Optional[Path] = typer.Argument(None, help="one embeddi
              exclude_missing: bool = typer.Option(False, help="drop queries with n_q = 0 instead of failing"),
              out: Optional[Path] = typer.Option(None, help="folder for results.json and report.html"),
              image_size: Optional[int] = typer.Option(None), batch_size: int = typer.Option(64),
-             workers: Optional[int] = typer.Option(None), device: str = typer.Option("auto")):
+             workers: Optional[int] = typer.Option(None), device: str = typer.Option("auto"),
+             progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar")):
     """Score embeddings with the exact GUIE metric (mP@k, Euclidean k-NN) and write a report with pictures."""
     from .data.manifest import ManifestError
     from .evaluate.protocol import evaluate_folds, evaluate_query_index
@@ -96,19 +102,21 @@ def evaluate(embeddings: Optional[Path] = typer.Argument(None, help="one embeddi
 
     dev = None if device == "auto" else device
     missing = "exclude" if exclude_missing else "error"
+    if embeddings is None and (query is None or index is None):
+        _fail("give an embeddings file with --folds-by, or both --query and --index")
+    if embeddings is not None and (query is not None or index is not None):
+        _fail("give either one embeddings file (with --folds-by) or --query and --index, not both")
+    if embeddings is not None and not folds_by:
+        _fail("with a single embeddings file, say how to split it into queries and index: --folds-by COLUMN "
+              "(or give --query and --index)")
     try:
         if embeddings is not None:
-            if not folds_by:
-                _fail("with a single embeddings file, say how to split it into queries and index: --folds-by COLUMN "
-                      "(or give --query and --index)")
-            df, emb = _load_table(embeddings, model, where, batch_size, workers, dev, image_size)
+            df, emb = _load_table(embeddings, model, where, batch_size, workers, dev, image_size, progress)
             ev = evaluate_folds(df, emb, by=folds_by, k=k, missing=missing)
-        elif query is not None and index is not None:
-            qdf, qemb = _load_table(query, model, where, batch_size, workers, dev, image_size)
-            idf, iemb = _load_table(index, model, where, batch_size, workers, dev, image_size)
-            ev = evaluate_query_index(qdf, qemb, idf, iemb, k=k, missing=missing)
         else:
-            _fail("give an embeddings file with --folds-by, or both --query and --index")
+            qdf, qemb = _load_table(query, model, where, batch_size, workers, dev, image_size, progress)
+            idf, iemb = _load_table(index, model, where, batch_size, workers, dev, image_size, progress)
+            ev = evaluate_query_index(qdf, qemb, idf, iemb, k=k, missing=missing)
     except (ManifestError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
     rows = [{"fold": f["fold"], "queries": f["queries"], f"mP@{k}": f["score"]} for f in ev.folds]
@@ -170,14 +178,20 @@ def data_emoji(cache: Optional[Path] = typer.Option(None, help="cache folder (de
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("outputs/demo"), help="where reports go"),
+def demo(out: Path = typer.Option(Path("outputs/demo"), help="where reports and the trained model go"),
          cache: Optional[Path] = typer.Option(None, help="cache folder (default $GUIE_CACHE or ~/.cache/guie)"),
-         image_size: int = typer.Option(224, help="input resolution of the backbone"),
-         device: str = typer.Option("auto")):
-    """The emoji benchmark end to end on the default backbone: zero-shot, PCA-64, trained 64-d head."""
-    from .demo import run_demo
+         full: bool = typer.Option(False, help="run every stage of the recipe (augmented views, backbone "
+                                                "fine-tuning: tens of minutes on a CPU)"),
+         recipe: Optional[Path] = typer.Option(None, help="training recipe (default configs/emoji-lite0-cpu.yaml)"),
+         device: str = typer.Option("auto"), progress: bool = typer.Option(True)):
+    """The emoji benchmark end to end on the default backbone: zero-shot, PCA-64, and a trained 64-d model."""
+    from .demo import DEMO_RECIPE, run_demo
 
-    run_demo(out, cache, image_size=image_size, device=None if device == "auto" else device)
+    try:
+        run_demo(out, cache, full=full, recipe=recipe or DEMO_RECIPE, device=None if device == "auto" else device,
+                 progress=progress)
+    except FileNotFoundError as e:
+        _fail(str(e))
 
 
 from .data.commands import register as _register_data_commands  # noqa: E402

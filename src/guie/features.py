@@ -1,46 +1,172 @@
-"""Cached backbone features: computed once per (model, preprocessing, file list), stored as float16 .npy.
+"""A feature store: backbone features per (model, preprocessing, view) and image path, computed once, kept as float16.
 
-Frozen-backbone work (zero-shot baselines, PCA, training a head for hundreds of epochs) only needs these.
+Frozen-backbone work (zero-shot baselines, PCA, validation, training a head for thousands of steps on cached
+features) only needs these. The store is keyed by image path, so any subset or superset of images reuses what was
+computed before; only missing images are embedded (sharded over ranks under torchrun), then the index is updated
+atomically. Undecodable images are remembered as failed (ok=False), not retried every time.
 """
 from __future__ import annotations
 
 import hashlib
+import io
+import json
+import uuid
+import zlib
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
 
-from .embed import embed_images, model_fingerprint
+from .embed import embed_num_workers, model_fingerprint
 from .models.embedder import Embedder
-from .models.preprocess import PreprocessConfig
-from .utils import atomic_write_bytes, atomic_write_json, log
+from .models.preprocess import ImageTransform, PreprocessConfig, draft_size
+from .runtime import tune_cpu_allocator
+from .utils import atomic_write_bytes, atomic_write_json, log, resolve_device, save_parquet_atomic
 
 
-def cached_features(embedder: Embedder, paths: Sequence[str], cache_dir: str | Path,
-                    preprocess: PreprocessConfig | None = None, batch_size: int = 64,
-                    num_workers: int | None = None, device: str | None = None, progress: bool = True,
-                    tag: str = "features") -> tuple[np.ndarray, np.ndarray]:
-    """Backbone features [n_ok, F] (float32) and the ok mask [N], from the cache or computed and cached."""
-    preprocess = preprocess or embedder.preprocess
-    key = hashlib.sha256((model_fingerprint(embedder, preprocess, True) + "\n" + "\n".join(map(str, paths)))
-                         .encode()).hexdigest()[:20]
-    folder = Path(cache_dir) / "features"
-    feat_file, ok_file = folder / f"{tag}-{key}.npy", folder / f"{tag}-{key}.ok.npy"
-    if feat_file.exists() and ok_file.exists():
-        log.info("features from cache %s", feat_file)
-        return np.load(feat_file).astype(np.float32), np.load(ok_file)
-    res = embed_images(embedder, paths, batch_size=batch_size, num_workers=num_workers, device=device,
-                       features=True, progress=progress, preprocess=preprocess, desc=f"features {tag}")
-    _save_npy(res.embeddings.astype(np.float16), feat_file)
-    _save_npy(res.ok, ok_file)  # written last: its presence marks a complete cache entry
-    atomic_write_json({"paths": len(paths), "ok": int(res.ok.sum()), "preprocess": preprocess.to_dict(),
-                       "backbone": embedder.spec.backbone}, folder / f"{tag}-{key}.json")
-    return res.embeddings.astype(np.float16).astype(np.float32), res.ok
+def path_seed(seed: int, view: int, path: str) -> int:
+    """Augmentation seed of one (view, image): stable across runs and image lists."""
+    from .train.data import sample_seed
+
+    return sample_seed(seed * 1009 + view, 0, zlib.crc32(path.encode()))
+
+
+class _Keys(Sampler):
+    def __init__(self, keys):
+        self.keys = keys
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self):
+        return len(self.keys)
 
 
 def _save_npy(arr: np.ndarray, path: Path) -> None:
-    import io
-
     buf = io.BytesIO()
     np.save(buf, arr)
     atomic_write_bytes(buf.getvalue(), path)
+
+
+def _view_transform(preprocess: PreprocessConfig, view: int, augment: dict | None):
+    if view == 0:
+        return ImageTransform(preprocess)
+    from .data.augment import AugmentConfig, build_train_transform
+
+    return build_train_transform(preprocess, AugmentConfig.from_dict(augment or {}))
+
+
+@torch.inference_mode()
+def _compute(embedder: Embedder, paths: list[str], transform, seeds: list[int], device, batch_size: int,
+             num_workers: int, progress: bool, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    from .train.data import SeededImageDataset, collate_training
+
+    ds = SeededImageDataset(paths, np.zeros(len(paths), dtype=np.int64), transform,
+                            draft_size=draft_size(embedder.preprocess),
+                            threads=torch.get_num_threads() if num_workers == 0 else 1)
+    loader = DataLoader(ds, batch_size=batch_size, sampler=_Keys(list(zip(range(len(paths)), seeds))),
+                        num_workers=num_workers, collate_fn=collate_training,
+                        pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None)
+    feats = np.zeros((len(paths), embedder.backbone.num_features), dtype=np.float16)
+    ok = np.zeros(len(paths), dtype=bool)
+    use_bf16 = device.type == "cuda"
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for images, _, index, errors in loader:
+            for e in errors:
+                log.warning("skipped %s", e)
+            if images is not None:
+                images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    f = embedder.forward_features(images)
+                feats[index.numpy()] = f.float().cpu().numpy().astype(np.float16)
+                ok[index.numpy()] = True
+            bar.update(len(errors) + (0 if index is None else len(index)))
+    return feats, ok
+
+
+def cached_features(embedder: Embedder, paths: Sequence[str], cache_dir: str | Path, *,
+                    preprocess: PreprocessConfig | None = None, view: int = 0, augment: dict | None = None,
+                    seed: int = 0, batch_size: int = 64, num_workers: int | None = None, device=None,
+                    progress: bool = True, rank: int = 0, world_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Backbone features of `paths`, aligned with them: (float32 [N, F] with zero rows where decoding failed,
+    ok mask [N]).
+
+    view 0 is the clean evaluation view; view k > 0 is augmented with `augment` (AugmentConfig fields), seeded
+    per (seed, k, path). With world_size > 1 (torchrun), every rank must call this; each computes a slice.
+    """
+    device = resolve_device(device)
+    paths = [str(p) for p in paths]
+    preprocess = preprocess or embedder.preprocess
+    saved_pre = embedder.preprocess
+    embedder.preprocess = preprocess
+    try:
+        key = json.dumps({"model": model_fingerprint(embedder, preprocess, True), "view": view,
+                          "augment": augment if view else None, "seed": seed if view else None}, sort_keys=True)
+        store = Path(cache_dir) / "features" / hashlib.sha256(key.encode()).hexdigest()[:20]
+        index = _read_index(store)
+        missing = sorted(set(paths) - set(index))
+        if missing:
+            mine = missing[rank::world_size]
+            if mine:
+                if device.type == "cpu":
+                    tune_cpu_allocator()
+                embedder.to(device).eval().to(memory_format=torch.channels_last)
+                transform = _view_transform(preprocess, view, augment)
+                seeds = [path_seed(seed, view, p) for p in mine]
+                workers = embed_num_workers(device) if num_workers is None else num_workers
+                feats, ok = _compute(embedder, mine, transform, seeds, device, batch_size, workers,
+                                     progress and rank == 0, f"features view {view}" if view else "features")
+                part = f"part-{uuid.uuid4().hex[:12]}"
+                _save_npy(feats, store / f"{part}.npy")
+                save_parquet_atomic(pd.DataFrame({"path": mine, "row": np.arange(len(mine)), "ok": ok,
+                                                  "part": part}), store / f"{part}.rows.parquet")
+            _barrier(world_size)
+            if rank == 0:
+                _rebuild_index(store, key)
+            _barrier(world_size)
+            index = _read_index(store)
+        return _gather(store, index, paths)
+    finally:
+        embedder.preprocess = saved_pre
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
+def _read_index(store: Path) -> dict:
+    f = store / "index.parquet"
+    if not f.exists():
+        return {}
+    df = pd.read_parquet(f)
+    return dict(zip(df["path"], zip(df["part"], df["row"], df["ok"])))
+
+
+def _rebuild_index(store: Path, key: str) -> None:
+    """Merge every part's row table into index.parquet (a part's rows are visible once both its files exist)."""
+    frames = [pd.read_parquet(p) for p in sorted(store.glob("part-*.rows.parquet"))
+              if (store / p.name.replace(".rows.parquet", ".npy")).exists()]
+    df = pd.concat(frames, ignore_index=True).drop_duplicates("path", keep="last")
+    save_parquet_atomic(df, store / "index.parquet")
+    atomic_write_json({"key": json.loads(key), "images": int(len(df))}, store / "store.json")
+
+
+def _gather(store: Path, index: dict, paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    parts: dict[str, np.ndarray] = {}
+    first = next(iter(index.values()))[0]
+    dim = np.load(store / f"{first}.npy", mmap_mode="r").shape[1]
+    out = np.zeros((len(paths), dim), dtype=np.float32)
+    ok = np.zeros(len(paths), dtype=bool)
+    for i, p in enumerate(paths):
+        part, row, good = index[p]
+        if good:
+            if part not in parts:
+                parts[part] = np.load(store / f"{part}.npy", mmap_mode="r")
+            out[i] = parts[part][row]
+            ok[i] = True
+    return out, ok

@@ -138,7 +138,8 @@ def load_image(path: str | Path, draft_size: int | None = None, max_pixels: int 
     Args:
         draft_size: for JPEGs, let libjpeg decode at a reduced scale whose short side stays >= draft_size
             (DCT scaling: several times faster on large photos, no visible loss after the resize that follows).
-        max_pixels: refuse images with more pixels than this (decompression bombs).
+        max_pixels: refuse images with more pixels than this (decompression bombs); PIL itself refuses anything
+            above its hard limit (DEFAULT_MAX_PIXELS) whatever this says.
     Raises:
         ImageLoadError: with the file name and a one-line reason.
     """
@@ -147,7 +148,9 @@ def load_image(path: str | Path, draft_size: int | None = None, max_pixels: int 
         path = source
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # `max_pixels` is the limit: PIL's warning at half its hard limit would otherwise print for every
+            # large-but-legal image (escalating it instead would refuse images below max_pixels).
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(source) as im:
                 w, h = im.size
                 if w * h > max_pixels:

@@ -27,7 +27,8 @@ class IncompatibleMembersError(ValueError):
 
 
 def _head_tensors(embedder: Embedder) -> dict[str, torch.Tensor]:
-    return {k: v.detach().float().cpu() for k, v in embedder.head.state_dict().items()}
+    """The head's weights and float buffers (a BatchNorm's running stats count; its step counter does not)."""
+    return {k: v.detach().float().cpu() for k, v in embedder.head.state_dict().items() if v.is_floating_point()}
 
 
 def head_difference(a: Embedder, b: Embedder) -> float | None:
@@ -117,8 +118,8 @@ def soup_embedders(embedders: Sequence[Embedder], weights: Sequence[float] | Non
     first = embedders[0]
     states = [e.state_dict() for e in embedders]
     for emb, state, name in zip(embedders[1:], states[1:], names[1:]):
-        if (emb.spec.backbone, emb.spec.embed_dim, emb.spec.backbone_kwargs) != (
-                first.spec.backbone, first.spec.embed_dim, first.spec.backbone_kwargs):
+        if (emb.spec.backbone, emb.spec.embed_dim, emb.spec.backbone_kwargs, emb.spec.head_norm) != (
+                first.spec.backbone, first.spec.embed_dim, first.spec.backbone_kwargs, first.spec.head_norm):
             raise IncompatibleMembersError(
                 f"{name} ({emb.spec.backbone}, {emb.spec.embed_dim}-d) and {names[0]} ({first.spec.backbone}, "
                 f"{first.spec.embed_dim}-d) differ in architecture; a soup needs identical ones")
@@ -149,7 +150,7 @@ def load_embedder_like(embedder: Embedder) -> Embedder:
 
     spec = embedder.spec
     fresh = create_embedder(spec.backbone, spec.embed_dim, spec.dropout, pretrained=False,
-                            image_size=spec.image_size, **spec.backbone_kwargs)
+                            image_size=spec.image_size, head_norm=spec.head_norm, **spec.backbone_kwargs)
     fresh.preprocess = embedder.preprocess
     return fresh
 

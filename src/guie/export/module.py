@@ -103,12 +103,15 @@ class MemberPipeline(nn.Module):
         self.aspect_num, self.aspect_den = _ratio(tta.min_aspect, 1000)
 
     def _interpolate(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        # Two passes like PIL (horizontal, round to 8 bits, vertical): the pixels then match the training-time PIL
-        # preprocessing to within 1 level on > 99.7% of pixels, where a single 2-D pass differs on up to ~25%
-        # (by up to 9 levels when upsampling) and moves embeddings ~10x more.
+        """Resize like PIL's Resample.c: horizontal pass, round to 8 bits, vertical pass.
+
+        The pixels then match PIL's within 1 level on > 99.7% of pixels, where a single 2-D pass differs on up to
+        ~25% (by up to 9 levels when upsampling) and moves embeddings ~10x more. (Pillow 13 sometimes runs the
+        vertical pass first, seemingly by a size heuristic; those images differ by 1-2 levels on ~20% of pixels.)
+        """
         y = F.interpolate(x, size=[x.shape[-2], w], mode=self.interpolation, antialias=self.antialias)
-        y = y.clamp(0.0, 255.0).round()
-        return F.interpolate(y, size=[h, w], mode=self.interpolation, antialias=self.antialias)
+        return F.interpolate(y.clamp(0.0, 255.0).round(), size=[h, w], mode=self.interpolation,
+                             antialias=self.antialias)
 
     def resize(self, x: torch.Tensor, mode: str) -> torch.Tensor:
         """float [B,3,H,W] (0..255) -> uint8 [B,3,S,S], the geometry of models.preprocess.resize_image."""

@@ -29,6 +29,7 @@ class EmbedderSpec:
     dropout: float = 0.0
     image_size: int | None = None
     backbone_kwargs: dict = field(default_factory=dict)
+    head_norm: str = "none"    # "batchnorm": standardise features before the projection
 
 
 class Embedder(nn.Module):
@@ -63,6 +64,16 @@ class Embedder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embed_features(self.forward_features(images))
 
+    def set_image_size(self, image_size: int) -> "Embedder":
+        """Run at another resolution: the backbone adapts (ViTs resample position embeddings), preprocessing follows.
+
+        Saved checkpoints record the new size, so `load_embedder` rebuilds the model at it."""
+        if image_size != self.preprocess.image_size:
+            self.backbone.set_image_size(image_size)
+            self.preprocess = self.preprocess.replace(image_size=image_size)
+            self.spec.image_size = image_size
+        return self
+
     def set_preprocess(self, preprocess: PreprocessConfig) -> None:
         """Change resolution/resize policy (e.g. evaluate at 280 px); mean/std must stay those of the weights."""
         if tuple(preprocess.mean) != tuple(self.preprocess.mean) or tuple(preprocess.std) != tuple(self.preprocess.std):
@@ -73,7 +84,7 @@ class Embedder(nn.Module):
 
 def create_embedder(backbone: str = "efficientnet_lite0", embed_dim: int | None = 64, dropout: float = 0.0,
                     pretrained: bool = True, image_size: int | None = None, preprocess: dict | None = None,
-                    **backbone_kwargs) -> Embedder:
+                    head_norm: str = "none", **backbone_kwargs) -> Embedder:
     """Build an Embedder: a registered backbone + Dropout/Linear head to `embed_dim` (<= 64) + L2 normalisation.
 
     Args:
@@ -83,13 +94,16 @@ def create_embedder(backbone: str = "efficientnet_lite0", embed_dim: int | None 
         pretrained: load the backbone's pretrained weights.
         image_size: input resolution (defaults to the backbone's native one).
         preprocess: overrides of PreprocessConfig fields, e.g. ``{"crop_pct": 1.0}``.
+        head_norm: "batchnorm" to standardise backbone features before the projection.
+        backbone_kwargs: family options, e.g. ``keep_projection=False`` (open_clip) or ``feature_levels=(2, 3, 4)``
+            (timm CNNs: also pool these intermediate stages and concatenate them to the final features).
     """
     net, pre = create_backbone(backbone, pretrained=pretrained, image_size=image_size, **backbone_kwargs)
     if preprocess:
         pre = pre.replace(**preprocess)
-    head = ProjectionHead(net.num_features, embed_dim, dropout) if embed_dim is not None else None
+    head = ProjectionHead(net.num_features, embed_dim, dropout, norm=head_norm) if embed_dim is not None else None
     spec = EmbedderSpec(backbone=backbone, embed_dim=embed_dim, dropout=dropout, image_size=pre.image_size,
-                        backbone_kwargs=dict(backbone_kwargs))
+                        backbone_kwargs=dict(backbone_kwargs), head_norm=head_norm)
     return Embedder(net, head, pre, spec)
 
 
@@ -112,19 +126,25 @@ def load_embedder(path: str | Path, map_location: str | torch.device = "cpu") ->
     spec = EmbedderSpec(**payload["spec"])
     pre = PreprocessConfig.from_dict(payload["preprocess"])
     embedder = create_embedder(spec.backbone, spec.embed_dim, spec.dropout, pretrained=False,
-                               image_size=spec.image_size, **spec.backbone_kwargs)
+                               image_size=spec.image_size, head_norm=spec.head_norm, **spec.backbone_kwargs)
     embedder.preprocess = pre
     embedder.load_state_dict(payload["state_dict"], strict=True)
     return embedder.eval()
 
 
-def resolve_embedder(model: str | Path | Embedder | None, **kwargs) -> Embedder:
-    """An Embedder from an instance, a checkpoint file, or a backbone name (raw features unless embed_dim given)."""
-    if isinstance(model, Embedder):
-        return model
+def resolve_embedder(model: str | Path | Embedder | None, image_size: int | None = None, **kwargs) -> Embedder:
+    """An Embedder from an instance, a checkpoint file, or a backbone name (raw features unless embed_dim given).
+
+    `image_size` applies to all three (a checkpoint or instance is adapted with `Embedder.set_image_size`);
+    other keyword arguments go to `create_embedder` and are refused for a checkpoint, which fixes them itself.
+    """
+    if isinstance(model, Embedder) or (model is not None and Path(str(model)).is_file()):
+        if any(v is not None for v in kwargs.values()):
+            raise ValueError(f"{sorted(k for k, v in kwargs.items() if v is not None)} cannot be changed on a trained "
+                             f"model ({model if not isinstance(model, Embedder) else 'an Embedder'})")
+        embedder = model if isinstance(model, Embedder) else load_embedder(model)
+        return embedder.set_image_size(image_size) if image_size else embedder
     if model is None:
         model = "efficientnet_lite0"
-    if Path(str(model)).is_file():
-        return load_embedder(model)
     kwargs.setdefault("embed_dim", None)
-    return create_embedder(str(model), **kwargs).eval()
+    return create_embedder(str(model), image_size=image_size, **kwargs).eval()

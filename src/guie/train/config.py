@@ -19,10 +19,11 @@ class ModelConfig:
     backbone: str = "efficientnet_lite0"
     embed_dim: int = 64
     dropout: float = 0.2
+    head_norm: str = "none"                              # "batchnorm": standardise features before the projection
     image_size: int | None = None
     pretrained: bool = True
     preprocess: dict = field(default_factory=dict)       # PreprocessConfig overrides, e.g. {crop_pct: 1.0}
-    backbone_kwargs: dict = field(default_factory=dict)  # e.g. {keep_projection: false} for open_clip
+    backbone_kwargs: dict = field(default_factory=dict)  # {keep_projection: false} (open_clip), {feature_levels: [2, 3, 4]}
     init_checkpoint: Path | None = None                  # start from a saved guie embedder
 
 

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset, Sampler
 
 from ..data.images import ImageLoadError, load_image
 from ..data.manifest import read_manifest
+from ..models.preprocess import ImageTransform
 from .config import DatasetConfig, RunConfig, StageConfig, ValidationConfig
 
 
@@ -117,11 +118,16 @@ class SeededSampler(Sampler):
 
 
 class SeededImageDataset(Dataset):
-    """(index, seed) -> (uint8 image, target, index); a bad image yields None (dropped by the collate)."""
+    """(index, seed) -> (uint8 image, target, index); a bad image yields None (dropped by the collate).
 
-    def __init__(self, paths, targets, transform, draft_size: int | None = None):
+    With `threads` > 1 and no worker processes, a batch is decoded by a thread pool in the main process between
+    model steps (PIL releases the GIL): on a CPU-only machine, worker processes would compete with the model's
+    intra-op threads for the same cores during the step (see guie.embed).
+    """
+
+    def __init__(self, paths, targets, transform, draft_size: int | None = None, threads: int = 1):
         self.paths, self.targets = list(paths), np.asarray(targets)
-        self.transform, self.draft_size = transform, draft_size
+        self.transform, self.draft_size, self.threads = transform, draft_size, max(1, int(threads))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -129,6 +135,26 @@ class SeededImageDataset(Dataset):
     def __getitem__(self, key):
         index, seed = key
         torch.manual_seed(seed)
+        try:
+            image = self.transform(load_image(self.paths[index], draft_size=self.draft_size))
+        except ImageLoadError as e:
+            return None, int(self.targets[index]), index, str(e)
+        return image, int(self.targets[index]), index, None
+
+    def __getitems__(self, keys):
+        """A batch of samples (the DataLoader calls this instead of __getitem__ when it exists).
+
+        Only the deterministic evaluation transform is run on threads: augmentations draw from torch's global RNG,
+        which is seeded per sample and is not thread-safe, so those batches are processed in order."""
+        if self.threads == 1 or len(keys) == 1 or not isinstance(self.transform, ImageTransform):
+            return [self[k] for k in keys]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(self.threads, len(keys))) as pool:
+            return list(pool.map(self._load, keys))
+
+    def _load(self, key):
+        index = key[0]
         try:
             image = self.transform(load_image(self.paths[index], draft_size=self.draft_size))
         except ImageLoadError as e:

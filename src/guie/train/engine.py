@@ -24,12 +24,14 @@ from tqdm.auto import tqdm
 from ..config import to_dict
 from ..data.augment import AugmentConfig, build_train_transform
 from ..data.samplers import ClassBalancedSampler, ShuffleSampler
-from ..embed import default_num_workers, embed_images
+from ..embed import embed_images, embed_num_workers
+from ..features import cached_features
 from ..evaluate.protocol import evaluate_folds, evaluate_query_index
 from ..losses import LOSSES, MarginSchedule, create_loss
 from ..models.embedder import Embedder, create_embedder, load_embedder, save_embedder
 from ..models.preprocess import draft_size
-from ..utils import atomic_save, atomic_write_text, log
+from ..runtime import tune_cpu_allocator
+from ..utils import atomic_save, atomic_write_text, default_cache_dir, log
 from .config import RunConfig, StageConfig
 from .data import (SeededImageDataset, SeededSampler, StageData, build_stage_data, collate_training,
                    load_validation_frame, sample_seed, select_rows)
@@ -65,8 +67,13 @@ def _set_trainable(embedder: Embedder, loss: nn.Module, parts: list[str]) -> Non
 
 
 def _set_train_mode(embedder: Embedder, stage: StageConfig) -> None:
-    """Head in train mode (dropout); a frozen backbone fully in eval mode; BN statistics fixed if freeze_bn."""
+    """Head in train mode (dropout); a frozen backbone fully in eval mode; BN statistics fixed if freeze_bn; a locked
+    head keeps its feature standardisation (BatchNorm running statistics) fixed too."""
     embedder.train()
+    if "head" not in stage.train:
+        for m in embedder.head.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     if "backbone" not in stage.train:
         embedder.backbone.eval()
     elif stage.freeze_bn:
@@ -107,15 +114,17 @@ class Trainer:
         self.cfg, self.resume, self.progress = cfg, resume, progress
         self.dist: DistInfo = init_distributed(cfg.device)
         self.device = self.dist.device
+        if self.device.type == "cpu":
+            tune_cpu_allocator()
         self.run_dir = cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.logger = RunLogger(self.run_dir, enabled=self.dist.is_main)
         self._stop_signal: int | None = None
         _seed_everything(cfg.seed)
+        self._init_centers: dict | None = None  # class centres stored with model.init_checkpoint, if any
         self.embedder = self._build_embedder()
         self.loss: nn.Module | None = None
         self.class_names: np.ndarray | None = None
-        self._init_centers = None
         self._val_cache: dict = {}
 
     # ----------------------------------------------------------------------------------------------- setup
@@ -129,7 +138,7 @@ class Trainer:
                 self._init_centers = extra  # reused by a first stage that keeps the same label space
             return embedder
         return create_embedder(m.backbone, m.embed_dim, m.dropout, pretrained=m.pretrained, image_size=m.image_size,
-                               preprocess=m.preprocess or None, **m.backbone_kwargs)
+                               preprocess=m.preprocess or None, head_norm=m.head_norm, **m.backbone_kwargs)
 
     def _write_resolved_config(self) -> None:
         if self.dist.is_main:
@@ -138,11 +147,8 @@ class Trainer:
             atomic_write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False), self.run_dir / "config.yaml")
 
     def _apply_image_size(self, stage: StageConfig) -> None:
-        size = stage.image_size
-        if size and size != self.embedder.preprocess.image_size:
-            self.embedder.backbone.set_image_size(size)
-            self.embedder.preprocess = self.embedder.preprocess.replace(image_size=size)
-            self.embedder.spec.image_size = size
+        if stage.image_size:
+            self.embedder.set_image_size(stage.image_size)
 
     def _setup_loss(self, stage: StageConfig, data: StageData) -> None:
         same_space = self.class_names is not None and np.array_equal(self.class_names, data.class_names)
@@ -154,6 +160,8 @@ class Trainer:
                                         sub_centers=self._init_centers["sub_centers"])
                 self.loss.load_state_dict(self._init_centers["centers"])
                 self.class_names, same_space = init_names, True
+                if self.dist.is_main:
+                    log.info("class centres from %s (%d classes)", self.cfg.model.init_checkpoint, len(init_names))
         if (self.loss is None or stage.new_centers or not same_space
                 or self.loss.sub_centers != lc.sub_centers or type(self.loss) is not LOSSES.get(lc.name)):
             self.loss = create_loss(lc.name, self.embedder.embed_dim, data.num_classes, scale=lc.scale,
@@ -239,14 +247,10 @@ class Trainer:
             df = self._val_cache["df"]
             self.embedder.eval()
             if use_features:
-                key = ("features", self.embedder.preprocess)
-                if key not in self._val_cache:
-                    res = embed_images(self.embedder, df["path"].tolist(), batch_size=vcfg.batch_size,
-                                       num_workers=self.cfg.num_workers, device=self.device, features=True,
-                                       progress=False)
-                    self._val_cache[key] = (res.embeddings, res.ok)
-                feats, ok = self._val_cache[key]
-                emb = self.embedder.embed_features(torch.as_tensor(feats, device=self.device)).cpu().numpy()
+                feats, ok = cached_features(self.embedder, df["path"].tolist(), self.cfg.cache_dir or default_cache_dir(),
+                                            batch_size=vcfg.batch_size, num_workers=self.cfg.num_workers,
+                                            device=self.device, progress=False)
+                emb = self.embedder.embed_features(torch.as_tensor(feats[ok], device=self.device)).cpu().numpy()
             else:
                 res = embed_images(self.embedder, df["path"].tolist(), batch_size=vcfg.batch_size,
                                    num_workers=self.cfg.num_workers, device=self.device, progress=False)
@@ -472,10 +476,12 @@ class Trainer:
                        micro_per_epoch: int):
         """Endless (uint8 images, targets) through DataLoader workers; resumes mid-epoch."""
         transform = build_train_transform(self.embedder.preprocess, AugmentConfig.from_dict(stage.augment))
+        # On a CPU-only machine decoding runs in the main process between steps (see SeededImageDataset).
+        workers = embed_num_workers(self.device) if self.cfg.num_workers is None else self.cfg.num_workers
         ds = SeededImageDataset(data.df["path"].tolist(), data.df["target"].to_numpy(), transform,
-                                draft_size=draft_size(self.embedder.preprocess))
+                                draft_size=draft_size(self.embedder.preprocess),
+                                threads=torch.get_num_threads() if workers == 0 else 1)
         seeded = SeededSampler(sampler, self.cfg.seed)
-        workers = default_num_workers() if self.cfg.num_workers is None else self.cfg.num_workers
         epoch, skip = micro // micro_per_epoch, micro % micro_per_epoch
         reported = 0
         while True:

@@ -22,6 +22,7 @@ class HeadTrainingConfig:
 
     embed_dim: int = 64
     dropout: float = 0.5
+    head_norm: str = "none"             # "batchnorm": standardise features first
     loss: str = "arcface"
     scale: float = 30.0
     margin: float = 0.5
@@ -73,7 +74,7 @@ def train_head_on_features(features: np.ndarray, labels: np.ndarray, cfg: HeadTr
     class_names, y = np.unique(np.asarray(labels), return_inverse=True)
     x = torch.as_tensor(features, dtype=torch.float32)
     y = torch.as_tensor(y, dtype=torch.long)
-    head = ProjectionHead(x.shape[1], cfg.embed_dim, cfg.dropout)
+    head = ProjectionHead(x.shape[1], cfg.embed_dim, cfg.dropout, norm=cfg.head_norm)
     loss_fn = create_loss(cfg.loss, cfg.embed_dim, len(class_names), scale=cfg.scale, margin=cfg.margin,
                           sub_centers=cfg.sub_centers)
     sched = MarginSchedule(start=cfg.margin, class_size_a=cfg.class_size_a, class_size_b=cfg.class_size_b)
@@ -96,6 +97,6 @@ def train_head_on_features(features: np.ndarray, labels: np.ndarray, cfg: HeadTr
         loss.backward()
         opt.step()
         if step % 50 == 0 or step == cfg.steps - 1:
-            history.append((step, float(loss)))
+            history.append((step, float(loss.detach())))
     head.eval()
     return TrainedHead(head, loss_fn, class_names, history)

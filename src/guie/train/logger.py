@@ -82,8 +82,9 @@ class RunLogger:
                 ax2.plot(val["x"], val["val_mP@5"], "o-", label=str(stage))
         ax1.set(title="training loss", xlabel="log row (by stage)", ylabel="loss")
         ax2.set(title="validation mP@5", xlabel="log row (by stage)", ylabel="mP@5")
-        ax1.legend(fontsize=8)
-        ax2.legend(fontsize=8)
+        for ax in (ax1, ax2):
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
         fig.suptitle(title)
         fig.tight_layout()
         buf = io.BytesIO()

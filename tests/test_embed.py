@@ -1,0 +1,270 @@
+"""Batch embedding: pipeline equals the model, bad files skipped and counted, resumable sharded output."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import guie.data.datasets as datasets_mod
+from guie.data.images import load_image
+from guie.embed import (EMBEDDING_COLUMN, ResumeError, _forward, embed_images, embed_num_workers, embed_to_file,
+                        iter_embeddings, read_embeddings)
+
+
+class Interrupted(BaseException):
+    """Stands for Ctrl-C / a killed job (BaseException: the dataset's per-image error handling must not eat it)."""
+
+
+def _quiet(_msg):
+    pass
+
+
+def test_pipeline_equals_the_model_on_every_mode(tiny_embedder, mode_images):
+    e = tiny_embedder()
+    paths = [str(p) for p in mode_images.values()]
+    res = embed_images(e, paths, batch_size=4, progress=False)
+    assert res.ok.all() and res.errors == []
+    assert res.embeddings.shape == (len(paths), 8) and res.embeddings.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(res.embeddings, axis=1), 1.0, rtol=1e-5)
+    x = torch.stack([e.transform(load_image(p, draft_size=32)) for p in paths])
+    with torch.inference_mode():
+        expected = e(x).numpy()
+    np.testing.assert_allclose(res.embeddings, expected, atol=1e-5)
+
+
+def test_bad_files_are_skipped_one_line_each_and_counted(tiny_embedder, mode_images, bad_files, capsys):
+    paths = [str(mode_images["rgb"])] + [str(p) for p in bad_files.values()] + [str(mode_images["gray"])]
+    res = embed_images(tiny_embedder(), paths, batch_size=3, progress=False)
+    assert res.ok.tolist() == [True] + [False] * len(bad_files) + [True]
+    assert len(res.embeddings) == 2 and len(res.errors) == len(bad_files)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == len(bad_files)
+    for path in bad_files.values():
+        assert sum(line.startswith(f"skipped {path}: ") for line in lines) == 1
+    assert any("decompression bomb" in line for line in lines)
+
+
+def test_decoders_and_worker_layouts_agree(tiny_embedder, mode_images, bad_files):
+    paths = [str(p) for p in mode_images.values()] + [str(bad_files["truncated"]), str(bad_files["bomb"])]
+    e = tiny_embedder()
+    ref = embed_images(e, paths, batch_size=5, progress=False, report_failure=_quiet)
+    for kw in ({"num_workers": 2}, {"num_workers": 0, "batch_size": 1}, {"decode": "gpu"}):
+        kw = {"batch_size": 5, **kw}
+        got = embed_images(e, paths, progress=False, report_failure=_quiet, **kw)
+        assert (got.ok == ref.ok).all(), kw
+        # decode="gpu" (on this CPU: torchvision's decoder and tensor resize) matches PIL closely, not bitwise
+        tol = 2e-2 if kw.get("decode") == "gpu" else 1e-6
+        np.testing.assert_allclose(got.embeddings, ref.embeddings, atol=tol, err_msg=str(kw))
+
+
+def test_iter_embeddings_covers_every_position_in_order(tiny_embedder, mode_images, bad_files):
+    paths = [str(bad_files["empty"])] + [str(p) for p in mode_images.values()] + [str(bad_files["corrupt"])]
+    seen = []
+    for b in iter_embeddings(tiny_embedder(), paths, batch_size=4, progress=False, report_failure=_quiet):
+        seen += sorted(list(b.indices) + [i for i, _ in b.failed])
+        assert b.embeddings.shape[0] == len(b.indices)
+    assert seen == list(range(len(paths)))
+
+
+def test_features_mode_empty_input_and_mode_restored(tiny_embedder, mode_images, bad_files):
+    e = tiny_embedder().train()
+    res = embed_images(e, [str(mode_images["rgb"])], features=True, progress=False)
+    assert res.embeddings.shape == (1, e.backbone.num_features)
+    assert e.training  # embed_images evaluates in eval mode but gives the model back as it was
+    empty = embed_images(e, [], progress=False)
+    assert empty.embeddings.shape == (0, 8) and empty.ok.shape == (0,)
+    failed = embed_images(e, [str(bad_files["empty"])], progress=False, report_failure=_quiet)
+    assert failed.embeddings.shape == (0, 8) and failed.ok.tolist() == [False]
+
+
+def test_cpu_decodes_in_the_main_process():
+    assert embed_num_workers("cpu") == 0
+
+
+def test_padding_for_compiled_batches_does_not_change_outputs(tiny_embedder):
+    e = tiny_embedder()
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    torch.testing.assert_close(_forward(e, x, torch.device("cpu"), 8), _forward(e, x, torch.device("cpu"), 0))
+    assert _forward(e, x, torch.device("cpu"), 8).shape == (3, 8)
+
+
+# --- embed_to_file ---------------------------------------------------------------------------------------------
+
+def _manifest(mode_images, bad_files=None, n=None) -> pd.DataFrame:
+    paths = [str(p) for p in mode_images.values()][:n]
+    if bad_files:
+        paths.insert(2, str(bad_files["truncated"]))
+    return pd.DataFrame({"path": paths, "label": [f"c{i % 3}" for i in range(len(paths))],
+                         "domain": ["photo", "art"] * (len(paths) // 2) + ["photo"] * (len(paths) % 2),
+                         "score": np.arange(len(paths), dtype=float),
+                         "note": [None] * 4 + ["x"] * (len(paths) - 4)})  # null in the first shard only
+
+
+def test_embed_to_file_keeps_columns_and_lists_failures(tiny_embedder, mode_images, bad_files, tmp_path):
+    df = _manifest(mode_images, bad_files)
+    out = tmp_path / "emb.parquet"
+    kept, emb, errors = embed_to_file(tiny_embedder(), df, out, batch_size=3, shard_size=4, progress=False,
+                                      report_failure=_quiet)
+    assert len(errors) == 1 and errors[0].startswith(str(bad_files["truncated"]))
+    good = df[df["path"] != str(bad_files["truncated"])].reset_index(drop=True)
+    back_df, back_emb = read_embeddings(out)
+    assert list(back_df.columns) == ["path", "label", "domain", "score", "note"]
+    pd.testing.assert_frame_equal(back_df, good, check_dtype=False)
+    np.testing.assert_array_equal(back_emb, emb)
+    assert back_emb.shape == (len(good), 8)
+    ref = embed_images(tiny_embedder(), good["path"].tolist(), progress=False).embeddings
+    np.testing.assert_allclose(back_emb, ref, atol=1e-6)
+    failed_csv = pd.read_csv(tmp_path / "emb.parquet.failed.csv")
+    assert failed_csv["error"].tolist() == errors
+    assert not (tmp_path / "emb.parquet.parts").exists()
+
+
+def test_interrupted_run_resumes_without_redoing_finished_shards(tiny_embedder, mode_images, tmp_path,
+                                                                 monkeypatch):
+    df = _manifest(mode_images, n=9)
+    out = tmp_path / "emb.parquet"
+    stop_at = df["path"][5]  # in shard 2 (rows 4..7)
+    loaded = []
+
+    def recording_load(path, *a, **kw):
+        loaded.append(str(path))
+        if str(path) == stop_at and fail[0]:
+            raise Interrupted()
+        return load_image(path, *a, **kw)
+
+    monkeypatch.setattr(datasets_mod, "load_image", recording_load)
+    fail = [True]
+    with pytest.raises(Interrupted):
+        embed_to_file(tiny_embedder(), df, out, batch_size=2, shard_size=4, progress=False, num_workers=0)
+    parts = tmp_path / "emb.parquet.parts"
+    assert (parts / "part-000000.parquet").exists() and not (parts / "part-000001.parquet").exists()
+    assert not out.exists()
+
+    loaded.clear()
+    fail[0] = False
+    kept, emb, errors = embed_to_file(tiny_embedder(), df, out, batch_size=2, shard_size=4, progress=False,
+                                      num_workers=0)
+    assert set(loaded) == set(df["path"][4:])  # shard 1 was not recomputed
+    assert len(kept) == 9 and errors == []
+    straight = tmp_path / "straight.parquet"
+    _, ref, _ = embed_to_file(tiny_embedder(), df, straight, batch_size=3, shard_size=100, progress=False)
+    np.testing.assert_allclose(emb, ref, atol=1e-6)
+
+
+def test_resume_refused_with_another_model(tiny_embedder, mode_images, tmp_path, monkeypatch):
+    df = _manifest(mode_images, n=6)
+    out = tmp_path / "emb.parquet"
+
+    def interrupt_late(path, *a, **kw):
+        if str(path) == df["path"][5]:
+            raise Interrupted()
+        return load_image(path, *a, **kw)
+
+    monkeypatch.setattr(datasets_mod, "load_image", interrupt_late)
+    with pytest.raises(Interrupted):
+        embed_to_file(tiny_embedder(seed=0), df, out, shard_size=2, batch_size=2, progress=False)
+    monkeypatch.setattr(datasets_mod, "load_image", load_image)
+    other = tiny_embedder(seed=1)
+    with pytest.raises(ResumeError, match="another model or manifest.*--overwrite"):
+        embed_to_file(other, df, out, shard_size=2, batch_size=2, progress=False)
+    with pytest.raises(ResumeError):  # another manifest (a label changed) is refused too
+        embed_to_file(tiny_embedder(seed=0), df.assign(label="z"), out, shard_size=2, progress=False)
+    _, emb, _ = embed_to_file(other, df, out, shard_size=2, batch_size=2, progress=False, overwrite=True)
+    ref = embed_images(other, df["path"].tolist(), progress=False).embeddings
+    np.testing.assert_allclose(emb, ref, atol=1e-6)
+
+
+def test_all_failed_shard_and_reembedding_an_embeddings_file(tiny_embedder, mode_images, bad_files, tmp_path):
+    df = pd.DataFrame({"path": [str(bad_files["empty"]), str(bad_files["corrupt"]), str(mode_images["rgb"])]})
+    out = tmp_path / "e.parquet"
+    kept, emb, errors = embed_to_file(tiny_embedder(), df, out, shard_size=2, progress=False, report_failure=_quiet)
+    assert len(kept) == 1 and emb.shape == (1, 8) and len(errors) == 2
+    again, _ = read_embeddings(out)
+    kept2, emb2, _ = embed_to_file(tiny_embedder(embed_dim=4), again.assign(**{EMBEDDING_COLUMN: [[0.0] * 8]}),
+                                   tmp_path / "e2.parquet", progress=False)
+    assert emb2.shape == (1, 4) and list(kept2.columns) == ["path"]
+
+
+def test_embed_to_file_input_errors(tiny_embedder, tmp_path):
+    with pytest.raises(ValueError, match="no 'path' column"):
+        embed_to_file(tiny_embedder(), pd.DataFrame({"file": ["a"]}), tmp_path / "o.parquet")
+    with pytest.raises(ValueError, match="no rows"):
+        embed_to_file(tiny_embedder(), pd.DataFrame({"path": []}), tmp_path / "o.parquet")
+    with pytest.raises(ValueError, match="decode="):
+        embed_images(tiny_embedder(), ["x.jpg"], decode="nvdec")
+
+
+def test_read_embeddings_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        read_embeddings(tmp_path / "none.parquet")
+    pd.DataFrame({"path": ["a"]}).to_parquet(tmp_path / "m.parquet")
+    with pytest.raises(ValueError, match="no 'embedding' column"):
+        read_embeddings(tmp_path / "m.parquet")
+    (tmp_path / "bad.parquet").write_bytes(b"nope")
+    with pytest.raises(ValueError, match="cannot read Parquet"):
+        read_embeddings(tmp_path / "bad.parquet")
+
+
+@pytest.mark.parametrize("mode", ["crop", "squash", "pad"])
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_tensor_resize_matches_pil_geometry(mode, interpolation):
+    """decode='gpu' resizes tensors; its geometry and filters must match the PIL path (within a level or two)."""
+    from PIL import Image
+
+    from conftest import photo
+    from guie.data.gpu_decode import resize_batch
+    from guie.models.preprocess import ImageTransform, PreprocessConfig
+
+    cfg = PreprocessConfig(image_size=48, resize_mode=mode, interpolation=interpolation, crop_pct=0.875)
+    for w, h in ((150, 100), (40, 90), (30, 30)):
+        arr = photo(w, h, seed=w)
+        pil = ImageTransform(cfg)(Image.fromarray(arr)).float()
+        ours = resize_batch(torch.from_numpy(arr).permute(2, 0, 1)[None], cfg)[0]
+        assert ours.dtype == torch.uint8 and ours.shape == (3, 48, 48)
+        diff = (ours.float() - pil).abs()
+        assert diff.mean() < 0.2 and diff.max() <= 3, (w, h, diff.mean(), diff.max())
+
+
+def test_device_decode_applies_every_exif_orientation(tmp_path):
+    """nvJPEG ignores EXIF, so decode='gpu' turns images itself; all 8 orientations must match PIL's."""
+    from PIL import Image
+
+    from conftest import photo
+    from guie.data.gpu_decode import EncodedImageDataset, collate_encoded, decode_batch
+    from guie.models.preprocess import ImageTransform, PreprocessConfig
+
+    cfg = PreprocessConfig(image_size=24, resize_mode="squash")
+    paths = []
+    for code in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = code
+        p = tmp_path / f"o{code}.jpg"
+        Image.fromarray(photo(40, 24, seed=9)).save(p, exif=exif.tobytes(), quality=95)
+        paths.append(str(p))
+    ds = EncodedImageDataset(paths, ImageTransform(cfg))
+    idx, payloads, failed = collate_encoded([ds[i] for i in range(8)])
+    assert [p[0] for p in payloads] == ["jpeg"] * 8 and [p[2] for p in payloads] == list(range(1, 9))
+    got_idx, images, more = decode_batch(idx, payloads, paths, cfg, torch.device("cpu"))
+    assert got_idx.tolist() == list(range(8)) and not failed and not more
+    for i, p in enumerate(paths):
+        ref = ImageTransform(cfg)(load_image(p)).float()
+        assert (images[i].float() - ref).abs().mean() < 2.0, f"orientation {i + 1}"
+
+
+def test_cpu_allocator_tuning_is_idempotent_and_can_be_disabled():
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    from guie.runtime import tune_cpu_allocator
+
+    first = tune_cpu_allocator()
+    assert tune_cpu_allocator() is first
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert first is True
+    code = "from guie.runtime import tune_cpu_allocator as t; print(t())"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "GUIE_MALLOC_TUNING": "0"},
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
