@@ -20,18 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DEFAULT_MANIFEST, cpu_name  # noqa: E402
 
-DEFAULT_MANIFEST = "/tmp/guiecache/emoji/16.0.0/manifest.csv"
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _best_of(fn, repeat: int = 3) -> float:
@@ -138,7 +131,7 @@ def main() -> None:
     ap.add_argument("--m", type=int, default=4)
     args = ap.parse_args()
     print(f"command: {' '.join([Path(sys.executable).name] + sys.argv)}")
-    print(f"machine: {_cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"torch {torch.__version__}")
     bench_augment(args)
     bench_samplers(args)

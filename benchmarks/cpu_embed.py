@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DEFAULT_MANIFEST, cpu_name  # noqa: E402
 
 EMOJI_MANIFEST = "/tmp/guiecache/emoji/16.0.0/manifest.csv"
 

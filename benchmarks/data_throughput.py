@@ -16,18 +16,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DEFAULT_MANIFEST, cpu_name  # noqa: E402
 
-DEFAULT_MANIFEST = "/tmp/guiecache/emoji/16.0.0/manifest.csv"
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _timed(fn):
@@ -56,7 +49,7 @@ def main() -> None:
     n = len(df)
     paths = df["path"].tolist()
     print(f"command: {' '.join([Path(sys.executable).name] + sys.argv)}")
-    print(f"machine: {_cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"images: {n} from {args.manifest}")
 
     for p in paths[:200]:  # warm the page cache so the first timed run is not a disk benchmark

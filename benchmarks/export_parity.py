@@ -22,18 +22,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DEFAULT_MANIFEST, cpu_name  # noqa: E402
 
-DEFAULT_MANIFEST = "/tmp/guiecache/emoji/16.0.0/manifest.csv"
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _batches(arrays: list[np.ndarray], size: int):
@@ -81,7 +74,7 @@ def main() -> None:
         df = df.head(args.limit)
     tta = TTAConfig.parse(args.tta)
     print(f"command: {' '.join([Path(sys.executable).name] + sys.argv)}")
-    print(f"machine: {_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
           f"threads), Python {platform.python_version()}")
     torch.manual_seed(0)
     emb = create_embedder("efficientnet_lite0", image_size=args.image_size).eval()

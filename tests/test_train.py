@@ -193,3 +193,21 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, gen_manifest):
     assert len(m2) == len(m1)
     assert m2["loss"].dropna().to_numpy() == pytest.approx(m1["loss"].dropna().to_numpy(), rel=1e-4)
     assert sorted(p.name for p in (two / "run" / "checkpoints").iterdir()) == ["last.pt", "stage-00-head.pt"]
+
+
+def test_init_checkpoint_brings_its_class_centres(tmp_path, gen_manifest):
+    first = tmp_path / "first"
+    first.mkdir()
+    cfg = load_run_config(write_recipe(first, gen_manifest, HEAD_STAGE.format(steps=10)))
+    head_model = Trainer(cfg, progress=False).run()
+    second = tmp_path / "second"
+    second.mkdir()
+    path = write_recipe(second, gen_manifest, BACKBONE_STAGE.format(steps=2))
+    text = path.read_text().replace("model: {backbone: efficientnet_lite0,",
+                                    f"model: {{init_checkpoint: {head_model}, backbone: efficientnet_lite0,")
+    path.write_text(text)
+    final = Trainer(load_run_config(path), progress=False).run()
+    before = torch.load(head_model, weights_only=False)["extra"]["centers"]["weight"]
+    after = torch.load(final, weights_only=False)["extra"]["centers"]["weight"]
+    # reused (a fresh matrix would be random) and locked while the backbone trained
+    assert torch.equal(before, after)

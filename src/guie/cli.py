@@ -71,10 +71,17 @@ def embed(source: Path = typer.Argument(..., help="image folder, or manifest (.c
         if df.empty:
             _fail(f"{source}: no rows left after --where {' '.join(where or [])}")
         embedder = resolve_embedder(model, embed_dim=embed_dim, image_size=image_size)
+        from .train.distributed import init_distributed
+
+        dist = init_distributed(device)  # under torchrun: one process per GPU, shards split over the ranks
+        dev = dist.device if dist.enabled else (None if device == "auto" else device)
         kept, emb, errors = embed_to_file(embedder, df, out, batch_size=batch_size, num_workers=workers,
-                                          device=None if device == "auto" else device, features=features,
+                                          device=dev, features=features,
                                           shard_size=shard_size, overwrite=overwrite, decode=decode,
-                                          compile=compile, progress=progress)
+                                          compile=compile, progress=progress, rank=dist.rank,
+                                          world_size=dist.world_size)
+        if not dist.is_main:
+            return
     except (ManifestError, ResumeError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
     typer.echo(f"wrote {len(kept)} embeddings of dim {emb.shape[1]} to {out}")

@@ -287,8 +287,12 @@ def embed_to_file(embedder: Embedder, manifest: pd.DataFrame, out_path: str | Pa
                   num_workers: int | None = None, device: str | None = None, features: bool = False,
                   shard_size: int = 4096, preprocess: PreprocessConfig | None = None, progress: bool = True,
                   overwrite: bool = False, decode: str = "cpu", compile: bool = False,
-                  report_failure: Callable[[str], None] | None = None) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
+                  report_failure: Callable[[str], None] | None = None, rank: int = 0,
+                  world_size: int = 1) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
     """Embed every row of `manifest` into a Parquet file (its columns + `embedding`), resumably.
+
+    Under torchrun (world_size > 1, process group initialised) every rank calls this: rank r embeds the unfinished
+    shards s with s % world_size == r, rank 0 merges, and every rank returns the merged result.
 
     One pass streams over all unfinished rows; each shard of `shard_size` rows goes to ``<out>.parts/`` atomically
     as soon as its last row is done. A rerun skips finished shards if the model and manifest are the same, and
@@ -315,6 +319,34 @@ def embed_to_file(embedder: Embedder, manifest: pd.DataFrame, out_path: str | Pa
     fp = {"model": model_fingerprint(embedder, preprocess, features), "manifest": _manifest_hash(manifest),
           "shard_size": shard_size}
     meta_file = parts / "meta.json"
+    if rank == 0:
+        _prepare_parts(parts, meta_file, fp, overwrite)
+    _barrier(world_size)
+    n_shards = -(-len(paths) // shard_size)
+    part = lambda s: parts / f"part-{s:06d}.parquet"  # noqa: E731
+    todo = [s for s in range(n_shards) if not part(s).exists() and s % world_size == rank]
+    if len(todo) < n_shards and rank == 0 and world_size == 1:
+        log.info("resuming %s: %d/%d shards already done", out_path, n_shards - len(todo), n_shards)
+    _embed_shards(embedder, manifest, schema, paths, todo, parts, part, shard_size, batch_size, num_workers, device,
+                  features, preprocess, decode, compile, progress and rank == 0, report_failure, n_shards)
+    _barrier(world_size)
+    if rank == 0:
+        _merge_parts(parts, part, n_shards, out_path)
+    _barrier(world_size)
+    df, emb = read_embeddings(out_path)
+    failed_csv = out_path.with_name(out_path.name + ".failed.csv")
+    errors = pd.read_csv(failed_csv)["error"].tolist() if failed_csv.exists() else []
+    return df, emb, errors
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _prepare_parts(parts: Path, meta_file: Path, fp: dict, overwrite: bool) -> None:
     if parts.exists() and any(parts.glob("part-*.parquet")):
         try:
             old = json.loads(meta_file.read_text())
@@ -328,11 +360,11 @@ def embed_to_file(embedder: Embedder, manifest: pd.DataFrame, out_path: str | Pa
     parts.mkdir(parents=True, exist_ok=True)
     atomic_write_json(fp, meta_file)
 
-    n_shards = -(-len(paths) // shard_size)
-    part = lambda s: parts / f"part-{s:06d}.parquet"  # noqa: E731
-    todo = [s for s in range(n_shards) if not part(s).exists()]
-    if len(todo) < n_shards:
-        log.info("resuming %s: %d/%d shards already done", out_path, n_shards - len(todo), n_shards)
+
+def _embed_shards(embedder, manifest, schema, paths, todo, parts, part, shard_size, batch_size, num_workers, device,
+                  features, preprocess, decode, compile, progress, report_failure, n_shards) -> None:
+    if not todo:
+        return
     ranges = [(s * shard_size, min(len(paths), (s + 1) * shard_size)) for s in todo]
     starts = np.cumsum([0] + [hi - lo for lo, hi in ranges])
     todo_paths = [p for lo, hi in ranges for p in paths[lo:hi]]
@@ -347,7 +379,7 @@ def embed_to_file(embedder: Embedder, manifest: pd.DataFrame, out_path: str | Pa
 
     stream = iter_embeddings(embedder, todo_paths, batch_size, num_workers, device, features, preprocess, decode,
                              compile, progress, report_failure,
-                             desc=f"embed ({n_shards - len(todo)}/{n_shards} shards were done)")
+                             desc=f"embed {len(todo)} of {n_shards} shards")
     for b in stream:
         touched = set()
         ks = np.searchsorted(starts, b.indices, side="right") - 1
@@ -375,6 +407,8 @@ def embed_to_file(embedder: Embedder, manifest: pd.DataFrame, out_path: str | Pa
     if open_shards:  # pragma: no cover - iter_embeddings covers every position
         raise RuntimeError(f"internal error: shards {sorted(open_shards)} did not complete")
 
+
+def _merge_parts(parts: Path, part, n_shards: int, out_path: Path) -> None:
     tables, errors = [], []
     for s in range(n_shards):
         tables.append(pq.read_table(part(s)))
@@ -387,8 +421,6 @@ def embed_to_file(embedder: Embedder, manifest: pd.DataFrame, out_path: str | Pa
     elif failed_csv.exists():
         failed_csv.unlink()
     shutil.rmtree(parts)
-    df, emb = read_embeddings(out_path)
-    return df, emb, errors
 
 
 def _manifest_hash(manifest: pd.DataFrame) -> str:

@@ -20,7 +20,7 @@ import pandas as pd
 
 from ..config import ConfigError, load_yaml_config, to_dict
 from ..utils import atomic_write_json, atomic_write_text, log
-from .manifest import read_manifest, write_manifest
+from .manifest import read_manifest, select_rows, write_manifest
 
 
 # ---------------------------------------------------------------- building blocks (pure functions)
@@ -237,19 +237,10 @@ class BuildResult:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def _select(df: pd.DataFrame, where: dict, name: str) -> pd.DataFrame:
-    for col, values in (where or {}).items():
-        if col not in df.columns:
-            raise ValueError(f"dataset {name!r}: 'where' on missing column {col!r} (columns: {list(df.columns)})")
-        values = values if isinstance(values, list) else [values]
-        df = df[df[col].astype(str).isin([str(v) for v in values])]
-    return df
-
-
 def load_source(ds: SourceConfig, seed: int) -> pd.DataFrame:
     """One recipe source: read, filter rows, namespace, drop small classes, optionally subsample classes."""
     df = read_manifest(ds.manifest, require_labels=True)
-    df = _select(df, ds.where, ds.name)
+    df = select_rows(df, ds.where, f"dataset {ds.name!r}", allow_empty=True)
     df = merge_manifests([(df, ds.name, ds.domain)])
     df = filter_min_images(df, ds.min_images)
     if ds.max_classes is not None and df["label"].nunique() > ds.max_classes:

@@ -127,3 +127,16 @@ def filter_rows(df: pd.DataFrame, where: list[str] | None) -> pd.DataFrame:
             raise ValueError(f"filter {cond!r}: no column {col!r} (columns: {list(df.columns)})")
         df = df[df[col].astype(str).isin(values.split(","))]
     return df.reset_index(drop=True)
+
+
+def select_rows(df: pd.DataFrame, where: dict, what: str, allow_empty: bool = False) -> pd.DataFrame:
+    """Keep rows where each column's value is in the given value(s) (recipe `where:` mappings); `what` names
+    the data in errors. An empty result is an error unless allow_empty."""
+    for col, values in (where or {}).items():
+        if col not in df.columns:
+            raise ValueError(f"{what}: filter on missing column {col!r} (columns: {list(df.columns)})")
+        values = values if isinstance(values, list) else [values]
+        df = df[df[col].astype(str).isin([str(v) for v in values])]
+    if df.empty and not allow_empty:
+        raise ValueError(f"{what}: no rows left after filtering with {where}")
+    return df.reset_index(drop=True)

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..data.images import ImageLoadError, load_image
-from ..data.manifest import read_manifest
+from ..data.manifest import read_manifest, select_rows
 from ..models.preprocess import ImageTransform
 from .config import DatasetConfig, RunConfig, StageConfig, ValidationConfig
 
@@ -26,18 +26,6 @@ def resolve_manifest_source(source: str, cache_dir: Path | None) -> Path:
 
         return build_emoji_benchmark(cache_dir)
     return Path(source).expanduser()
-
-
-def select_rows(df: pd.DataFrame, where: dict, what: str) -> pd.DataFrame:
-    """Keep rows where each column's value is in the given value(s)."""
-    for col, values in (where or {}).items():
-        if col not in df.columns:
-            raise ValueError(f"{what}: filter on missing column {col!r} (columns: {list(df.columns)})")
-        values = values if isinstance(values, list) else [values]
-        df = df[df[col].astype(str).isin([str(v) for v in values])]
-    if df.empty:
-        raise ValueError(f"{what}: no rows left after filtering with {where}")
-    return df.reset_index(drop=True)
 
 
 def load_training_dataset(name: str, cfg: DatasetConfig, cache_dir: Path | None, seed: int) -> pd.DataFrame:

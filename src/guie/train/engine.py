@@ -34,7 +34,8 @@ from ..runtime import tune_cpu_allocator
 from ..utils import atomic_save, atomic_write_text, default_cache_dir, log
 from .config import RunConfig, StageConfig
 from .data import (SeededImageDataset, SeededSampler, StageData, build_stage_data, collate_training,
-                   load_validation_frame, sample_seed, select_rows)
+                   load_validation_frame, sample_seed)
+from ..data.manifest import select_rows
 from .distributed import DistInfo, barrier, init_distributed, mean_across_ranks
 from .features import stage_feature_cache
 from .logger import RunLogger
