@@ -203,9 +203,11 @@ def demo(out: Path = typer.Option(Path("outputs/demo"), help="where reports and 
 
 from .data.commands import register as _register_data_commands  # noqa: E402
 from .export.commands import register as _register_export_commands  # noqa: E402
+from .search.commands import register as _register_search_commands  # noqa: E402
 
 _register_data_commands(data_app)
 _register_export_commands(app)
+_register_search_commands(app)
 
 
 def main() -> None:

@@ -32,7 +32,8 @@ def format_table(rows: list[dict], columns: list[str], title: str | None = None)
     return console.file.getvalue()
 
 
-def _thumb(path: str, size: int, border: tuple | None) -> Image.Image:
+def thumbnail(path: str, size: int, border: tuple | None) -> Image.Image:
+    """A size x size thumbnail of an image file in a 4-px frame (grey placeholder if it cannot be read)."""
     try:
         im = load_image(path, draft_size=size)
         im.thumbnail((size, size))
@@ -61,9 +62,9 @@ def retrieval_grid(evaluation: Evaluation, rows: "np.ndarray | list[int]", thumb
         if "domain" in pq.columns:
             text += f"\n{str(q['domain'])[:22]}"
         draw.text((4, y + 6), text, fill=(0, 0, 0))
-        grid.paste(_thumb(q["path"], thumb, GREY), (label_w, y))
+        grid.paste(thumbnail(q["path"], thumb, GREY), (label_w, y))
         for j, (nb, rel) in enumerate(zip(q["neighbors"], q["relevant"])):
-            grid.paste(_thumb(index_df["path"].iloc[int(nb)], thumb, GREEN if rel else RED),
+            grid.paste(thumbnail(index_df["path"].iloc[int(nb)], thumb, GREEN if rel else RED),
                        (label_w + cell * (j + 1) + 6, y))
     return grid
 

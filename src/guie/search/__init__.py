@@ -1,0 +1,4 @@
+"""Image search: FAISS indexes over guie embeddings files."""
+from .index import EmbeddingIndex, SearchHits
+
+__all__ = ["EmbeddingIndex", "SearchHits"]
