@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,18 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_MANIFEST, cpu_name  # noqa: E402
 
-EMOJI_MANIFEST = "/tmp/guiecache/emoji/16.0.0/manifest.csv"
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (or platform's guess)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+EMOJI_MANIFEST = DEFAULT_MANIFEST
 
 
 def emit(record: dict) -> None:

@@ -182,3 +182,17 @@ def test_missing_source_and_required_labels(tmp_path, mode_images):
     pd.DataFrame({"path": [str(mode_images["rgb"])]}).to_csv(tmp_path / "m.csv", index=False)
     with pytest.raises(ManifestError, match="'label' column is required"):
         read_manifest(tmp_path / "m.csv", require_labels=True)
+
+
+def test_atomic_writes_leave_no_temp_file_and_respect_the_umask(tmp_path):
+    import os
+
+    from guie.utils import atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        path = atomic_write_text("hello", tmp_path / "a.txt")
+    finally:
+        os.umask(old)
+    assert path.read_text() == "hello" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+    assert path.stat().st_mode & 0o777 == 0o640  # not mkstemp's 0600

@@ -143,6 +143,7 @@ def train(recipe: Path = typer.Argument(..., help="YAML training recipe (see con
           resume: bool = typer.Option(False, help="continue from the run folder's last checkpoint"),
           set_: Optional[List[str]] = typer.Option(None, "--set", help="override a recipe value: key.sub=value"),
           output_dir: Optional[Path] = typer.Option(None, help="run folder (default: runs/<name>)"),
+          stages: Optional[str] = typer.Option(None, help="run only these stages (comma-separated names)"),
           progress: bool = typer.Option(True, help="show progress bars")):
     """Train an embedder through a recipe's stages (torchrun --nproc_per_node N guie train ... for DDP)."""
     from .config import ConfigError
@@ -154,6 +155,8 @@ def train(recipe: Path = typer.Argument(..., help="YAML training recipe (see con
         overrides.append(f"output_dir={output_dir}")
     try:
         cfg = load_run_config(recipe, overrides)
+        if stages:
+            cfg.select_stages(stages.split(","))
     except ConfigError as e:
         _fail(str(e))
     try:
@@ -187,8 +190,8 @@ def data_emoji(cache: Optional[Path] = typer.Option(None, help="cache folder (de
 @app.command()
 def demo(out: Path = typer.Option(Path("outputs/demo"), help="where reports and the trained model go"),
          cache: Optional[Path] = typer.Option(None, help="cache folder (default $GUIE_CACHE or ~/.cache/guie)"),
-         full: bool = typer.Option(False, help="run every stage of the recipe (augmented views, backbone "
-                                                "fine-tuning: tens of minutes on a CPU)"),
+         full: bool = typer.Option(False, help="run every stage of the recipe (the default one adds backbone "
+                                                "fine-tuning: ~20 min more on a 2-core CPU)"),
          recipe: Optional[Path] = typer.Option(None, help="training recipe (default configs/emoji-lite0-cpu.yaml)"),
          device: str = typer.Option("auto"), progress: bool = typer.Option(True)):
     """The emoji benchmark end to end on the default backbone: zero-shot, PCA-64, and a trained 64-d model."""

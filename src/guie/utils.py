@@ -13,12 +13,26 @@ import torch
 log = logging.getLogger("guie")
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux exposes it (os.umask would, for other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(data: bytes, path: str | Path) -> Path:
     """Write to a temp file in the same folder, fsync, then rename: readers never see a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the final file the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

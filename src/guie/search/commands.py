@@ -58,3 +58,21 @@ def register(app: typer.Typer) -> None:
         if grid:
             hits_grid(images, hits).save(grid)
             typer.echo(f"grid: {grid}")
+
+    @search_app.command("serve")
+    def serve(index_dir: Path = typer.Argument(..., help="index folder from `guie search build`"),
+              model: str = typer.Option(..., help="the model that made the index (checkpoint or backbone name)"),
+              host: str = typer.Option("127.0.0.1", help="interface to listen on (0.0.0.0 for all)"),
+              port: int = typer.Option(8000, help="TCP port"),
+              max_k: int = typer.Option(100, help="largest k a client may ask for")):
+        """Serve image search over HTTP (FastAPI): POST /search, POST /embed, GET /health; docs at /docs."""
+        import uvicorn
+
+        from .server import create_app
+
+        try:
+            app = create_app(index_dir, model, max_k=max_k)
+        except (FileNotFoundError, ValueError) as e:
+            typer.secho(f"error: {e}", fg="red", err=True)
+            raise typer.Exit(2)
+        uvicorn.run(app, host=host, port=port)

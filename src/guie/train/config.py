@@ -176,6 +176,16 @@ class RunConfig:
     def run_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
 
+    def select_stages(self, names: list[str]) -> "RunConfig":
+        """Keep only the named stages (in recipe order), e.g. to run a recipe's head stage alone."""
+        wanted = [n.strip() for n in names if n.strip()]
+        known = [s.name for s in self.stages]
+        unknown = [n for n in wanted if n not in known]
+        if unknown or not wanted:
+            raise ConfigError(f"unknown stage(s) {unknown or wanted}; this recipe has {known}")
+        self.stages = [s for s in self.stages if s.name in wanted]
+        return self
+
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML training recipe (with optional `a.b=value` overrides)."""

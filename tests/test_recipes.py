@@ -1,0 +1,61 @@
+"""The shipped recipes in configs/ load as typed dataclasses and say what their comments claim."""
+from pathlib import Path
+
+import pytest
+
+from guie.data.builder import load_recipe
+from guie.train.config import load_run_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RUN_RECIPES = ["emoji-lite0-cpu.yaml", "guie-1st-place-vit-h-14.yaml", "guie-2nd-place-vit-h-14.yaml"]
+
+
+@pytest.mark.parametrize("name", RUN_RECIPES)
+def test_run_recipes_load_and_every_stage_trains_something(name):
+    cfg = load_run_config(CONFIGS / name)
+    assert cfg.model.embed_dim <= 64
+    assert cfg.stages and all(stage.train for stage in cfg.stages)
+    for stage in cfg.stages:
+        assert set(stage.datasets) <= set(cfg.datasets), stage.name
+
+
+def test_data_mix_recipe_loads():
+    recipe = load_recipe(CONFIGS / "data-mix.yaml")
+    assert len(recipe.datasets) >= 5
+
+
+def test_emoji_recipe_is_head_then_backbone_with_head_locked():
+    stages = load_run_config(CONFIGS / "emoji-lite0-cpu.yaml").stages
+    assert [s.train for s in stages] == [["head", "centers"], ["backbone"]]
+    assert stages[1].lr["backbone"] < stages[0].lr["head"] / 100
+
+
+def test_first_place_recipe_matches_the_paper_schedule():
+    cfg = load_run_config(CONFIGS / "guie-1st-place-vit-h-14.yaml")
+    s1, s2 = cfg.stages[:2]
+    assert cfg.model.dropout == 0.2 and cfg.model.backbone.startswith("open_clip:ViT-H-14")
+    assert (s1.train, s1.lr["head"], s1.batch_size, s1.epochs) == (["head", "centers"], 0.02, 256, 6)
+    assert (s2.train, s2.lr["backbone"], s2.batch_size, s2.epochs) == (["backbone"], 2.5e-4, 32, 3)
+    assert s1.loss.name == "cosface" and s1.loss.scale == 30 and s1.loss.margin == 0.55
+    sizes = [s.image_size for s in cfg.stages]
+    first_280 = sizes.index(280)                     # a stage's image_size stays in force for the stages after it
+    assert cfg.stages[first_280].new_centers and set(sizes[first_280 + 1:]) <= {None, 280}
+
+
+def test_select_stages_keeps_recipe_order_and_names_unknown_ones():
+    from guie.config import ConfigError
+
+    cfg = load_run_config(CONFIGS / "guie-1st-place-vit-h-14.yaml")
+    cfg.select_stages(["s2-backbone", "s1-head"])
+    assert [s.name for s in cfg.stages] == ["s1-head", "s2-backbone"]
+    with pytest.raises(ConfigError, match="no-such-stage.*s1-head"):
+        cfg.select_stages(["no-such-stage"])
+
+
+def test_cli_train_refuses_an_unknown_stage_in_one_line():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "guie.cli", "train", str(CONFIGS / "emoji-lite0-cpu.yaml"),
+                        "--stages", "hed"], capture_output=True, text=True)
+    assert r.returncode != 0 and "unknown stage(s) ['hed']" in r.stderr and "Traceback" not in r.stderr
