@@ -143,3 +143,14 @@ def test_evaluate_usage_errors(tmp_path, labelled_folder, model_file):
     assert r.exit_code == 2 and "no column 'vendor'" in r.stderr
     r = run("evaluate", "--query", emb_file, "--index", tmp_path / "missing.parquet")
     assert r.exit_code == 2 and "missing.parquet" in r.stderr
+
+
+def test_cli_help_does_not_import_torch():
+    """`guie --help` and `import guie` stay light (torch alone takes seconds to import); models load on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, guie, guie.cli; assert 'torch' not in sys.modules, 'torch imported'; "
+            "guie.create_embedder; assert 'torch' in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-1500:]

@@ -6,9 +6,10 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("guie")
 
@@ -49,6 +50,8 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     """torch.save through a temp file + rename."""
     import io
 
+    import torch
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     return atomic_write_bytes(buf.getvalue(), path)
@@ -76,8 +79,10 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-def resolve_device(device: str | None = None) -> torch.device:
+def resolve_device(device: str | None = None) -> "torch.device":
     """'auto'/None -> cuda if available else cpu."""
+    import torch
+
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)

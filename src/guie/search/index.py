@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..embed import read_embeddings
 from ..utils import atomic_write_bytes, atomic_write_json, save_parquet_atomic
 
 INDEX_FILE, META_FILE, INFO_FILE = "index.faiss", "metadata.parquet", "index.json"
@@ -64,6 +63,8 @@ class EmbeddingIndex:
     @classmethod
     def from_embeddings_file(cls, path: str | Path, factory: str = "Flat") -> "EmbeddingIndex":
         """Index a `guie embed` output file."""
+        from ..embed import read_embeddings  # imports torch: only when an index is built
+
         df, emb = read_embeddings(path)
         return cls.build(emb, df, factory, source=str(path))
 
