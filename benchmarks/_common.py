@@ -4,10 +4,11 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-import os
+from guie.data.emoji import DEFAULT_VERSION
+from guie.utils import default_cache_dir
 
-DEFAULT_MANIFEST = str(Path(os.environ.get("GUIE_CACHE", Path.home() / ".cache" / "guie")) / "emoji" / "16.0.0"
-                       / "manifest.csv")
+# where `guie data emoji` puts the benchmark ($GUIE_CACHE, else ~/.cache/guie)
+DEFAULT_MANIFEST = str(default_cache_dir() / "emoji" / DEFAULT_VERSION / "manifest.csv")
 
 
 def cpu_name() -> str:

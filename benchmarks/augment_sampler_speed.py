@@ -1,7 +1,9 @@
 """Speed of the training augmentations and of one epoch of sampler indices, as ratios to in-process baselines.
 
-    .venv/bin/python benchmarks/augment_sampler_speed.py [--manifest /tmp/guiecache/emoji/16.0.0/manifest.csv]
+    .venv/bin/python benchmarks/augment_sampler_speed.py [--manifest M]
         [--images 300] [--size 224] [--items 200000] [--classes 20000] [--batch 256] [--m 4]
+
+M defaults to the emoji benchmark's manifest where `guie data emoji` writes it ($GUIE_CACHE or ~/.cache/guie).
 
 Augmentations: images/s of `build_train_transform` (1st-place defaults, and a heavier variant) on decoded PIL
 images, one thread (what each DataLoader worker gets), against the evaluation transform (`ImageTransform`, the

@@ -1,7 +1,9 @@
 """Throughput of `guie data check`, shard writing and shard reading on real images (default: the emoji set).
 
-    .venv/bin/python benchmarks/data_throughput.py [--manifest /tmp/guiecache/emoji/16.0.0/manifest.csv]
+    .venv/bin/python benchmarks/data_throughput.py [--manifest M]
         [--limit N] [--workers 2]
+
+M defaults to the emoji benchmark's manifest where `guie data emoji` writes it ($GUIE_CACHE or ~/.cache/guie).
 
 Prints images/s for each operation and its ratio to a baseline run in the same process: a plain sequential loop of
 `load_image` over the same files (what any data pipeline must at least do).

@@ -1,8 +1,10 @@
 """Parity and speed of exported models (TorchScript, ONNX) against the training-time Embedder on the emoji test set.
 
-    .venv/bin/python benchmarks/export_parity.py [--manifest /tmp/guiecache/emoji/16.0.0/manifest.csv]
+    .venv/bin/python benchmarks/export_parity.py [--manifest M]
         [--image-size 64] [--limit N] [--tta none|flip|letterbox|flip,letterbox] [--formats torchscript,onnx]
         [--speed-images 512] [--eager-cache FILE.npy]
+
+M defaults to the emoji benchmark's manifest where `guie data emoji` writes it ($GUIE_CACHE or ~/.cache/guie).
 
 Model: the offline default backbone (efficientnet_lite0, ImageNet weights) + a seeded random 64-d head. Prints, for
 each exported format: max |exported - eager| where both get the same pixels (network parity), end to end on the raw

@@ -13,7 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-EMOJI_MANIFEST = Path("/tmp/guiecache/emoji/16.0.0/manifest.csv")
+from guie.data.emoji import DEFAULT_VERSION
+from guie.utils import default_cache_dir
+
+# where `guie data emoji` puts the benchmark: $GUIE_CACHE (else ~/.cache/guie)/emoji/<version>/manifest.csv
+EMOJI_MANIFEST = default_cache_dir() / "emoji" / DEFAULT_VERSION / "manifest.csv"
 
 
 def photo(w: int, h: int, seed: int = 0) -> np.ndarray:
@@ -142,7 +146,8 @@ def tiny_embedder():
 
 @pytest.fixture(scope="session")
 def emoji_manifest() -> Path:
-    """The built emoji benchmark manifest when this machine has it; tests using it skip elsewhere (CI)."""
+    """The built emoji benchmark manifest when this machine has it (`guie data emoji`); tests using it skip elsewhere
+    (a fresh CI machine)."""
     if not EMOJI_MANIFEST.is_file():
         pytest.skip(f"emoji benchmark not built at {EMOJI_MANIFEST}")
     return EMOJI_MANIFEST

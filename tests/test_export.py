@@ -20,6 +20,7 @@ from guie.export.check import identity_side, synthetic_image
 from guie.export.module import MemberPipeline
 from guie.models import create_embedder, load_embedder, save_embedder
 from guie.models.preprocess import ImageTransform, PreprocessConfig
+from model_fixtures import register_tiny_open_clip
 
 ODD = [(37, 500), (500, 37), (3000, 4000), (9, 13)]
 # TorchScript itself is deprecated upstream, but it is the format the competition took
@@ -260,13 +261,7 @@ def test_export_refuses_outputs_over_64_dims(tmp_path):
 
 
 def test_open_clip_tower_exports(tmp_path):
-    import open_clip
-
-    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32,
-                                           "patch_size": 8},
-           "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}}
-    (tmp_path / "guie-test-tiny-clip.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(tmp_path)
+    register_tiny_open_clip(tmp_path, "guie-test-tiny-clip", embed_dim=32, width=64, head_width=32, layers=2)
     torch.manual_seed(0)
     emb = create_embedder("open_clip:guie-test-tiny-clip", pretrained=False, embed_dim=16).eval()
     result = export_torchscript([emb], tmp_path / "clip.pt", TTAConfig(flip=True))

@@ -1,30 +1,27 @@
 """Parity of exported models with the training-time Embedder on real images: the emoji test split (skipped when the
-emoji cache is absent, as in CI). Model: efficientnet_lite0 (ImageNet weights, offline) + a seeded 64-d head, 64 px.
+emoji cache is absent: see the `emoji_manifest` fixture). Model: efficientnet_lite0 (ImageNet weights, offline) + a
+seeded 64-d head, 64 px.
 
 Figures for the full test split: benchmarks/export_parity.py.
 """
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-MANIFEST = Path("/tmp/guiecache/emoji/16.0.0/manifest.csv")
 N_CLASSES = 50  # x 4 vendors = 200 images, a few seconds per path
 
-pytestmark = [pytest.mark.skipif(not MANIFEST.is_file(), reason=f"emoji benchmark not built ({MANIFEST})"),
-              pytest.mark.slow, pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")]
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")]
 
 
 @pytest.fixture(scope="module")
-def emoji(tmp_path_factory):
+def emoji(emoji_manifest, tmp_path_factory):
     from guie.data.images import load_image
     from guie.data.manifest import filter_rows, read_manifest
     from guie.export import export_onnx, export_torchscript, reference_embed
     from guie.models import create_embedder
     from guie.models.preprocess import pil_to_uint8
 
-    df = filter_rows(read_manifest(MANIFEST), ["split=test"])
+    df = filter_rows(read_manifest(emoji_manifest), ["split=test"])
     labels = sorted(df["label"].unique())[:N_CLASSES]
     df = df[df["label"].isin(labels)].reset_index(drop=True)
     images = [load_image(p) for p in df["path"]]

@@ -1,7 +1,5 @@
 """ONNX export: dynamic batch / height / width in onnxruntime, parity with the eager module and the training-time
 Embedder, TTA gates that depend on the input shape, metadata, and check-submission on an .onnx file."""
-import json
-
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -14,6 +12,7 @@ from guie.export.check import identity_side, synthetic_image
 from guie.export.metadata import ExportError
 from guie.models import create_embedder, save_embedder
 from guie.models.preprocess import ImageTransform
+from model_fixtures import register_tiny_open_clip
 
 TTA = TTAConfig(flip=True, letterbox=True)
 
@@ -93,13 +92,7 @@ def test_onnx_refuses_old_opsets(onnx_export, tmp_path):
 
 
 def test_open_clip_tower_exports_to_onnx(tmp_path):
-    import open_clip
-
-    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32,
-                                           "patch_size": 8},
-           "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}}
-    (tmp_path / "guie-test-tiny-clip-onnx.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(tmp_path)
+    register_tiny_open_clip(tmp_path, "guie-test-tiny-clip-onnx", embed_dim=32, width=64, head_width=32, layers=1)
     torch.manual_seed(0)
     emb = create_embedder("open_clip:guie-test-tiny-clip-onnx", pretrained=False, embed_dim=16).eval()
     result = export_onnx([emb], tmp_path / "clip.onnx")

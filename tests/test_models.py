@@ -1,8 +1,6 @@
 """Backbone registry, embedder contract, heads and checkpoints; every family offline on tiny random architectures."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import timm
@@ -12,6 +10,7 @@ from PIL import Image
 from guie.models import (MAX_EMBED_DIM, ProjectionHead, create_backbone, create_embedder, fit_pca, load_embedder,
                          resolve_embedder, save_embedder)
 from guie.models.efficientnet_lite import lite0_weights_path, lukemelas_to_timm
+from model_fixtures import register_tiny_open_clip
 
 TINY_CLIP = "guie-test-tiny-vit"
 
@@ -30,15 +29,8 @@ def lite0_state():
 @pytest.fixture(scope="module")
 def tiny_clip_config(tmp_path_factory):
     """Register a tiny OpenCLIP architecture (32 px, patch 8, width 32, 2 layers, 16-d CLIP space)."""
-    import open_clip
-
-    folder = tmp_path_factory.mktemp("open_clip_cfg")
-    cfg = {"embed_dim": 16,
-           "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
-           "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
-    (folder / f"{TINY_CLIP}.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(folder)
-    return cfg
+    return register_tiny_open_clip(tmp_path_factory.mktemp("open_clip_cfg"), TINY_CLIP, embed_dim=16, width=32,
+                                   head_width=16, layers=2, text_width=16, vocab_size=64)
 
 
 def _images(n=2, size=32, seed=0):

@@ -37,7 +37,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", cache_dir: str | Path | None 
              recipe: str | Path = DEMO_RECIPE, device: str | None = None, progress: bool = True) -> dict:
     """Run the demo; returns its results (also in out_dir/results.json, reports in out_dir/<method>/report.html)."""
     from .train.config import load_run_config
-    from .train.engine import Trainer
+    from .train.engine import Trainer, stage_model_path
 
     t0 = time.time()
     cache_dir = Path(cache_dir or default_cache_dir())
@@ -83,7 +83,7 @@ def run_demo(out_dir: str | Path = "outputs/demo", cache_dir: str | Path | None 
     if len(cfg.stages) > 1 and "backbone" not in first.train:
         # --full: the head-stage model (on the cached features) next to the final one, to show what the later
         # stages add
-        head_model = load_embedder(cfg.run_dir / f"model-stage-00-{first.name}.pt")
+        head_model = load_embedder(stage_model_path(cfg.run_dir, 0, first.name))
         with torch.no_grad():
             score(f"trained 64-d model ({cfg.name}, stage '{first.name}')",
                   head_model.embed_features(torch.as_tensor(feats)).numpy())

@@ -40,11 +40,8 @@ def create_app(index: EmbeddingIndex | str | Path, model, max_k: int = 100):
     """
     index = index if isinstance(index, EmbeddingIndex) else EmbeddingIndex.load(index)
     embedder = resolve_embedder(model).eval()
-    probe = torch.zeros(1, 3, embedder.preprocess.image_size, embedder.preprocess.image_size, dtype=torch.uint8)
-    with torch.inference_mode():
-        dim = embedder(probe).shape[1]
-    if dim != index.dim:
-        raise ValueError(f"model outputs {dim}-d embeddings but the index holds {index.dim}-d ones: "
+    if embedder.embed_dim != index.dim:
+        raise ValueError(f"model outputs {embedder.embed_dim}-d embeddings but the index holds {index.dim}-d ones: "
                          "serve the index with the model that built it")
     lock = threading.Lock()  # FastAPI runs sync endpoints in a thread pool; one forward at a time keeps memory flat
     app = FastAPI(title="guie image search", version="1")

@@ -44,6 +44,11 @@ from .optim import create_optimizer, lr_multiplier, param_groups
 CHECKPOINT_VERSION = 1
 
 
+def stage_model_path(run_dir: Path, index: int, stage_name: str) -> Path:
+    """Where a run keeps the model as it stood at the end of stage `index` (model.pt is always the latest)."""
+    return Path(run_dir) / f"model-stage-{index:02d}-{stage_name}.pt"
+
+
 class TrainingInterrupted(RuntimeError):
     """Raised after SIGTERM/SIGINT once a checkpoint has been written."""
 
@@ -445,7 +450,7 @@ class Trainer:
         self.logger.log(self._global_step(index, step), stage=stage.name, step=step,
                         epoch=round(micro / micro_per_epoch, 3), **({"val_mP@5": val} if val is not None else {}))
         self._checkpoint(index, stage, step, micro, None, None, done=True, tag=f"stage-{index:02d}-{stage.name}")
-        self._save_model(self.run_dir / f"model-stage-{index:02d}-{stage.name}.pt", None, stage.name)
+        self._save_model(stage_model_path(self.run_dir, index, stage.name), None, stage.name)
         self._save_model(self.run_dir / "model.pt", None, stage.name)
         self.logger.plot(f"{cfg.name}")
         if dist.is_main:
