@@ -179,7 +179,8 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, gen_manifest):
     for d in (one, two):
         d.mkdir()
         write_recipe(d, gen_manifest, stages)
-    r = run_cli(["train", str(one / "recipe.yaml"), "--no-progress"])
+    # one intra-op thread in the reference too, as in each DDP rank: the same CPU kernels on both sides
+    r = run_cli(["train", str(one / "recipe.yaml"), "--no-progress"], env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
                 "-m", "guie.cli", "train", str(two / "recipe.yaml"), "--no-progress"]
