@@ -22,11 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_MANIFEST, cpu_name  # noqa: E402
-
-
-
 
 
 def _best_of(fn, repeat: int = 3) -> float:
@@ -43,14 +41,14 @@ def _images(manifest: str, n: int):
     from PIL import Image
 
     if Path(manifest).is_file():
-        from guie.data.images import load_image
         from guie.data.manifest import read_manifest
+        from guie.imaging.io import load_image
 
         paths = read_manifest(manifest)["path"].tolist()[:n]
         return [load_image(p) for p in paths], f"{len(paths)} emoji PNGs from {manifest}"
     rng = np.random.default_rng(0)
     imgs = []
-    for i in range(n):
+    for _ in range(n):
         h, w = int(rng.integers(200, 500)), int(rng.integers(200, 500))
         yy, xx = np.mgrid[0:h, 0:w]
         arr = np.stack([xx * 255 // w, yy * 255 // h, (xx * yy) % 256], -1).astype(np.uint8)
@@ -59,8 +57,8 @@ def _images(manifest: str, n: int):
 
 
 def bench_augment(args) -> None:
-    from guie.data.augment import AugmentConfig, build_train_transform
     from guie.models import ImageTransform, PreprocessConfig
+    from guie.pipeline.augment import AugmentConfig, build_train_transform
 
     torch.set_num_threads(1)
     imgs, what = _images(args.manifest, args.images)
@@ -86,7 +84,7 @@ def bench_augment(args) -> None:
 
 
 def bench_samplers(args) -> None:
-    from guie.data.samplers import ClassBalancedSampler, ShuffleSampler
+    from guie.pipeline.samplers import ClassBalancedSampler, ShuffleSampler
 
     rng = np.random.default_rng(0)
     # long-tailed class sizes (class k has weight 1 / (k + 1) ** 0.7), like landmark / product data

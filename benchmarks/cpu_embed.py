@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_MANIFEST, cpu_name  # noqa: E402
 
@@ -135,8 +136,8 @@ def main() -> None:
 
     import torch
 
-    from guie.data.images import load_image
-    from guie.embed import embed_images
+    from guie.embedding.engine import embed_images
+    from guie.imaging.io import load_image
     from guie.models import create_embedder
     from guie.runtime import tune_cpu_allocator
 

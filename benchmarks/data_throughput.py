@@ -18,11 +18,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_MANIFEST, cpu_name  # noqa: E402
-
-
-
 
 
 def _timed(fn):
@@ -40,10 +38,10 @@ def main() -> None:
     if not Path(args.manifest).is_file():
         sys.exit(f"{args.manifest}: not found (build the emoji set with `guie data emoji`, or pass --manifest)")
 
-    from guie.data.check import CheckConfig, check_manifest
-    from guie.data.images import load_image
     from guie.data.manifest import read_manifest
     from guie.data.shards import ShardConfig, ShardStream, write_shards
+    from guie.data.validate import CheckConfig, check_manifest
+    from guie.imaging.io import load_image
 
     df = read_manifest(args.manifest)
     if args.limit:

@@ -24,11 +24,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_MANIFEST, cpu_name  # noqa: E402
-
-
-
 
 
 def _batches(arrays: list[np.ndarray], size: int):
@@ -64,10 +62,10 @@ def main() -> None:
 
     import torch
 
-    from guie.data.images import load_image
     from guie.data.manifest import filter_rows, read_manifest
     from guie.export import TTAConfig, export_onnx, export_torchscript, reference_embed
     from guie.export.check import identity_side, synthetic_image
+    from guie.imaging.io import load_image
     from guie.models import create_embedder
     from guie.models.preprocess import pil_to_uint8
 

@@ -168,14 +168,14 @@ def bare_forward(fn, device, batch_size: int, image_size: int, batches: int, war
 
 def loader_only(paths, model, device, batch_size: int, workers: int, decode: str) -> dict:
     """The data path alone: DataLoader (+ device decode for decode='gpu'), no model."""
-    from guie.embed import make_loader
+    from guie.embedding.engine import make_loader
 
     pre = model.preprocess
     loader = make_loader(paths, pre, batch_size, workers, pin_memory=device.type == "cuda", decode=decode)
     n, t, t_first = 0, time.perf_counter(), None
     for batch in loader:
         if decode == "gpu":
-            from guie.data.gpu_decode import decode_batch
+            from guie.pipeline.gpu_decode import decode_batch
 
             idx, images, failed = decode_batch(batch[0], batch[1], paths, pre, device)
         else:
@@ -194,7 +194,7 @@ def loader_only(paths, model, device, batch_size: int, workers: int, decode: str
 
 def guie_end_to_end(paths, model, device, batch_size: int, workers: int, decode: str, compile: bool) -> dict:
     """`iter_embeddings` over the files, gathering results as `embed_images` does; whole-call and steady img/s."""
-    from guie.embed import iter_embeddings
+    from guie.embedding.engine import iter_embeddings
 
     reset_peak(device)
     out = np.empty((len(paths), model.embed_dim), np.float32)

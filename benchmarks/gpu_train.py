@@ -95,8 +95,8 @@ def main() -> None:
             "timm:resnet18", 64, 8, 6, 64, 1
 
     from guie.models import create_embedder
-    from guie.train.config import DatasetConfig, LossConfig, ModelConfig, RunConfig, StageConfig
     from guie.train.engine import Trainer
+    from guie.train.recipe import DatasetConfig, LossConfig, ModelConfig, RunConfig, StageConfig
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     bf16 = device.type == "cuda"

@@ -71,7 +71,7 @@ def write_mode_images(root: Path) -> dict[str, Path]:
     pal_t = base.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
     save("palette_transparent.png", pal_t, transparency=0)
     save("bw.png", base.convert("1"))
-    save("gray16.png", Image.fromarray((np.asarray(base.convert("L"), np.uint16) * 257)))
+    save("gray16.png", Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 257))
     save("webp.webp", base)
     save("tall.png", Image.fromarray(photo(20, 90, seed=2)))
     save("wide.jpg", Image.fromarray(photo(200, 24, seed=3)))

@@ -30,7 +30,7 @@ def make_gldv2(root: Path) -> dict:
     """train_clean.csv (landmark_id,images) + train.csv (id,url,landmark_id) + train/a/b/c/<id>.jpg."""
     ids = {"1": ["0a1b2c3d4e5f6071", "0a1b99aa00112233"], "7": ["fedcba9876543210", "f0e1d2c3b4a59687",
                                                                "f00d00d00d00d00d"]}
-    for k, (lid, group) in enumerate(ids.items()):
+    for k, group in enumerate(ids.values()):
         for j, i in enumerate(group):
             if i != "f00d00d00d00d00d":  # listed but not downloaded -> missing file
                 make_image(root / "train" / i[0] / i[1] / i[2] / f"{i}.jpg", seed=10 * k + j)
@@ -254,7 +254,7 @@ def write_corrupt_images(folder: Path) -> dict[str, Path]:
     out["palette"] = make_image(folder / "palette.png", seed=4, size=(64, 48), mode="P")
     out["alpha"] = make_image(folder / "alpha.png", seed=5, size=(64, 48), mode="RGBA")
     out["16bit"] = folder / "deep.png"
-    Image.fromarray((np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20)).save(out["16bit"])
+    Image.fromarray(np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20).save(out["16bit"])
     out["exif"] = folder / "rotated.jpg"
     im = Image.open(folder / "good.jpg")
     exif = im.getexif()

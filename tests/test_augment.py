@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from guie.data.augment import AugmentConfig, Cutout, build_train_transform
 from guie.models import ImageTransform, PreprocessConfig
+from guie.pipeline.augment import AugmentConfig, Cutout, build_train_transform
 
 S = 32
 PRE = PreprocessConfig(image_size=S)

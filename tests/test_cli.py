@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from guie.cli import app
-from guie.embed import read_embeddings
-from guie.evaluate import mean_precision_at_k
+from guie.embedding.files import read_embeddings
+from guie.metrics import mean_precision_at_k
 from guie.models import save_embedder
 
 
@@ -112,7 +112,7 @@ def test_evaluate_query_index(labelled_folder, model_file, tmp_path):
     emb_file = _emb_with_domain(labelled_folder, model_file, tmp_path)
     df, emb = read_embeddings(emb_file)
     q = (df["domain"] == "photo").to_numpy()
-    from guie.embed import embeddings_table
+    from guie.embedding.files import embeddings_table
     from guie.utils import save_parquet_atomic
 
     save_parquet_atomic(embeddings_table(df[q], emb[q]), tmp_path / "q.parquet")

@@ -10,11 +10,22 @@ from typer.testing import CliRunner
 
 import data_fixtures as fx
 from guie.cli import app
-from guie.config import ConfigError
-from guie.data.builder import (BuildRecipe, SourceConfig, build_dataset, cap_per_class, check_query_index,
-                               filter_min_images, load_recipe, merge_manifests, namespace_labels, split_classes,
-                               split_query_index, upsample_per_class)
+from guie.data.builder import (
+    BuildRecipe,
+    SourceConfig,
+    build_dataset,
+    cap_per_class,
+    check_query_index,
+    filter_min_images,
+    load_recipe,
+    merge_manifests,
+    namespace_labels,
+    split_classes,
+    split_query_index,
+    upsample_per_class,
+)
 from guie.data.manifest import read_manifest
+from guie.typed_yaml import ConfigError
 
 
 def _table(sizes: dict[str, int], prefix: str = "img") -> pd.DataFrame:

@@ -7,8 +7,8 @@ from typer.testing import CliRunner
 
 import data_fixtures as fx
 from guie.cli import app
-from guie.data.check import CheckConfig, check_image, check_manifest, parallel_map, write_check_outputs
 from guie.data.manifest import read_manifest
+from guie.data.validate import CheckConfig, check_image, check_manifest, parallel_map, write_check_outputs
 
 EXPECTED = {  # fixture name -> (errors, warnings)
     "good": ("", ""),

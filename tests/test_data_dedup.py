@@ -11,8 +11,19 @@ from typer.testing import CliRunner
 
 import data_fixtures as fx
 from guie.cli import app
-from guie.data.dedup import (DedupConfig, drop_duplicates, drop_leaks, duplicate_groups, embedding_pairs,
-                             exact_pairs, file_digests, find_duplicates, find_leaks, perceptual_hashes, phash_pairs)
+from guie.data.dedup import (
+    DedupConfig,
+    drop_duplicates,
+    drop_leaks,
+    duplicate_groups,
+    embedding_pairs,
+    exact_pairs,
+    file_digests,
+    find_duplicates,
+    find_leaks,
+    perceptual_hashes,
+    phash_pairs,
+)
 
 
 @pytest.fixture()
@@ -93,10 +104,11 @@ def test_digests_and_hashes_in_parallel_match_serial(images):
 
 
 def test_embedding_method_end_to_end(images):
+    from guie.embedding.engine import path_embedder
     from guie.models.embedder import create_embedder
 
     tiny = create_embedder("timm:resnet18", embed_dim=None, pretrained=False, image_size=64)
-    cfg = DedupConfig(methods=("embedding",), min_cosine=0.999, model=tiny)
+    cfg = DedupConfig(methods=("embedding",), min_cosine=0.999, embed=path_embedder(tiny))
     rep = find_duplicates(images.iloc[:6], cfg)
     assert (0, 5) in set(map(tuple, rep.pairs[["i", "j"]].values.tolist()))  # identical pixels: cosine 1
 

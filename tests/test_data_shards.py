@@ -15,12 +15,11 @@ from typer.testing import CliRunner
 
 import data_fixtures as fx
 from guie.cli import app
-from guie.data.check import check_manifest
 from guie.data.dedup import file_digests
-from guie.data.images import ImageLoadError, load_image, parse_shard_ref
 from guie.data.manifest import read_manifest
-from guie.data.shards import (INDEX_FILE, ShardConfig, ShardError, ShardStream, list_shards, scan_shard,
-                              write_shards)
+from guie.data.shards import INDEX_FILE, ShardConfig, ShardError, ShardStream, list_shards, scan_shard, write_shards
+from guie.data.validate import check_manifest
+from guie.imaging.io import ImageLoadError, load_image, parse_shard_ref
 
 
 @pytest.fixture()
@@ -136,7 +135,8 @@ def test_webdataset_reads_our_shards(manifest, tmp_path):
 
 
 def test_guie_embed_accepts_a_shard_folder(manifest, tmp_path):
-    from guie.embed import embed_images, read_embeddings
+    from guie.embedding.engine import embed_images
+    from guie.embedding.files import read_embeddings
     from guie.models.embedder import create_embedder, save_embedder
 
     tiny = create_embedder("timm:resnet18", embed_dim=16, pretrained=False, image_size=32).eval()
@@ -169,7 +169,7 @@ def test_cli_shard(manifest, tmp_path):
 
 def test_training_data_reads_a_shard_folder(manifest, tmp_path):
     train_data = pytest.importorskip("guie.train.data")
-    train_config = pytest.importorskip("guie.train.config")
+    train_config = pytest.importorskip("guie.train.recipe")
     write_shards(manifest, tmp_path / "s", ShardConfig(shard_size=4), workers=1, progress=False)
     df = train_data.load_training_dataset("toys", train_config.DatasetConfig(manifest=str(tmp_path / "s")), None, 0)
     assert len(df) == 11 and df["label"].str.startswith("toys/").all()

@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 import torch
 
-import guie.data.datasets as datasets_mod
-from guie.data.images import load_image
-from guie.embed import (EMBEDDING_COLUMN, ResumeError, _forward, embed_images, embed_num_workers, embed_to_file,
-                        iter_embeddings, read_embeddings)
+import guie.pipeline.datasets as datasets_mod
+from guie.embedding.engine import _forward, embed_images, embed_num_workers, iter_embeddings
+from guie.embedding.files import EMBEDDING_COLUMN, ResumeError, embed_to_file, read_embeddings
+from guie.imaging.io import load_image
 
 
 class Interrupted(BaseException):
@@ -213,8 +213,8 @@ def test_tensor_resize_matches_pil_geometry(mode, interpolation):
     from PIL import Image
 
     from conftest import photo
-    from guie.data.gpu_decode import resize_batch
     from guie.models.preprocess import ImageTransform, PreprocessConfig
+    from guie.pipeline.gpu_decode import resize_batch
 
     cfg = PreprocessConfig(image_size=48, resize_mode=mode, interpolation=interpolation, crop_pct=0.875)
     for w, h in ((150, 100), (40, 90), (30, 30)):
@@ -231,8 +231,8 @@ def test_device_decode_applies_every_exif_orientation(tmp_path):
     from PIL import Image
 
     from conftest import photo
-    from guie.data.gpu_decode import EncodedImageDataset, collate_encoded, decode_batch
     from guie.models.preprocess import ImageTransform, PreprocessConfig
+    from guie.pipeline.gpu_decode import EncodedImageDataset, collate_encoded, decode_batch
 
     cfg = PreprocessConfig(image_size=24, resize_mode="squash")
     paths = []

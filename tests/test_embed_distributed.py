@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from guie.embed import read_embeddings
+from guie.embedding.files import read_embeddings
 from train_fixtures import make_labelled_images
 
 

@@ -13,9 +13,21 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from guie.cli import app
-from guie.export import (ExportError, IncompatibleMembersError, TTAConfig, build_exported_module, check_shared_head,
-                         check_submission, ensemble_embeddings, export_torchscript, load_members, read_metadata,
-                         reference_embed, soup_checkpoints, soup_embedders)
+from guie.export import (
+    ExportError,
+    IncompatibleMembersError,
+    TTAConfig,
+    build_exported_module,
+    check_shared_head,
+    check_submission,
+    ensemble_embeddings,
+    export_torchscript,
+    load_members,
+    read_metadata,
+    reference_embed,
+    soup_checkpoints,
+    soup_embedders,
+)
 from guie.export.check import identity_side, synthetic_image
 from guie.export.module import MemberPipeline
 from guie.models import create_embedder, load_embedder, save_embedder
@@ -28,7 +40,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 
 
 def tiny(seed=0, image_size=32, **kw):
-    """A random 64-d embedder on timm's test_efficientnet with TF 'SAME' padding (the path tf_efficientnet_lite0 uses)."""
+    """A random 64-d embedder on timm's test_efficientnet with TF 'SAME' padding (the path tf_efficientnet_lite0
+    uses)."""
     torch.manual_seed(seed)
     return create_embedder("timm:test_efficientnet", pretrained=False, image_size=image_size, pad_type="same",
                            **kw).eval()

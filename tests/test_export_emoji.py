@@ -15,9 +15,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:`torch.jit:Fu
 
 @pytest.fixture(scope="module")
 def emoji(emoji_manifest, tmp_path_factory):
-    from guie.data.images import load_image
     from guie.data.manifest import filter_rows, read_manifest
     from guie.export import export_onnx, export_torchscript, reference_embed
+    from guie.imaging.io import load_image
     from guie.models import create_embedder
     from guie.models.preprocess import pil_to_uint8
 

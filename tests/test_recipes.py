@@ -1,10 +1,11 @@
 """The shipped recipes in configs/ load as typed dataclasses and say what their comments claim."""
+import re
 from pathlib import Path
 
 import pytest
 
 from guie.data.builder import load_recipe
-from guie.train.config import load_run_config
+from guie.train.recipe import load_run_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RUN_RECIPES = ["emoji-lite0-cpu.yaml", "guie-1st-place-vit-h-14.yaml", "guie-2nd-place-vit-h-14.yaml"]
@@ -43,7 +44,7 @@ def test_first_place_recipe_matches_the_paper_schedule():
 
 
 def test_select_stages_keeps_recipe_order_and_names_unknown_ones():
-    from guie.config import ConfigError
+    from guie.typed_yaml import ConfigError
 
     cfg = load_run_config(CONFIGS / "guie-1st-place-vit-h-14.yaml")
     cfg.select_stages(["s2-backbone", "s1-head"])
@@ -59,3 +60,26 @@ def test_cli_train_refuses_an_unknown_stage_in_one_line():
     r = subprocess.run([sys.executable, "-m", "guie.cli", "train", str(CONFIGS / "emoji-lite0-cpu.yaml"),
                         "--stages", "hed"], capture_output=True, text=True)
     assert r.returncode != 0 and "unknown stage(s) ['hed']" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("override, match", [
+    ("model.preprocess.crop_pct=1.5", r"\.model\.preprocess: crop_pct must be in \(0, 1\]"),
+    ("model.preprocess.crop_size=1", r"\.model\.preprocess: unknown key\(s\) \['crop_size'\]"),
+    ("stages.0.augment.hflip=often", r"\.stages\[0\]\.augment\.hflip: expected float"),
+    ("stages.0.augment.rotate=500", r"\.stages\[0\]\.augment: augment: rotate must be"),
+    ("stages.0.lr.neck=0.1", r"\.stages\[0\]: stage 's1-head': unknown part\(s\) \['neck'\] in 'lr'"),
+    ("stages.0.lr.head=fast", r"\.stages\[0\]\.lr\.head: expected float"),
+])
+def test_plain_mapping_fields_are_typed_with_file_and_key_in_errors(override, match):
+    from guie.typed_yaml import ConfigError
+
+    recipe = CONFIGS / "guie-1st-place-vit-h-14.yaml"
+    with pytest.raises(ConfigError, match=re.escape(str(recipe)) + match):
+        load_run_config(recipe, [override])
+
+
+def test_override_mappings_keep_only_the_given_keys_with_their_types():
+    stage = load_run_config(CONFIGS / "emoji-lite0-cpu.yaml").stages[1]
+    assert stage.augment["rotate"] == 5.0 and isinstance(stage.augment["rotate"], float)
+    assert "fill" not in stage.augment                  # the others keep AugmentConfig's defaults when used
+    assert load_run_config(CONFIGS / "emoji-lite0-cpu.yaml").model.preprocess == {"crop_pct": 1.0}

@@ -9,8 +9,10 @@ import pytest
 from PIL import Image
 
 from guie.data.manifest import read_manifest
-from guie.evaluate import evaluate_folds, evaluate_query_index, format_table, mean_precision_at_k, write_report
-from guie.evaluate.report import GREEN, GREY, RED, retrieval_grid
+from guie.evaluate import evaluate_folds, evaluate_query_index, format_table, write_report
+from guie.evaluate.report import retrieval_grid
+from guie.imaging.draw import GREEN, GREY, RED
+from guie.metrics import mean_precision_at_k
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from guie.data.samplers import ClassBalancedSampler, ShuffleSampler
+from guie.pipeline.samplers import ClassBalancedSampler, ShuffleSampler
 
 
 def labels_of(counts) -> np.ndarray:

@@ -53,7 +53,7 @@ def test_cli_build_and_query_with_a_grid(tmp_path):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """An index of 12 generated images embedded with the default backbone's raw features at 32 px, and that model."""
-    from guie.embed import embed_images
+    from guie.embedding.engine import embed_images
     from guie.models import create_embedder
 
     tmp = tmp_path_factory.mktemp("serve")

@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 import torch
 
-from guie.config import ConfigError
 from guie.models import load_embedder
-from guie.train.config import load_run_config
 from guie.train.engine import Trainer
 from guie.train.optim import param_groups
+from guie.train.recipe import load_run_config
+from guie.typed_yaml import ConfigError
 from train_fixtures import make_labelled_images, tiny_recipe
 
 HEAD_STAGE = """  - name: head
@@ -71,7 +71,8 @@ def test_stage_validation_errors(tmp_path, gen_manifest):
 
 
 def test_two_stage_run_locks_what_it_should_and_learns(tmp_path, gen_manifest):
-    cfg = load_run_config(write_recipe(tmp_path, gen_manifest, HEAD_STAGE.format(steps=30) + BACKBONE_STAGE.format(steps=4)))
+    stages = HEAD_STAGE.format(steps=30) + BACKBONE_STAGE.format(steps=4)
+    cfg = load_run_config(write_recipe(tmp_path, gen_manifest, stages))
     trainer = Trainer(cfg, progress=False)
     backbone_before = {k: v.clone() for k, v in trainer.embedder.backbone.state_dict().items()}
     final = trainer.run()
@@ -173,7 +174,8 @@ def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path, gen_manifest):
 
 @pytest.mark.slow
 def test_ddp_two_gloo_processes_match_one_process(tmp_path, gen_manifest):
-    stages = HEAD_STAGE.format(steps=15).replace("cache_views: 2", "cache_views: 2\n    sampler: {name: class_balanced, m_per_class: 2}")
+    stages = HEAD_STAGE.format(steps=15).replace(
+        "cache_views: 2", "cache_views: 2\n    sampler: {name: class_balanced, m_per_class: 2}")
     one = tmp_path / "one"
     two = tmp_path / "two"
     for d in (one, two):

@@ -26,7 +26,8 @@ def make_labelled_images(root: Path, n_classes: int = 12, per_class: int = 4, si
             img = Image.new("RGB", (size, size), (255, 255, 255))
             d = ImageDraw.Draw(img)
             dx, dy = rng.integers(-3, 4, 2)
-            d.polygon([(x + dx, y + dy) for x, y in pts], fill=tuple(min(255, v + int(rng.integers(0, 30))) for v in colour))
+            fill = tuple(min(255, v + int(rng.integers(0, 30))) for v in colour)
+            d.polygon([(x + dx, y + dy) for x, y in pts], fill=fill)
             arr = np.asarray(img).astype(np.int16) + rng.integers(-8, 9, (size, size, 3))
             path = root / f"c{c:03d}_{i}.png"
             Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(path)

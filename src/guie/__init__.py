@@ -1,17 +1,37 @@
-"""guie: universal image embeddings (<= 64-d) — build, train, measure with the exact GUIE metric, export, search."""
-from .evaluate.metrics import mean_precision_at_k
+"""guie: universal image embeddings (<= 64-d) — build, train, measure with the exact GUIE metric, export, search.
 
-__version__ = "0.1.0"
-__all__ = ["Embedder", "create_backbone", "create_embedder", "list_backbones", "load_embedder", "save_embedder",
-           "mean_precision_at_k", "__version__"]
-_FROM_MODELS = {"Embedder", "create_backbone", "create_embedder", "list_backbones", "load_embedder", "save_embedder"}
+The public API, importable from here (each name loads on first use, PEP 562: `import guie` and `guie --help` stay
+free of torch's ~3 s import):
+
+    create_embedder, load_embedder, save_embedder, create_backbone, list_backbones, Embedder   (guie.models)
+    embed_images                                                                               (guie.embedding)
+    mean_precision_at_k                                                                        (guie.metrics)
+    load_run_config, run_training                                                              (guie.train)
+    export_model                                                                               (guie.export)
+    EmbeddingIndex                                                                             (guie.search)
+
+`guie.train` and `guie.export` are subpackages, so their entry points carry their own names here
+(`run_training`, `export_model`) instead of shadowing them.
+"""
+from importlib import import_module
+
+from ._version import __version__
+
+_EXPORTS = {
+    "Embedder": "guie.models", "create_backbone": "guie.models", "create_embedder": "guie.models",
+    "list_backbones": "guie.models", "load_embedder": "guie.models", "save_embedder": "guie.models",
+    "embed_images": "guie.embedding.engine",
+    "mean_precision_at_k": "guie.metrics",
+    "load_run_config": "guie.train.recipe", "run_training": "guie.train.engine:train",
+    "export_model": "guie.export.formats",
+    "EmbeddingIndex": "guie.search",
+}
+__all__ = sorted(_EXPORTS) + ["__version__"]
 
 
 def __getattr__(name: str):
-    """Model entry points load on first use (PEP 562): `import guie` and `guie --help` stay free of torch's ~3 s
-    import; `guie.create_embedder` works as if it were imported here."""
-    if name in _FROM_MODELS:
-        from . import models
-
-        return getattr(models, name)
-    raise AttributeError(f"module 'guie' has no attribute {name!r}")
+    """Load a public name from its home module on first use."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'guie' has no attribute {name!r}")
+    module, _, attr = _EXPORTS[name].partition(":")
+    return getattr(import_module(module), attr or name)

@@ -18,9 +18,9 @@ import numpy as np
 
 from .data.emoji import build_emoji_benchmark
 from .data.manifest import read_manifest
+from .embedding.feature_store import cached_features
 from .evaluate.protocol import evaluate_folds
 from .evaluate.report import format_table, write_report
-from .features import cached_features
 from .models.embedder import create_embedder, load_embedder
 from .models.heads import fit_pca
 from .utils import atomic_write_json, default_cache_dir, log
@@ -36,8 +36,8 @@ def l2n(x: np.ndarray) -> np.ndarray:
 def run_demo(out_dir: str | Path = "outputs/demo", cache_dir: str | Path | None = None, full: bool = False,
              recipe: str | Path = DEMO_RECIPE, device: str | None = None, progress: bool = True) -> dict:
     """Run the demo; returns its results (also in out_dir/results.json, reports in out_dir/<method>/report.html)."""
-    from .train.config import load_run_config
     from .train.engine import Trainer, stage_model_path
+    from .train.recipe import load_run_config
 
     t0 = time.time()
     cache_dir = Path(cache_dir or default_cache_dir())

@@ -79,7 +79,7 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-def resolve_device(device: str | None = None) -> "torch.device":
+def resolve_device(device: str | None = None) -> torch.device:
     """'auto'/None -> cuda if available else cpu."""
     import torch
 

@@ -11,17 +11,17 @@ classes with a single image join the index as distractors.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from ..config import ConfigError, load_yaml_config, to_dict
+from ..typed_yaml import ConfigError, load_yaml_config, to_dict
 from ..utils import atomic_write_json, atomic_write_text, log
 from .manifest import read_manifest, select_rows, write_manifest
-
 
 # ---------------------------------------------------------------- building blocks (pure functions)
 

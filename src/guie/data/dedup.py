@@ -5,7 +5,9 @@ Three detectors, from cheapest to most tolerant:
 * phash: 64-bit DCT perceptual hash (imagehash.phash) within a Hamming distance (re-encoded, resized, lightly
   edited copies), searched with a FAISS binary index;
 * embedding: cosine similarity of model embeddings above a threshold (crops, colour changes, screenshots),
-  searched with a FAISS inner-product index.
+  searched with a FAISS inner-product index. The vectors come from `DedupConfig.embed`, a function paths ->
+  (vectors, ok mask) that the caller supplies (`guie.embedding.engine.path_embedder(model)`): curation code does
+  not import the embedding engine.
 
 Leakage (evaluation images that also occur in training data) is the most common way such projects fool themselves:
 `find_leaks` reports them and `drop_leaks` removes them from the evaluation side.
@@ -13,14 +15,14 @@ Leakage (evaluation images that also occur in training data) is the most common 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
-from .check import parallel_map
-from .images import ImageLoadError, load_image, read_image_bytes
+from ..imaging.io import ImageLoadError, load_image, read_image_bytes
+from .validate import parallel_map
 
 METHODS = ("exact", "phash", "embedding")
 PAIR_COLUMNS = ["i", "j", "method", "score"]
@@ -33,9 +35,8 @@ class DedupConfig:
     methods: tuple[str, ...] = ("exact", "phash")
     max_distance: int = 4            # phash: Hamming distance <= this (of 64 bits) is a near duplicate
     min_cosine: float = 0.95         # embedding: cosine >= this is a near duplicate
-    model: Any = None                # embedding: checkpoint, backbone name or Embedder (default efficientnet_lite0)
-    image_size: int | None = None
-    batch_size: int = 64
+    # embedding: paths -> (float32 [N, d], ok [N]), e.g. guie.embedding.engine.path_embedder("efficientnet_lite0")
+    embed: Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]] | None = None
 
     def __post_init__(self):
         self.methods = tuple(self.methods)
@@ -46,6 +47,9 @@ class DedupConfig:
             raise ValueError(f"max_distance must be in 0..32 bits, got {self.max_distance}")
         if not -1.0 <= self.min_cosine <= 1.0:
             raise ValueError(f"min_cosine must be in [-1, 1], got {self.min_cosine}")
+        if "embedding" in self.methods and self.embed is None:
+            raise ValueError("the embedding method needs an embed function (DedupConfig.embed), e.g. "
+                             "guie.embedding.engine.path_embedder(model)")
 
 
 def _digest(path: str) -> str | None:
@@ -165,16 +169,9 @@ class DuplicateReport:
         return self.pairs["method"].value_counts().to_dict() if len(self.pairs) else {}
 
 
-def _embeddings(df: pd.DataFrame, cfg: DedupConfig, progress: bool) -> tuple[np.ndarray, np.ndarray]:
-    from ..embed import embed_images
-    from ..models.embedder import resolve_embedder
-
-    embedder = resolve_embedder(cfg.model, image_size=cfg.image_size)
-    res = embed_images(embedder, df["path"].astype(str).tolist(), batch_size=cfg.batch_size, progress=progress,
-                       report_failure=lambda msg: None, desc="embed")
-    full = np.zeros((len(df), res.embeddings.shape[1]), dtype=np.float32)
-    full[res.ok] = res.embeddings
-    return full, res.ok
+def _embeddings(df: pd.DataFrame, cfg: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
+    emb, ok = cfg.embed(df["path"].astype(str).tolist())
+    return np.asarray(emb, dtype=np.float32), np.asarray(ok, dtype=bool)
 
 
 def _pairs_for(df_a: pd.DataFrame, df_b: pd.DataFrame | None, cfg: DedupConfig, workers: int | None,
@@ -193,8 +190,8 @@ def _pairs_for(df_a: pd.DataFrame, df_b: pd.DataFrame | None, cfg: DedupConfig, 
         unreadable["phash"] = int((~oka).sum() + (0 if okb is None else (~okb).sum()))
         frames.append(phash_pairs(ca, cb, cfg.max_distance, oka, okb))
     if "embedding" in cfg.methods:
-        ea, oka = _embeddings(df_a, cfg, progress)
-        eb, okb = (None, None) if df_b is None else _embeddings(df_b, cfg, progress)
+        ea, oka = _embeddings(df_a, cfg)
+        eb, okb = (None, None) if df_b is None else _embeddings(df_b, cfg)
         unreadable["embedding"] = int((~oka).sum() + (0 if okb is None else (~okb).sum()))
         p = embedding_pairs(ea, eb, cfg.min_cosine)
         ok_j = oka if okb is None else okb

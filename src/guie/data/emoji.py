@@ -48,7 +48,8 @@ def _extract_vendor(tgz: Path, vendor: str, out: Path, want_json: bool) -> None:
         with tarfile.open(tgz, "r:gz") as tar:
             for member in tar:
                 name = member.name
-                if member.isfile() and name.startswith(prefix) and name.endswith(".png") and "/" not in name[len(prefix):]:
+                in_folder = name.startswith(prefix) and "/" not in name[len(prefix):]
+                if member.isfile() and in_folder and name.endswith(".png"):
                     target = tmp / vendor / name[len(prefix):]
                 elif want_json and name == "package/emoji.json":
                     target = tmp / "emoji.json"
@@ -87,7 +88,7 @@ def build_emoji_benchmark(cache_dir: str | Path | None = None, version: str = DE
     if manifest.exists() and not force:
         return manifest
     root.mkdir(parents=True, exist_ok=True)
-    for i, vendor in enumerate(vendors):
+    for vendor in vendors:
         if (root / vendor).is_dir() and (root / "emoji.json").exists() and not force:
             continue
         log.info("fetching emoji-datasource-%s@%s with npm", vendor, version)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .images import IMAGE_EXTENSIONS
+from ..imaging.io import IMAGE_EXTENSIONS
 
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq", ".tsv")
 SHARD_INDEX_FILE = "index.parquet"  # = guie.data.shards.INDEX_FILE

@@ -27,18 +27,18 @@ import random
 import subprocess
 import sys
 import tarfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
+from ..imaging.io import ImageLoadError, ShardRef, load_image, read_image_bytes
 from ..utils import atomic_write_json, log, save_parquet_atomic
-from .images import ImageLoadError, ShardRef, load_image, read_image_bytes
 
 INDEX_FILE = "index.parquet"
 META_FILE = "shards.json"

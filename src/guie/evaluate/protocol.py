@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .metrics import precision_at_k
+from ..metrics import precision_at_k
 
 
 @dataclass
@@ -22,7 +22,7 @@ class Evaluation:
     index_frames: dict = field(default_factory=dict)         # fold -> index metadata (for pictures)
 
     def summary(self) -> dict:
-        out = {"mP@%d" % self.k: self.score, "k": self.k, "folds": self.folds,
+        out = {f"mP@{self.k}": self.score, "k": self.k, "folds": self.folds,
                "queries": int(sum(f["queries"] for f in self.folds))}
         if self.per_domain is not None:
             out["per_domain"] = self.per_domain.to_dict(orient="records")

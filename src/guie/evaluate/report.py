@@ -10,11 +10,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..data.images import ImageLoadError, load_image
+from ..imaging.draw import GREEN, GREY, RED, thumbnail
 from ..utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .protocol import Evaluation
-
-GREEN, RED, GREY = (30, 160, 60), (210, 40, 40), (150, 150, 150)
 
 
 def format_table(rows: list[dict], columns: list[str], title: str | None = None) -> str:
@@ -32,21 +30,7 @@ def format_table(rows: list[dict], columns: list[str], title: str | None = None)
     return console.file.getvalue()
 
 
-def thumbnail(path: str, size: int, border: tuple | None) -> Image.Image:
-    """A size x size thumbnail of an image file in a 4-px frame (grey placeholder if it cannot be read)."""
-    try:
-        im = load_image(path, draft_size=size)
-        im.thumbnail((size, size))
-    except ImageLoadError:
-        im = Image.new("RGB", (size, size), (230, 230, 230))
-    cell = Image.new("RGB", (size + 8, size + 8), border or (255, 255, 255))
-    inner = Image.new("RGB", (size, size), (255, 255, 255))
-    inner.paste(im, ((size - im.width) // 2, (size - im.height) // 2))
-    cell.paste(inner, (4, 4))
-    return cell
-
-
-def retrieval_grid(evaluation: Evaluation, rows: "np.ndarray | list[int]", thumb: int = 80) -> Image.Image:
+def retrieval_grid(evaluation: Evaluation, rows: np.ndarray | list[int], thumb: int = 80) -> Image.Image:
     """One row per query: the query (grey frame) then its k neighbours (green = relevant, red = not)."""
     pq = evaluation.per_query
     k = evaluation.k
@@ -126,7 +110,8 @@ def write_report(evaluation: Evaluation, out_dir: str | Path, title: str = "guie
                         f"<td>{f['score']:.4f}</td></tr>" for f in evaluation.folds)
     domain_rows = ""
     if evaluation.per_domain is not None:
-        domain_rows = "".join(f"<tr><td>{html.escape(str(r.domain))}</td><td>{r.queries}</td><td>{r.score:.4f}</td></tr>"
+        domain_rows = "".join(f"<tr><td>{html.escape(str(r.domain))}</td><td>{r.queries}</td>"
+                              f"<td>{r.score:.4f}</td></tr>"
                               for r in evaluation.per_domain.itertuples())
     extra_html = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
                          for k, v in (extra or {}).items())

@@ -11,9 +11,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -145,7 +145,8 @@ def _top5_agreement(a: np.ndarray, b: np.ndarray, k: int = 5) -> float:
 
 
 def check_submission(model: str | Path, checkpoints: Sequence[str | Path] | None = None,
-                     references: Sequence | None = None, images: Sequence[str | Path] | None = None, tta: TTAConfig | None = None,
+                     references: Sequence | None = None, images: Sequence[str | Path] | None = None,
+                     tta: TTAConfig | None = None,
                      max_dim: int = MAX_EMBED_DIM, device: str = "cpu", latency_runs: int = 5,
                      network_atol: float = 1e-4, min_cosine: float = 0.99, timeout: float = 600) -> CheckReport:
     """Check an exported TorchScript (.pt) or ONNX (.onnx) model against the GUIE submission contract.
@@ -158,7 +159,7 @@ def check_submission(model: str | Path, checkpoints: Sequence[str | Path] | None
         network_atol: max abs difference allowed where both paths feed the network identical pixels.
         min_cosine: min cosine similarity allowed end to end (PIL vs in-model resizing differ slightly).
     """
-    from ..data.images import ImageLoadError, load_image
+    from ..imaging.io import ImageLoadError, load_image
     from ..models.preprocess import pil_to_uint8
 
     model = Path(model)
@@ -252,7 +253,8 @@ def _judge_probe(report: CheckReport, res: dict, outputs: dict, inputs: dict, ma
     dtypes = sorted({r["dtype"] for r in ok.values()})
     report.add("dtype float32", PASS if dtypes == ["float32"] else FAIL, ", ".join(dtypes))
     nonfinite = [n for n, r in ok.items() if not r["finite"]]
-    report.add("finite values", FAIL if nonfinite else PASS, ("NaN/inf for " + ", ".join(nonfinite)) if nonfinite else "")
+    report.add("finite values", FAIL if nonfinite else PASS,
+               ("NaN/inf for " + ", ".join(nonfinite)) if nonfinite else "")
     norms = np.concatenate([np.linalg.norm(outputs[n].reshape(-1, outputs[n].shape[-1]), axis=1) for n in ok])
     off = float(np.abs(norms - 1).max())
     report.add("L2-normalised", PASS if off < 1e-3 else WARN,

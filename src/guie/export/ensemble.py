@@ -10,8 +10,8 @@ Soup: the element-wise mean of the weights of checkpoints with identical archite
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -90,7 +90,8 @@ def ensemble_embeddings(arrays: Sequence[np.ndarray], weights: Sequence[float] |
         raise ValueError("no embeddings to ensemble")
     shapes = {np.asarray(a).shape for a in arrays}
     if len(shapes) != 1:
-        raise ValueError(f"ensemble members must have embeddings of one shape (same rows and dim), got {sorted(shapes)}")
+        raise ValueError("ensemble members must have embeddings of one shape (same rows and dim), "
+                         f"got {sorted(shapes)}")
     weights = [1.0] * len(arrays) if weights is None else list(weights)
     if len(weights) != len(arrays):
         raise ValueError(f"{len(weights)} weights for {len(arrays)} members")

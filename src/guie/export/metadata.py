@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from ..models.embedder import Embedder
 from ..models.heads import MAX_EMBED_DIM
@@ -41,7 +41,7 @@ class ExportMetadata:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ExportMetadata":
+    def from_json(cls, text: str) -> ExportMetadata:
         d = json.loads(text)
         if d.get("format") != METADATA_FORMAT:
             raise ValueError(f"unknown export metadata format {d.get('format')!r} (expected {METADATA_FORMAT!r})")
@@ -67,7 +67,7 @@ def build_metadata(embedders: Sequence[Embedder], tta, checkpoints: Sequence[str
     """Metadata for an export of `embedders` (checkpoint paths recorded so parity can be checked later)."""
     import torch
 
-    from .. import __version__
+    from .._version import __version__
 
     checkpoints = list(checkpoints or [None] * len(embedders))
     members = [{"checkpoint": str(Path(c).resolve()) if c else None, "backbone": e.spec.backbone,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from fractions import Fraction
-from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +50,7 @@ class TTAConfig:
         return asdict(self)
 
     @classmethod
-    def parse(cls, spec: str | None, min_aspect: float = 1.25) -> "TTAConfig":
+    def parse(cls, spec: str | None, min_aspect: float = 1.25) -> TTAConfig:
         """From a CLI string: '', 'none', 'flip', 'letterbox' or 'flip,letterbox'."""
         names = {s.strip() for s in (spec or "").split(",") if s.strip() and s.strip() != "none"}
         unknown = names - {"flip", "letterbox"}
@@ -172,7 +171,7 @@ class ExportedEmbedder(nn.Module):
     than the model is moved to the model's. Output: float32 [B, d] on the model's device (B = 1 for a single image).
     """
 
-    def __init__(self, members: List[MemberPipeline]):
+    def __init__(self, members: list[MemberPipeline]):
         super().__init__()
         if not members:
             raise ValueError("an exported model needs at least one member")

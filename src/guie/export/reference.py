@@ -2,7 +2,7 @@
 the same TTA views and averaging. Parity checks compare an exported model against this."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

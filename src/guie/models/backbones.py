@@ -11,7 +11,7 @@ Every backbone maps normalised float images [B,3,S,S] to pooled features [B,F] a
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

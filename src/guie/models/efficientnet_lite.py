@@ -45,7 +45,8 @@ def lukemelas_to_timm(state_dict: dict, depths=LITE0_STAGE_DEPTHS) -> dict:
 
 
 def create_efficientnet_lite0(pretrained: bool = True, num_classes: int = 0):
-    """timm tf_efficientnet_lite0 with the package's ImageNet weights (strict load); classifier dropped if num_classes=0."""
+    """timm tf_efficientnet_lite0 with the package's ImageNet weights (strict load); classifier dropped if
+    num_classes=0."""
     import timm
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)

@@ -64,7 +64,7 @@ class Embedder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embed_features(self.forward_features(images))
 
-    def set_image_size(self, image_size: int) -> "Embedder":
+    def set_image_size(self, image_size: int) -> Embedder:
         """Run at another resolution: the backbone adapts (ViTs resample position embeddings), preprocessing follows.
 
         Saved checkpoints record the new size, so `load_embedder` rebuilds the model at it."""

@@ -37,7 +37,7 @@ class ProjectionHead(nn.Module):
         return self.proj(self.dropout(self.norm(features)))
 
     @torch.no_grad()
-    def init_from_pca(self, mean: np.ndarray, components: np.ndarray) -> "ProjectionHead":
+    def init_from_pca(self, mean: np.ndarray, components: np.ndarray) -> ProjectionHead:
         """Set the projection to x -> (x - mean) @ components.T (so the head starts as PCA)."""
         comps = torch.as_tensor(components, dtype=torch.float32)
         if comps.shape != self.proj.weight.shape:

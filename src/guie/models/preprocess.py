@@ -38,7 +38,7 @@ class PreprocessConfig:
         if self.image_size < 8:
             raise ValueError(f"image_size must be >= 8, got {self.image_size}")
 
-    def replace(self, **changes) -> "PreprocessConfig":
+    def replace(self, **changes) -> PreprocessConfig:
         """A copy with some fields changed (None values are ignored)."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
@@ -46,7 +46,7 @@ class PreprocessConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PreprocessConfig":
+    def from_dict(cls, d: dict) -> PreprocessConfig:
         d = dict(d)
         for key in ("mean", "std"):
             if key in d:

@@ -41,7 +41,7 @@ class EmbeddingIndex:
 
     @classmethod
     def build(cls, embeddings: np.ndarray, metadata: pd.DataFrame, factory: str = "Flat",
-              source: str | None = None) -> "EmbeddingIndex":
+              source: str | None = None) -> EmbeddingIndex:
         """Index `embeddings` [N, d] (Euclidean); IVF/PQ factories are trained on the same vectors first."""
         import faiss
 
@@ -61,9 +61,9 @@ class EmbeddingIndex:
                                      "source": source})
 
     @classmethod
-    def from_embeddings_file(cls, path: str | Path, factory: str = "Flat") -> "EmbeddingIndex":
+    def from_embeddings_file(cls, path: str | Path, factory: str = "Flat") -> EmbeddingIndex:
         """Index a `guie embed` output file."""
-        from ..embed import read_embeddings  # imports torch: only when an index is built
+        from ..embedding.files import read_embeddings
 
         df, emb = read_embeddings(path)
         return cls.build(emb, df, factory, source=str(path))
@@ -80,7 +80,7 @@ class EmbeddingIndex:
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path) -> "EmbeddingIndex":
+    def load(cls, folder: str | Path) -> EmbeddingIndex:
         """Read an index folder written by `save`."""
         import faiss
 

@@ -14,10 +14,10 @@ import threading
 from pathlib import Path
 from typing import List
 
-import torch
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 
-from ..data.images import ImageLoadError, load_image
+from ..embedding.engine import embed_decoded
+from ..imaging.io import ImageLoadError, load_image
 from ..models.embedder import resolve_embedder
 from .index import EmbeddingIndex
 
@@ -49,7 +49,7 @@ def create_app(index: EmbeddingIndex | str | Path, model, max_k: int = 100):
     def embed_uploads(files: List[UploadFile]):
         if not files:
             raise HTTPException(400, "no images uploaded (multipart field 'files')")
-        pixels = []
+        images = []
         for f in files:
             data = f.file.read(MAX_UPLOAD_BYTES + 1)
             if len(data) > MAX_UPLOAD_BYTES:
@@ -57,11 +57,11 @@ def create_app(index: EmbeddingIndex | str | Path, model, max_k: int = 100):
             if not data:
                 raise HTTPException(400, f"{f.filename}: empty upload")
             try:
-                pixels.append(embedder.transform(load_image(io.BytesIO(data))))
+                images.append(embedder.transform(load_image(io.BytesIO(data))))  # resized outside the lock
             except ImageLoadError as e:
                 raise HTTPException(400, f"{f.filename}: {e.reason}") from None
-        with lock, torch.inference_mode():
-            return embedder(torch.stack(pixels)).float().numpy()
+        with lock:
+            return embed_decoded(embedder, images)
 
     @app.get("/health")
     def health():

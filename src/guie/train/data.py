@@ -1,7 +1,5 @@
-"""Stage data: named datasets -> one namespaced label space, image/feature datasets, deterministic sampling.
-
-Augmentation randomness is seeded per sample from (run seed, epoch, index), so a run resumed mid-epoch, or split
-over DDP ranks, sees exactly the augmented images an uninterrupted single-process run would.
+"""Stage data: a recipe's named datasets -> one namespaced label space with integer targets, and the validation
+rows. (The images themselves are read by `guie.pipeline.datasets`.)
 """
 from __future__ import annotations
 
@@ -10,13 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import Dataset, Sampler
 
-from ..data.images import ImageLoadError, load_image
 from ..data.manifest import read_manifest, select_rows
-from ..models.preprocess import ImageTransform
-from .config import DatasetConfig, RunConfig, StageConfig, ValidationConfig
+from .recipe import DatasetConfig, RunConfig, StageConfig, ValidationConfig
 
 
 def resolve_manifest_source(source: str, cache_dir: Path | None) -> Path:
@@ -76,87 +70,3 @@ def load_validation_frame(cfg: ValidationConfig, cache_dir: Path | None) -> pd.D
     """The validation manifest rows (labels required)."""
     df = read_manifest(resolve_manifest_source(cfg.manifest, cache_dir), require_labels=True)
     return select_rows(df, cfg.where, "validation")
-
-
-def sample_seed(run_seed: int, epoch: int, index: int) -> int:
-    """A 31-bit seed per (run, epoch, sample): augmentations independent of worker count, rank and resumption."""
-    x = (run_seed * 0x9E3779B1 + epoch * 0x85EBCA77 + index * 0xC2B2AE3D) & 0xFFFFFFFFFFFF
-    x ^= x >> 17
-    return int((x * 0x27D4EB2F) & 0x7FFFFFFF)
-
-
-class SeededSampler(Sampler):
-    """Wraps an index sampler to yield (index, per-sample seed) keys for SeededImageDataset."""
-
-    def __init__(self, base: Sampler, run_seed: int):
-        self.base, self.run_seed, self.epoch = base, run_seed, 0
-        self.start = 0  # skip this many indices of the epoch (resuming mid-epoch)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.base.set_epoch(epoch)
-
-    def __iter__(self):
-        for pos, i in enumerate(self.base):
-            if pos >= self.start:
-                yield int(i), sample_seed(self.run_seed, self.epoch, int(i))
-
-    def __len__(self) -> int:
-        return len(self.base) - self.start
-
-
-class SeededImageDataset(Dataset):
-    """(index, seed) -> (uint8 image, target, index); a bad image yields None (dropped by the collate).
-
-    With `threads` > 1 and no worker processes, a batch is decoded by a thread pool in the main process between
-    model steps (PIL releases the GIL): on a CPU-only machine, worker processes would compete with the model's
-    intra-op threads for the same cores during the step (see guie.embed).
-    """
-
-    def __init__(self, paths, targets, transform, draft_size: int | None = None, threads: int = 1):
-        self.paths, self.targets = list(paths), np.asarray(targets)
-        self.transform, self.draft_size, self.threads = transform, draft_size, max(1, int(threads))
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, key):
-        index, seed = key
-        torch.manual_seed(seed)
-        try:
-            image = self.transform(load_image(self.paths[index], draft_size=self.draft_size))
-        except ImageLoadError as e:
-            return None, int(self.targets[index]), index, str(e)
-        return image, int(self.targets[index]), index, None
-
-    def __getitems__(self, keys):
-        """A batch of samples (the DataLoader calls this instead of __getitem__ when it exists).
-
-        Only the deterministic evaluation transform is run on threads: augmentations draw from torch's global RNG,
-        which is seeded per sample and is not thread-safe, so those batches are processed in order."""
-        if self.threads == 1 or len(keys) == 1 or not isinstance(self.transform, ImageTransform):
-            return [self[k] for k in keys]
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(min(self.threads, len(keys))) as pool:
-            return list(pool.map(self._load, keys))
-
-    def _load(self, key):
-        index = key[0]
-        try:
-            image = self.transform(load_image(self.paths[index], draft_size=self.draft_size))
-        except ImageLoadError as e:
-            return None, int(self.targets[index]), index, str(e)
-        return image, int(self.targets[index]), index, None
-
-
-def collate_training(batch):
-    """Stack good samples; return the failure messages separately."""
-    good = [b for b in batch if b[0] is not None]
-    errors = [b[3] for b in batch if b[0] is None]
-    if not good:
-        return None, None, None, errors
-    images = torch.stack([b[0] for b in good])
-    targets = torch.tensor([b[1] for b in good], dtype=torch.long)
-    index = torch.tensor([b[2] for b in good], dtype=torch.long)
-    return images, targets, index, errors

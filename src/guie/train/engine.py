@@ -11,9 +11,11 @@ import math
 import random
 import signal
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,25 +23,25 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..config import to_dict
-from ..data.augment import AugmentConfig, build_train_transform
-from ..data.samplers import ClassBalancedSampler, ShuffleSampler
-from ..embed import embed_images, embed_num_workers
-from ..features import cached_features
+from ..data.manifest import select_rows
+from ..distributed import DistInfo, barrier, init_distributed, mean_across_ranks
+from ..embedding.engine import embed_images, embed_num_workers
+from ..embedding.feature_store import cached_features
 from ..evaluate.protocol import evaluate_folds, evaluate_query_index
 from ..losses import LOSSES, MarginSchedule, create_loss
 from ..models.embedder import Embedder, create_embedder, load_embedder, save_embedder
 from ..models.preprocess import draft_size
+from ..pipeline.augment import AugmentConfig, build_train_transform
+from ..pipeline.datasets import ImageFileDataset, SeededSampler, collate_skip_failed, sample_seed
+from ..pipeline.samplers import ClassBalancedSampler, ShuffleSampler
 from ..runtime import tune_cpu_allocator
+from ..typed_yaml import to_dict
 from ..utils import atomic_save, atomic_write_text, default_cache_dir, log
-from .config import RunConfig, StageConfig
-from .data import (SeededImageDataset, SeededSampler, StageData, build_stage_data, collate_training,
-                   load_validation_frame, sample_seed)
-from ..data.manifest import select_rows
-from .distributed import DistInfo, barrier, init_distributed, mean_across_ranks
-from .features import stage_feature_cache
+from .data import StageData, build_stage_data, load_validation_frame
+from .frozen_features import stage_feature_cache
 from .logger import RunLogger
 from .optim import create_optimizer, lr_multiplier, param_groups
+from .recipe import RunConfig, StageConfig
 
 CHECKPOINT_VERSION = 1
 
@@ -111,6 +113,27 @@ def _seed_everything(seed: int) -> None:
 
 def _worker_init(_):
     torch.set_num_threads(1)
+
+
+@dataclass
+class _StageRun:
+    """One stage in progress: what `Trainer._setup_stage` builds and the step loop advances (step, micro)."""
+
+    index: int
+    stage: StageConfig
+    data: StageData
+    use_features: bool
+    opt: torch.optim.Optimizer
+    module: nn.Module
+    ema: Any
+    batches: Iterator
+    autocast: Any
+    total_steps: int
+    micro_per_epoch: int
+    accum: int
+    step: int
+    micro: int
+    t_stage: float
 
 
 class Trainer:
@@ -253,7 +276,8 @@ class Trainer:
             df = self._val_cache["df"]
             self.embedder.eval()
             if use_features:
-                feats, ok = cached_features(self.embedder, df["path"].tolist(), self.cfg.cache_dir or default_cache_dir(),
+                feats, ok = cached_features(self.embedder, df["path"].tolist(),
+                                            self.cfg.cache_dir or default_cache_dir(),
                                             batch_size=vcfg.batch_size, num_workers=self.cfg.num_workers,
                                             device=self.device, progress=False)
                 emb = self.embedder.embed_features(torch.as_tensor(feats[ok], device=self.device)).cpu().numpy()
@@ -315,6 +339,13 @@ class Trainer:
         self.class_names = np.asarray(state["class_names"], dtype=object)
 
     def _run_stage(self, index: int, stage: StageConfig, state: dict | None) -> None:
+        """One stage: set it up (or restore it from `state`), run its optimizer steps, finish it."""
+        run = self._setup_stage(index, stage, state)
+        self._train_steps(run)
+        self._finish_stage(run)
+
+    def _setup_stage(self, index: int, stage: StageConfig, state: dict | None) -> _StageRun:
+        """Data, class centres, trainable parts, optimizer, DDP wrapper, EMA and the batch feed of a stage."""
         cfg, dist = self.cfg, self.dist
         t_stage = time.time()
         data = build_stage_data(cfg, stage)
@@ -381,32 +412,37 @@ class Trainer:
             batches = self._feature_batches(sampler, data, feats, local_batch, micro, micro_per_epoch)
         else:
             batches = self._image_batches(sampler, stage, data, local_batch, micro, micro_per_epoch)
-
         precision = stage.precision if stage.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext())
+        return _StageRun(index, stage, data, use_features, opt, module, ema, batches, autocast, total_steps,
+                         micro_per_epoch, accum, step, micro, t_stage)
+
+    def _train_steps(self, run: _StageRun) -> None:
+        """The step loop: LR schedule, margin per epoch, accumulation, logging, validation, checkpoints, signals."""
+        cfg, dist, stage, opt, ema = self.cfg, self.dist, run.stage, run.opt, run.ema
         _set_train_mode(self.embedder, stage)
         last_epoch = -1
-        bar = tqdm(total=total_steps, initial=step, desc=f"stage {stage.name}", disable=not (self.progress and dist.is_main),
-                   dynamic_ncols=True)
+        bar = tqdm(total=run.total_steps, initial=run.step, desc=f"stage {stage.name}",
+                   disable=not (self.progress and dist.is_main), dynamic_ncols=True)
         t0, seen, loss_sum, loss_n = time.time(), 0, 0.0, 0
-        while step < total_steps:
+        while run.step < run.total_steps:
             for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * lr_multiplier(step, total_steps, max(1, micro_per_epoch // accum),
-                                                       stage.schedule)
+                g["lr"] = g["base_lr"] * lr_multiplier(run.step, run.total_steps,
+                                                       max(1, run.micro_per_epoch // run.accum), stage.schedule)
             opt.zero_grad(set_to_none=True)
-            for a in range(accum):
-                epoch = micro // micro_per_epoch
+            for a in range(run.accum):
+                epoch = run.micro // run.micro_per_epoch
                 if epoch != last_epoch:
-                    self.loss.set_margin(self._margin_for_epoch(stage, epoch, data))
+                    self.loss.set_margin(self._margin_for_epoch(stage, epoch, run.data))
                     last_epoch = epoch
-                inputs, targets = next(batches)
-                sync = a == accum - 1 or not dist.enabled
-                with (nullcontext() if sync else module.no_sync()), autocast:
-                    loss = module(inputs, targets, use_features) / accum
+                inputs, targets = next(run.batches)
+                sync = a == run.accum - 1 or not dist.enabled
+                with (nullcontext() if sync else run.module.no_sync()), run.autocast:
+                    loss = run.module(inputs, targets, run.use_features) / run.accum
                 loss.backward()
-                micro += 1
+                run.micro += 1
                 seen += len(targets)
-                loss_sum += float(loss.detach()) * accum
+                loss_sum += float(loss.detach()) * run.accum
                 loss_n += 1
             if stage.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
@@ -414,47 +450,55 @@ class Trainer:
             opt.step()
             if ema is not None:
                 ema.update_parameters(self.embedder)
-            step += 1
+            run.step += 1
+            step = run.step
             bar.update(1)
             stop = self._stop_signal is not None
             if dist.enabled:
                 flag = torch.tensor([1.0 if stop else 0.0])
                 torch.distributed.all_reduce(flag)
                 stop = bool(flag.item())
-            val_due = cfg.validation is not None and cfg.validation.every_steps and step % cfg.validation.every_steps == 0
-            if step % cfg.log_every_steps == 0 or step == total_steps or val_due:
+            val_due = (cfg.validation is not None and cfg.validation.every_steps
+                       and step % cfg.validation.every_steps == 0)
+            if step % cfg.log_every_steps == 0 or step == run.total_steps or val_due:
                 mean_loss = mean_across_ranks(loss_sum / max(1, loss_n), dist)
                 rate = seen * dist.world_size / max(1e-9, time.time() - t0)
-                val = self.validate(stage, use_features) if (val_due and step != total_steps) else None
+                val = self.validate(stage, run.use_features) if (val_due and step != run.total_steps) else None
                 margin = self.loss.margins.mean().item()
-                self.logger.log(self._global_step(index, step), stage=stage.name, step=step,
-                                epoch=round(micro / micro_per_epoch, 3), loss=mean_loss,
+                self.logger.log(self._global_step(run.index, step), stage=stage.name, step=step,
+                                epoch=round(run.micro / run.micro_per_epoch, 3), loss=mean_loss,
                                 lr=opt.param_groups[0]["lr"], margin=margin, images_per_s=round(rate, 1),
                                 **({"val_mP@5": val} if val is not None else {}))
                 bar.set_postfix(loss=f"{mean_loss:.3f}", **({"val": f"{val:.3f}"} if val is not None else {}))
                 t0, seen, loss_sum, loss_n = time.time(), 0, 0.0, 0
             if stop:
-                self._checkpoint(index, stage, step, micro, opt, ema, done=False)
+                self._checkpoint(run.index, stage, step, run.micro, opt, ema, done=False)
                 bar.close()
-                raise TrainingInterrupted(f"stopped by signal at stage {stage.name!r} step {step}/{total_steps}; "
+                raise TrainingInterrupted(f"stopped by signal at stage {stage.name!r} step {step}/{run.total_steps}; "
                                           f"checkpoint written, continue with --resume")
-            if step % cfg.checkpoint_every_steps == 0 and step < total_steps:
-                self._checkpoint(index, stage, step, micro, opt, ema, done=False)
+            if step % cfg.checkpoint_every_steps == 0 and step < run.total_steps:
+                self._checkpoint(run.index, stage, step, run.micro, opt, ema, done=False)
         bar.close()
-        if stage.grad_checkpointing and not use_features:
+
+    def _finish_stage(self, run: _StageRun) -> None:
+        """EMA weights in, final validation, the stage-end checkpoint and model files, the loss plot."""
+        cfg, dist, stage, index = self.cfg, self.dist, run.stage, run.index
+        if stage.grad_checkpointing and not run.use_features:
             self.embedder.backbone.set_grad_checkpointing(False)
-        if ema is not None:
-            self.embedder.load_state_dict(_ema_embedder(self.embedder, ema).state_dict())
-        val = self.validate(stage, use_features)
+        if run.ema is not None:
+            self.embedder.load_state_dict(_ema_embedder(self.embedder, run.ema).state_dict())
+        val = self.validate(stage, run.use_features)
         self.embedder.eval()
-        self.logger.log(self._global_step(index, step), stage=stage.name, step=step,
-                        epoch=round(micro / micro_per_epoch, 3), **({"val_mP@5": val} if val is not None else {}))
-        self._checkpoint(index, stage, step, micro, None, None, done=True, tag=f"stage-{index:02d}-{stage.name}")
+        self.logger.log(self._global_step(index, run.step), stage=stage.name, step=run.step,
+                        epoch=round(run.micro / run.micro_per_epoch, 3),
+                        **({"val_mP@5": val} if val is not None else {}))
+        self._checkpoint(index, stage, run.step, run.micro, None, None, done=True,
+                         tag=f"stage-{index:02d}-{stage.name}")
         self._save_model(stage_model_path(self.run_dir, index, stage.name), None, stage.name)
         self._save_model(self.run_dir / "model.pt", None, stage.name)
         self.logger.plot(f"{cfg.name}")
         if dist.is_main:
-            msg = f"stage {stage.name!r} done in {time.time() - t_stage:.0f} s"
+            msg = f"stage {stage.name!r} done in {time.time() - run.t_stage:.0f} s"
             log.info(msg + (f", validation mP@5 {val:.4f}" if val is not None else ""))
         barrier(dist)
 
@@ -482,11 +526,11 @@ class Trainer:
                        micro_per_epoch: int):
         """Endless (uint8 images, targets) through DataLoader workers; resumes mid-epoch."""
         transform = build_train_transform(self.embedder.preprocess, AugmentConfig.from_dict(stage.augment))
-        # On a CPU-only machine decoding runs in the main process between steps (see SeededImageDataset).
+        # On a CPU-only machine decoding runs in the main process between steps (see guie.pipeline.datasets).
         workers = embed_num_workers(self.device) if self.cfg.num_workers is None else self.cfg.num_workers
-        ds = SeededImageDataset(data.df["path"].tolist(), data.df["target"].to_numpy(), transform,
-                                draft_size=draft_size(self.embedder.preprocess),
-                                threads=torch.get_num_threads() if workers == 0 else 1)
+        ds = ImageFileDataset(data.df["path"].tolist(), transform, draft_size=draft_size(self.embedder.preprocess),
+                              threads=torch.get_num_threads() if workers == 0 else 1)
+        targets_all = torch.as_tensor(data.df["target"].to_numpy().copy())
         seeded = SeededSampler(sampler, self.cfg.seed)
         epoch, skip = micro // micro_per_epoch, micro % micro_per_epoch
         reported = 0
@@ -494,20 +538,20 @@ class Trainer:
             seeded.set_epoch(epoch)
             seeded.start = skip * local_batch
             loader = DataLoader(ds, batch_size=local_batch, sampler=seeded, num_workers=workers,
-                                collate_fn=collate_training, drop_last=True, worker_init_fn=_worker_init,
+                                collate_fn=collate_skip_failed, drop_last=True, worker_init_fn=_worker_init,
                                 pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(0),
                                 prefetch_factor=4 if workers else None, persistent_workers=False)
-            for b, (images, targets, _, errors) in enumerate(loader, start=skip):
+            for b, (idx, images, failed) in enumerate(loader, start=skip):
                 if b >= micro_per_epoch:
                     break
-                for e in errors:
+                for _, e in failed:
                     if reported < 20:
                         log.warning("skipped %s", e)
                     reported += 1
                 if images is None:
                     continue
                 images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                yield images, targets.to(self.device, non_blocking=True)
+                yield images, targets_all[idx].to(self.device, non_blocking=True)
             epoch, skip = epoch + 1, 0
 
 

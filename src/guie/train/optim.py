@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .config import OptimizerConfig, ScheduleConfig
+from .recipe import OptimizerConfig, ScheduleConfig
 
 
 def param_groups(embedder, loss_module, lrs: dict, train_parts: list[str], layer_decay: float = 1.0,

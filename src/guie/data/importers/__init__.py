@@ -12,9 +12,9 @@ and, with `verify=True`, files whose image header cannot be read.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..images import IMAGE_EXTENSIONS
+from ...imaging.io import IMAGE_EXTENSIONS
 from ..manifest import list_images
 from .common import DatasetImportError, Skips, read_csv, require_columns
 

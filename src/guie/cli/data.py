@@ -1,4 +1,4 @@
-"""`guie data ...` subcommands beyond the emoji benchmark (importers, build, check, dedup, shard)."""
+"""`guie data ...`: the emoji benchmark, importers, build, check, dedup, shard."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,10 +6,7 @@ from typing import List, Optional
 
 import typer
 
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg="red", err=True)
-    raise typer.Exit(2)
+from .common import fail
 
 
 def _table(rows: list[dict], columns: list[str], title: str) -> str:
@@ -18,8 +15,24 @@ def _table(rows: list[dict], columns: list[str], title: str) -> str:
     return format_table(rows, columns, title=title)
 
 
-def register(data_app: typer.Typer) -> None:
-    """Add the data subcommands to the `guie data` group."""
+def register(app: typer.Typer) -> None:
+    """Add the `guie data` group to the top-level app."""
+    data_app = typer.Typer(no_args_is_help=True, help="Datasets: benchmarks, importers, checks, shards.")
+    app.add_typer(data_app, name="data")
+
+    @data_app.command("emoji")
+    def data_emoji(cache: Optional[Path] = typer.Option(None, help="cache folder (default $GUIE_CACHE or "
+                                                                   "~/.cache/guie)"),
+                   force: bool = typer.Option(False, help="fetch and rebuild even if present")):
+        """Fetch the emoji cross-vendor benchmark with npm and write its manifest."""
+        from ..data.emoji import build_emoji_benchmark
+        from ..data.manifest import read_manifest
+
+        manifest = build_emoji_benchmark(cache, force=force)
+        df = read_manifest(manifest)
+        counts = df.drop_duplicates("label")["split"].value_counts().to_dict()
+        typer.echo(f"{manifest}: {len(df)} images, {df['label'].nunique()} classes x {df['vendor'].nunique()} "
+                   f"vendors; classes per split {counts}")
 
     @data_app.command("import")
     def import_cmd(
@@ -34,15 +47,15 @@ def register(data_app: typer.Typer) -> None:
         verify: bool = typer.Option(False, help="also open every image header and skip unreadable ones"),
     ):
         """Turn a downloaded dataset (its published layout) into a manifest: path,label,domain[,split]."""
-        from .importers import DatasetImportError, import_dataset, parse_options
-        from .manifest import write_manifest
+        from ..data.importers import DatasetImportError, import_dataset, parse_options
+        from ..data.manifest import write_manifest
 
         try:
             res = import_dataset(kind, root, domain=domain, verify=verify, **parse_options(kind, list(opt or [])))
         except DatasetImportError as e:
-            _fail(str(e))
+            fail(str(e))
         if res.manifest.empty:
-            _fail(f"{kind}: no usable images under {root} ({res.summary()})")
+            fail(f"{kind}: no usable images under {root} ({res.summary()})")
         write_manifest(res.manifest, out)
         typer.echo(res.summary())
         for reason, examples in res.examples.items():
@@ -57,7 +70,7 @@ def register(data_app: typer.Typer) -> None:
         import inspect
         import textwrap
 
-        from .importers import DEFAULT_DOMAINS, IMPORTERS, importer_options
+        from ..data.importers import DEFAULT_DOMAINS, IMPORTERS, importer_options
 
         for kind, fn in IMPORTERS.items():
             opts = ", ".join(f"{n}={p.default!r}" for n, p in importer_options(kind).items()) or "no options"
@@ -73,9 +86,9 @@ def register(data_app: typer.Typer) -> None:
         progress: bool = typer.Option(True, help="show progress bars"),
     ):
         """Merge manifests into one label space: train.csv, val/queries/index.csv, summary.csv + .png."""
-        from ..config import ConfigError
-        from .builder import build_dataset, check_query_index, load_recipe
-        from .manifest import ManifestError
+        from ..data.builder import build_dataset, check_query_index, load_recipe
+        from ..data.manifest import ManifestError
+        from ..typed_yaml import ConfigError
 
         try:
             cfg = load_recipe(recipe, list(set_ or []))
@@ -83,7 +96,7 @@ def register(data_app: typer.Typer) -> None:
                 cfg.output = out
             res = build_dataset(cfg, progress=progress)
         except (ConfigError, ManifestError, ValueError, FileNotFoundError) as e:
-            _fail(str(e))
+            fail(str(e))
         typer.echo(_table(res.summary.to_dict(orient="records"),
                           ["part", "domain", "images", "unique_images", "classes"], title=f"build {cfg.name}"))
         sanity = check_query_index(res.queries, res.index)
@@ -95,27 +108,29 @@ def register(data_app: typer.Typer) -> None:
     @data_app.command("check")
     def check_cmd(
         manifest: Path = typer.Argument(..., help="manifest, image folder or shard folder"),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="output prefix (default: the manifest's path "
-                                                                     "without suffix): <out>.clean.csv, <out>.report.csv"),
+        out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                           help="output prefix (default: the manifest's path without suffix): "
+                                                "<out>.clean.csv, <out>.report.csv"),
         workers: Optional[int] = typer.Option(None, help="processes (default: all cores)"),
         min_side: int = typer.Option(32, help="shorter side below this is an error ('tiny')"),
         max_pixels: Optional[int] = typer.Option(None, help="more pixels is an error ('bomb'; default: PIL's limit)"),
         decode: bool = typer.Option(True, help="fully decode every image (finds truncation); --no-decode: headers"),
         drop: Optional[List[str]] = typer.Option(None, help="also leave out images with this warning (repeatable): "
-                                                            "cmyk, 16bit, palette, alpha, exif, huge, grayscale, animated"),
+                                                            "cmyk, 16bit, palette, alpha, exif, huge, grayscale, "
+                                                            "animated"),
         progress: bool = typer.Option(True, help="show a progress bar"),
     ):
         """Open every image (in parallel), report problems by kind, write a cleaned manifest. Deletes nothing."""
-        from .check import CheckConfig, check_manifest, print_problems, write_check_outputs
-        from .images import DEFAULT_MAX_PIXELS
-        from .manifest import ManifestError, read_manifest
+        from ..data.manifest import ManifestError, read_manifest
+        from ..data.validate import CheckConfig, check_manifest, print_problems, write_check_outputs
+        from ..imaging.io import DEFAULT_MAX_PIXELS
 
         try:
             df = read_manifest(manifest)
             cfg = CheckConfig(min_side=min_side, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, decode=decode,
                               drop=tuple(drop or ()))
         except (ManifestError, ValueError) as e:
-            _fail(str(e))
+            fail(str(e))
         res = check_manifest(df, cfg, workers=workers, progress=progress)
         prefix = out or (manifest if manifest.is_dir() else manifest.with_suffix(""))  # a folder: files beside it
         clean, report = write_check_outputs(res, prefix)
@@ -140,17 +155,22 @@ def register(data_app: typer.Typer) -> None:
         workers: Optional[int] = typer.Option(None), progress: bool = typer.Option(True),
     ):
         """Find exact and near-duplicate images, within a manifest or between evaluation and training data."""
+        from ..data.dedup import DedupConfig, drop_duplicates, drop_leaks, find_duplicates, find_leaks
+        from ..data.manifest import ManifestError, read_manifest, write_manifest
         from ..utils import atomic_write_text
-        from .dedup import DedupConfig, drop_duplicates, drop_leaks, find_duplicates, find_leaks
-        from .manifest import ManifestError, read_manifest, write_manifest
 
         try:
             df = read_manifest(manifest)
             train = read_manifest(against) if against else None
-            cfg = DedupConfig(methods=tuple(method or ("exact", "phash")), max_distance=max_distance,
-                              min_cosine=min_cosine, model=model)
+            methods = tuple(method or ("exact", "phash"))
+            embed = None
+            if "embedding" in methods:
+                from ..embedding.engine import path_embedder
+
+                embed = path_embedder(model, progress=progress)
+            cfg = DedupConfig(methods=methods, max_distance=max_distance, min_cosine=min_cosine, embed=embed)
         except (ManifestError, ValueError) as e:
-            _fail(str(e))
+            fail(str(e))
         if train is None:
             rep = find_duplicates(df, cfg, workers=workers, progress=progress)
             cleaned = drop_duplicates(df, rep)
@@ -187,8 +207,8 @@ def register(data_app: typer.Typer) -> None:
         progress: bool = typer.Option(True),
     ):
         """Pack images into WebDataset-style tar shards; resumes an interrupted run. Use the folder as a manifest."""
-        from .manifest import ManifestError, read_manifest
-        from .shards import ShardConfig, ShardError, write_shards
+        from ..data.manifest import ManifestError, read_manifest
+        from ..data.shards import ShardConfig, ShardError, write_shards
 
         try:
             df = read_manifest(manifest)
@@ -196,7 +216,7 @@ def register(data_app: typer.Typer) -> None:
                               shuffle=shuffle, seed=seed)
             res = write_shards(df, out_dir, cfg, workers=workers, progress=progress, overwrite=overwrite)
         except (ManifestError, ShardError, ValueError) as e:
-            _fail(str(e))
+            fail(str(e))
         n_shards = res.index["shard"].nunique() if len(res.index) else 0
         typer.echo(f"{len(res.index)} images in {n_shards} shards ({res.written} written, {res.resumed} already "
                    f"done); {len(res.errors)} unreadable images left out")

@@ -15,7 +15,8 @@ Differences from that pipeline, on purpose:
   `fill: 0` reproduces the reference.
 
 Randomness comes only from torch's global generator, so `torch.manual_seed(s)` before the call (as
-`guie.train.data.SeededImageDataset` does per sample) makes the output reproducible in any worker process.
+`guie.pipeline.datasets.ImageFileDataset` does per (index, seed) key) makes the output reproducible in any worker
+process.
 """
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ class AugmentConfig:
             bad("crop_ratio", "(lo, hi) with 0 < lo <= hi")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "AugmentConfig":
+    def from_dict(cls, d: dict[str, Any] | None) -> AugmentConfig:
         """Build from a recipe mapping (YAML lists become tuples); unknown keys are an error naming the key."""
         d = dict(d or {})
         valid = [f.name for f in fields(cls)]
@@ -121,7 +122,7 @@ class AugmentConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def off(cls) -> "AugmentConfig":
+    def off(cls) -> AugmentConfig:
         """Every augmentation disabled: the training transform then equals the evaluation transform."""
         return cls(hflip=0.0, jpeg_p=0.0, affine_p=0.0, cutout_p=0.0, color_jitter_p=0.0, grayscale_p=0.0)
 

@@ -12,38 +12,24 @@ import io
 import json
 import uuid
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import DataLoader, Sampler
-from tqdm.auto import tqdm
 
-from .embed import embed_num_workers, model_fingerprint
-from .models.embedder import Embedder
-from .models.preprocess import ImageTransform, PreprocessConfig, draft_size
-from .runtime import tune_cpu_allocator
-from .utils import atomic_write_bytes, atomic_write_json, log, resolve_device, save_parquet_atomic
+from ..distributed import barrier_world
+from ..models.embedder import Embedder
+from ..models.preprocess import ImageTransform, PreprocessConfig
+from ..pipeline.datasets import sample_seed
+from ..utils import atomic_write_bytes, atomic_write_json, log, resolve_device, save_parquet_atomic
+from .engine import iter_embeddings
+from .files import model_fingerprint
 
 
 def path_seed(seed: int, view: int, path: str) -> int:
     """Augmentation seed of one (view, image): stable across runs and image lists."""
-    from .train.data import sample_seed
-
     return sample_seed(seed * 1009 + view, 0, zlib.crc32(path.encode()))
-
-
-class _Keys(Sampler):
-    def __init__(self, keys):
-        self.keys = keys
-
-    def __iter__(self):
-        return iter(self.keys)
-
-    def __len__(self):
-        return len(self.keys)
 
 
 def _save_npy(arr: np.ndarray, path: Path) -> None:
@@ -55,36 +41,21 @@ def _save_npy(arr: np.ndarray, path: Path) -> None:
 def _view_transform(preprocess: PreprocessConfig, view: int, augment: dict | None):
     if view == 0:
         return ImageTransform(preprocess)
-    from .data.augment import AugmentConfig, build_train_transform
+    from ..pipeline.augment import AugmentConfig, build_train_transform
 
     return build_train_transform(preprocess, AugmentConfig.from_dict(augment or {}))
 
 
-@torch.inference_mode()
-def _compute(embedder: Embedder, paths: list[str], transform, seeds: list[int], device, batch_size: int,
-             num_workers: int, progress: bool, desc: str) -> tuple[np.ndarray, np.ndarray]:
-    from .train.data import SeededImageDataset, collate_training
-
-    ds = SeededImageDataset(paths, np.zeros(len(paths), dtype=np.int64), transform,
-                            draft_size=draft_size(embedder.preprocess),
-                            threads=torch.get_num_threads() if num_workers == 0 else 1)
-    loader = DataLoader(ds, batch_size=batch_size, sampler=_Keys(list(zip(range(len(paths)), seeds))),
-                        num_workers=num_workers, collate_fn=collate_training,
-                        pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None)
+def _compute(embedder: Embedder, paths: list[str], transform, seeds: list[int] | None, device, batch_size: int,
+             num_workers: int | None, progress: bool, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    """Backbone features (float16) of `paths` through the embedding engine, and the ok mask."""
     feats = np.zeros((len(paths), embedder.backbone.num_features), dtype=np.float16)
     ok = np.zeros(len(paths), dtype=bool)
-    use_bf16 = device.type == "cuda"
-    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        for images, _, index, errors in loader:
-            for e in errors:
-                log.warning("skipped %s", e)
-            if images is not None:
-                images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    f = embedder.forward_features(images)
-                feats[index.numpy()] = f.float().cpu().numpy().astype(np.float16)
-                ok[index.numpy()] = True
-            bar.update(len(errors) + (0 if index is None else len(index)))
+    for b in iter_embeddings(embedder, paths, batch_size, num_workers, device, features=True, progress=progress,
+                             report_failure=lambda msg: log.warning("skipped %s", msg), desc=desc,
+                             transform=transform, seeds=seeds):
+        feats[b.indices] = b.embeddings.astype(np.float16)
+        ok[b.indices] = True
     return feats, ok
 
 
@@ -112,31 +83,22 @@ def cached_features(embedder: Embedder, paths: Sequence[str], cache_dir: str | P
         if missing:
             mine = missing[rank::world_size]
             if mine:
-                if device.type == "cpu":
-                    tune_cpu_allocator()
-                embedder.to(device).eval().to(memory_format=torch.channels_last)
                 transform = _view_transform(preprocess, view, augment)
-                seeds = [path_seed(seed, view, p) for p in mine]
-                workers = embed_num_workers(device) if num_workers is None else num_workers
-                feats, ok = _compute(embedder, mine, transform, seeds, device, batch_size, workers,
+                seeds = [path_seed(seed, view, p) for p in mine] if view else None
+                feats, ok = _compute(embedder, mine, transform, seeds, device, batch_size, num_workers,
                                      progress and rank == 0, f"features view {view}" if view else "features")
                 part = f"part-{uuid.uuid4().hex[:12]}"
                 _save_npy(feats, store / f"{part}.npy")
                 save_parquet_atomic(pd.DataFrame({"path": mine, "row": np.arange(len(mine)), "ok": ok,
                                                   "part": part}), store / f"{part}.rows.parquet")
-            _barrier(world_size)
+            barrier_world(world_size)
             if rank == 0:
                 _rebuild_index(store, key)
-            _barrier(world_size)
+            barrier_world(world_size)
             index = _read_index(store)
         return _gather(store, index, paths)
     finally:
         embedder.preprocess = saved_pre
-
-
-def _barrier(world_size: int) -> None:
-    if world_size > 1:
-        torch.distributed.barrier()
 
 
 def _read_index(store: Path) -> dict:

@@ -1,4 +1,9 @@
-"""torch.distributed glue: one process per device under torchrun (NCCL on GPUs, gloo on CPU)."""
+"""torch.distributed glue, the one home of it: one process per device under torchrun (NCCL on GPUs, gloo on CPU).
+
+`init_distributed` joins the process group, `barrier` / `barrier_world` wait for every rank, `mean_across_ranks`
+averages a logged value, `cleanup_distributed` leaves the group. The training engine, `embed_to_file` and the
+feature store all synchronise through these.
+"""
 from __future__ import annotations
 
 import os
@@ -10,6 +15,8 @@ import torch.distributed as dist
 
 @dataclass
 class DistInfo:
+    """This process's place in the job: rank, world size, local rank and its device."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -41,7 +48,13 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 
 def barrier(info: DistInfo) -> None:
-    if info.enabled:
+    """Wait for every rank (a no-op in a single process)."""
+    barrier_world(info.world_size)
+
+
+def barrier_world(world_size: int) -> None:
+    """Wait for every rank when `world_size` > 1 (for code that gets rank/world_size as plain ints)."""
+    if world_size > 1:
         dist.barrier()
 
 
@@ -55,5 +68,6 @@ def mean_across_ranks(value: float, info: DistInfo) -> float:
 
 
 def cleanup_distributed() -> None:
+    """Leave the process group if this process joined one."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..imaging.io import DEFAULT_MAX_PIXELS, ImageLoadError, load_image, read_image_bytes
 from ..models.preprocess import PreprocessConfig
-from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image, read_image_bytes
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 EXIF_ORIENTATION = 0x0112

@@ -1,14 +1,14 @@
 """Frozen-backbone fast path: a stage's images as cached backbone features, one clean view + augmented views.
 
 The head then trains for thousands of steps without running the backbone; features come from the shared feature
-store (`guie.features`), so validation, the demo and later stages reuse them.
+store (`guie.embedding.feature_store`), so validation, the demo and later stages reuse them.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from ..features import cached_features
+from ..embedding.feature_store import cached_features
 from ..utils import default_cache_dir
 
 

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from ..config import ConfigError, load_yaml_config
+from ..models.preprocess import PreprocessConfig
+from ..pipeline.augment import AugmentConfig
+from ..typed_yaml import ConfigError, load_yaml_config, overrides_of
 
 PARTS = ("backbone", "head", "centers")  # backbone | projection head ("neck") | class-centre matrix of the loss
 
@@ -22,8 +25,9 @@ class ModelConfig:
     head_norm: str = "none"                              # "batchnorm": standardise features before the projection
     image_size: int | None = None
     pretrained: bool = True
-    preprocess: dict = field(default_factory=dict)       # PreprocessConfig overrides, e.g. {crop_pct: 1.0}
-    backbone_kwargs: dict = field(default_factory=dict)  # {keep_projection: false} (open_clip), {feature_levels: [2, 3, 4]}
+    preprocess: dict[str, Any] = overrides_of(PreprocessConfig)  # overrides, e.g. {crop_pct: 1.0}
+    # passed to the backbone's constructor: {keep_projection: false} (open_clip), {feature_levels: [2, 3, 4]}
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     init_checkpoint: Path | None = None                  # start from a saved guie embedder
 
 
@@ -32,7 +36,7 @@ class DatasetConfig:
     """One source of training images, with its own label namespace and balancing."""
 
     manifest: str                                  # CSV/Parquet/folder/shard index; "emoji" = the built-in benchmark
-    where: dict = field(default_factory=dict)      # column -> value or list of values to keep
+    where: dict[str, Any] = field(default_factory=dict)  # column -> value or list of values to keep
     namespace: str | None = None                   # label prefix (default: the dataset's name)
     domain: str | None = None                      # overrides the manifest's domain column
     min_images: int = 2                            # drop classes with fewer images
@@ -92,13 +96,13 @@ class StageConfig:
     steps: int | None = None          # in optimizer steps
     batch_size: int = 64              # global batch (split over DDP ranks)
     accumulation_steps: int = 1
-    lr: dict = field(default_factory=lambda: {"head": 0.01, "centers": 0.01, "backbone": 1e-4})
+    lr: dict[str, float] = field(default_factory=lambda: {"head": 0.01, "centers": 0.01, "backbone": 1e-4})  # per part
     layer_decay: float = 1.0          # backbone LR *= layer_decay ** (depth from the top) ("stratified LR")
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    augment: dict = field(default_factory=dict)   # guie.data.augment.AugmentConfig fields
+    augment: dict[str, Any] = overrides_of(AugmentConfig)  # AugmentConfig fields (the others keep their defaults)
     dropout: float | None = None      # change the head's dropout for this stage
     feature_cache: str = "auto"       # auto (when the backbone is frozen) | on | off
     cache_views: int = 1              # frozen path: clean view + (cache_views - 1) augmented views per image
@@ -122,6 +126,9 @@ class StageConfig:
             raise ValueError(f"stage {self.name!r}: the feature cache needs a frozen backbone")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"stage {self.name!r}: precision must be auto, bf16 or fp32")
+        unknown_lr = sorted(set(self.lr) - set(PARTS))
+        if unknown_lr:
+            raise ValueError(f"stage {self.name!r}: unknown part(s) {unknown_lr} in 'lr'; parts are {list(PARTS)}")
         missing_lr = [p for p in self.train if p not in self.lr]
         if missing_lr:
             raise ValueError(f"stage {self.name!r}: no lr for trained part(s) {missing_lr}")
@@ -136,10 +143,10 @@ class ValidationConfig:
     """Periodic GUIE mP@5 on held-out data (never the test classes)."""
 
     manifest: str | None = None
-    where: dict = field(default_factory=dict)
+    where: dict[str, Any] = field(default_factory=dict)
     folds_by: str | None = None       # leave-one-group-out folds (emoji: vendor), or
-    query_where: dict = field(default_factory=dict)   # explicit query/index subsets of the manifest
-    index_where: dict = field(default_factory=dict)
+    query_where: dict[str, Any] = field(default_factory=dict)  # explicit query/index subsets of the manifest
+    index_where: dict[str, Any] = field(default_factory=dict)
     every_steps: int = 0              # 0: only at stage ends
     batch_size: int = 64
 
@@ -170,13 +177,14 @@ class RunConfig:
         for s in self.stages:
             unknown = [d for d in s.datasets if d not in self.datasets]
             if unknown:
-                raise ValueError(f"stage {s.name!r} uses undefined dataset(s) {unknown}; defined: {sorted(self.datasets)}")
+                raise ValueError(f"stage {s.name!r} uses undefined dataset(s) {unknown}; "
+                                 f"defined: {sorted(self.datasets)}")
 
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
 
-    def select_stages(self, names: list[str]) -> "RunConfig":
+    def select_stages(self, names: list[str]) -> RunConfig:
         """Keep only the named stages (in recipe order), e.g. to run a recipe's head stage alone."""
         wanted = [n.strip() for n in names if n.strip()]
         known = [s.name for s in self.stages]

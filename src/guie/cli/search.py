@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import typer
 
+from .common import fail
+
 
 def register(app: typer.Typer) -> None:
     """Add the `guie search` group to the top-level app."""
@@ -18,13 +20,12 @@ def register(app: typer.Typer) -> None:
               out: Path = typer.Option(..., "--out", "-o", help="index folder to write"),
               factory: str = typer.Option("Flat", help="FAISS index factory: Flat (exact), HNSW32, IVF1024,Flat, ...")):
         """Build a search index from an embeddings file."""
-        from .index import EmbeddingIndex
+        from ..search.index import EmbeddingIndex
 
         try:
             index = EmbeddingIndex.from_embeddings_file(embeddings, factory)
         except (FileNotFoundError, ValueError) as e:
-            typer.secho(f"error: {e}", fg="red", err=True)
-            raise typer.Exit(2)
+            fail(str(e))
         index.save(out)
         typer.echo(f"indexed {len(index)} embeddings of dim {index.dim} ({factory}) in {out}")
 
@@ -36,17 +37,17 @@ def register(app: typer.Typer) -> None:
               grid: Optional[Path] = typer.Option(None, help="write a PNG: each query followed by its results"),
               as_json: bool = typer.Option(False, "--json", help="print JSON lines instead of a table")):
         """Find the k nearest indexed images of each query image."""
-        from ..data.images import ImageLoadError
-        from .index import EmbeddingIndex
-        from .query import embed_query_images, hits_grid
+        from ..imaging.draw import hits_grid
+        from ..imaging.io import ImageLoadError
+        from ..search.index import EmbeddingIndex
+        from ..search.query import embed_query_images
 
         try:
             index = EmbeddingIndex.load(index_dir)
             vectors = embed_query_images(model, images)
             hits = index.search(vectors, k)
         except (FileNotFoundError, ValueError, ImageLoadError) as e:
-            typer.secho(f"error: {e}", fg="red", err=True)
-            raise typer.Exit(2)
+            fail(str(e))
         for img, rows in zip(images, hits.rows):
             cols = [c for c in ("path", "label", "domain", "distance") if c in rows.columns]
             if as_json:
@@ -68,11 +69,10 @@ def register(app: typer.Typer) -> None:
         """Serve image search over HTTP (FastAPI): POST /search, POST /embed, GET /health; docs at /docs."""
         import uvicorn
 
-        from .server import create_app
+        from ..search.server import create_app
 
         try:
             app = create_app(index_dir, model, max_k=max_k)
         except (FileNotFoundError, ValueError) as e:
-            typer.secho(f"error: {e}", fg="red", err=True)
-            raise typer.Exit(2)
+            fail(str(e))
         uvicorn.run(app, host=host, port=port)

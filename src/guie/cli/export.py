@@ -7,12 +7,7 @@ from typing import List, Optional
 
 import typer
 
-FORMATS = ("auto", "torchscript", "onnx")
-
-
-def _fail(message: str, code: int = 2) -> None:
-    typer.secho(f"error: {message}", fg="red", err=True)
-    raise typer.Exit(code)
+from .common import fail
 
 
 def _parse_weights(text: Optional[str], n: int) -> Optional[list[float]]:
@@ -21,18 +16,10 @@ def _parse_weights(text: Optional[str], n: int) -> Optional[list[float]]:
     try:
         weights = [float(w) for w in text.split(",")]
     except ValueError:
-        _fail(f"--weights must be comma-separated numbers, got {text!r}")
+        fail(f"--weights must be comma-separated numbers, got {text!r}")
     if len(weights) != n:
-        _fail(f"--weights has {len(weights)} values for {n} inputs")
+        fail(f"--weights has {len(weights)} values for {n} inputs")
     return weights
-
-
-def _format_for(out: Path, fmt: str) -> str:
-    if fmt not in FORMATS:
-        _fail(f"--format {fmt!r}: choose from {', '.join(FORMATS)}")
-    if fmt == "auto":
-        return "onnx" if out.suffix == ".onnx" else "torchscript"
-    return fmt
 
 
 def _image_paths(source: Optional[Path], where: Optional[List[str]], max_images: int) -> list[str]:
@@ -75,11 +62,15 @@ def register(app: typer.Typer) -> None:
         The file maps raw uint8 RGB images of any size ([3,H,W] or [B,3,H,W]) to float32 [B,d] embeddings, with
         resizing, normalisation, TTA and L2 normalisation inside.
         """
-        from .ensemble import IncompatibleMembersError, load_members, soup_checkpoints
-        from .metadata import ExportError
-        from .module import TTAConfig
+        from ..export.ensemble import IncompatibleMembersError, load_members, soup_checkpoints
+        from ..export.formats import export_model, format_for
+        from ..export.metadata import ExportError
+        from ..export.module import TTAConfig
 
-        fmt = _format_for(out, format)
+        try:
+            fmt = format_for(out, format)
+        except ValueError as e:
+            fail(str(e))
         try:
             tta_cfg = TTAConfig.parse(tta, min_aspect)
             if soup:
@@ -87,23 +78,16 @@ def register(app: typer.Typer) -> None:
                 sources = [None]
             else:
                 if weights:
-                    _fail("--weights is for --soup; ensemble members are averaged with equal weight")
+                    fail("--weights is for --soup; ensemble members are averaged with equal weight")
                 members = load_members(checkpoints, allow_different_heads=allow_different_heads)
                 sources = [str(c) for c in checkpoints]
-            if fmt == "onnx":
-                from .onnx import export_onnx
-
-                result = export_onnx(members, out, tta_cfg, sources, max_dim=max_dim or None)
-            else:
-                from .torchscript import export_torchscript
-
-                result = export_torchscript(members, out, tta_cfg, sources, device=device, max_dim=max_dim or None)
+            result = export_model(members, out, tta_cfg, fmt, sources, device=device, max_dim=max_dim or None)
         except (ExportError, IncompatibleMembersError, FileNotFoundError, ValueError) as e:
-            _fail(str(e))
+            fail(str(e))
         typer.echo(f"wrote {result.path}: {fmt}, {result.metadata.embed_dim}-d, {len(members)} member(s), "
                    f"max |exported - eager| = {result.max_abs_diff:.1e}")
         if check:
-            from .check import check_submission
+            from ..export.check import check_submission
 
             report = check_submission(result.path, references=members, tta=tta_cfg, max_dim=max_dim or 10**9,
                                       latency_runs=3)
@@ -130,8 +114,8 @@ def register(app: typer.Typer) -> None:
         Exit code 0 when every check passes, 1 when one fails, 2 for bad arguments.
         """
         from ..data.manifest import ManifestError
-        from .check import check_submission
-        from .module import TTAConfig
+        from ..export.check import check_submission
+        from ..export.module import TTAConfig
 
         try:
             paths = _image_paths(images, where, max_images)
@@ -139,7 +123,7 @@ def register(app: typer.Typer) -> None:
                                       tta=TTAConfig.parse(tta) if tta else None, max_dim=max_dim, device=device,
                                       latency_runs=latency_runs)
         except (ManifestError, ValueError, FileNotFoundError) as e:
-            _fail(str(e))
+            fail(str(e))
         _print_report(report, json_out)
         if not report.ok:
             raise typer.Exit(1)
@@ -149,12 +133,12 @@ def register(app: typer.Typer) -> None:
              out: Path = typer.Option(..., "--out", "-o", help="output checkpoint (.pt)"),
              weights: Optional[str] = typer.Option(None, help="comma-separated weights (default equal)")):
         """Average the weights of fine-tunes of one model ("model soup") into a new guie checkpoint."""
-        from .ensemble import IncompatibleMembersError, soup_checkpoints
+        from ..export.ensemble import IncompatibleMembersError, soup_checkpoints
 
         try:
             soup_checkpoints(checkpoints, out, _parse_weights(weights, len(checkpoints)))
         except (IncompatibleMembersError, FileNotFoundError, ValueError) as e:
-            _fail(str(e))
+            fail(str(e))
         typer.echo(f"wrote {out}: soup of {len(checkpoints)} checkpoints")
 
     @app.command("ensemble-embeddings")
@@ -163,22 +147,22 @@ def register(app: typer.Typer) -> None:
             out: Path = typer.Option(..., "--out", "-o", help="output embeddings .parquet"),
             weights: Optional[str] = typer.Option(None, help="comma-separated member weights (default equal)")):
         """Average per-member embeddings (L2-normalised mean), as an exported ensemble would, to score it cheaply."""
-        from ..embed import embeddings_table, read_embeddings
+        from ..embedding.files import embeddings_table, read_embeddings
+        from ..export.ensemble import ensemble_embeddings
         from ..utils import save_parquet_atomic
-        from .ensemble import ensemble_embeddings
 
         try:
             tables = [read_embeddings(f) for f in files]
         except (FileNotFoundError, ValueError) as e:
-            _fail(str(e))
+            fail(str(e))
         df0 = tables[0][0]
         for f, (df, _) in zip(files[1:], tables[1:]):
             same = len(df) == len(df0) and ("path" not in df0 or df0["path"].tolist() == df["path"].tolist())
             if not same:
-                _fail(f"{f} does not hold the same images in the same order as {files[0]}")
+                fail(f"{f} does not hold the same images in the same order as {files[0]}")
         try:
             emb = ensemble_embeddings([e for _, e in tables], _parse_weights(weights, len(files)))
         except ValueError as e:
-            _fail(str(e))
+            fail(str(e))
         save_parquet_atomic(embeddings_table(df0, emb), out)
         typer.echo(json.dumps({"out": str(out), "rows": len(df0), "dim": int(emb.shape[1])}))

@@ -1,6 +1,10 @@
 """Typed configs from YAML: dataclasses built recursively, unknown keys and wrong types rejected with the key's path.
 
 Why by hand: dacite/omegaconf would do it, but this is 60 lines and gives errors naming the recipe file and key.
+
+A mapping of *overrides* of another dataclass's fields (e.g. a model's preprocessing: only the keys given replace
+the backbone's own values) is declared with `overrides_of(Cls)`: its keys and values are checked against `Cls`'s
+fields here, and `Cls(**value)` must accept them, so its errors carry the file and key path too.
 """
 from __future__ import annotations
 
@@ -18,6 +22,30 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A recipe that cannot be used; the message names the file and the key."""
+
+
+_OVERRIDES_OF = "guie.overrides_of"
+
+
+def overrides_of(cls: type) -> Any:
+    """A dataclass field holding a mapping of (some of) `cls`'s fields, default empty, typed and validated on load."""
+    return dataclasses.field(default_factory=dict, metadata={_OVERRIDES_OF: cls})
+
+
+def _build_overrides(cls: type, value, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, got {type(value).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(str(k) for k in value if k not in names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {names}")
+    built = {k: _build(hints[k], v, f"{where}.{k}") for k, v in value.items()}
+    try:
+        cls(**built)  # the class's own checks (ranges, choices) on top of the defaults
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return built
 
 
 def _build(tp, value, where: str):
@@ -74,7 +102,9 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
-    kwargs = {k: _build(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    overrides = {f.name: f.metadata[_OVERRIDES_OF] for f in dataclasses.fields(cls) if _OVERRIDES_OF in f.metadata}
+    kwargs = {k: _build_overrides(overrides[k], v, f"{where}.{k}") if k in overrides
+              else _build(hints[k], v, f"{where}.{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .images import DEFAULT_MAX_PIXELS, ImageLoadError, image_source, load_image
+from ..imaging.io import DEFAULT_MAX_PIXELS, ImageLoadError, image_source, load_image
 from .manifest import write_manifest
 
 ERROR_KINDS = ("missing", "empty", "format", "truncated", "corrupt", "decode", "bomb", "tiny", "unreadable")

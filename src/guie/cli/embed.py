@@ -1,0 +1,56 @@
+"""`guie embed`: image files -> an embeddings Parquet file, resumably (one process, or torchrun ranks)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .common import fail
+
+
+def register(app: typer.Typer) -> None:
+    """Add `guie embed` to the top-level app."""
+
+    @app.command()
+    def embed(source: Path = typer.Argument(..., help="image folder, or manifest (.csv/.parquet with a 'path' column)"),
+              out: Path = typer.Option(..., "--out", "-o", help="output embeddings .parquet"),
+              model: str = typer.Option("efficientnet_lite0", help="guie checkpoint (.pt) or backbone name"),
+              embed_dim: Optional[int] = typer.Option(None, help="head size for a fresh backbone (default: raw "
+                                                                 "features)"),
+              features: bool = typer.Option(False, help="write backbone features instead of the head's embedding"),
+              image_size: Optional[int] = typer.Option(None, help="input resolution (default: the model's)"),
+              batch_size: int = typer.Option(64), workers: Optional[int] = typer.Option(
+                  None, help="decode processes (default: 0 on CPU, decoding between forwards; cores-1 on GPU)"),
+              device: str = typer.Option("auto"), shard_size: int = typer.Option(4096, help="rows per resumable "
+                                                                                            "shard"),
+              decode: str = typer.Option("cpu", help="cpu (PIL) or gpu (JPEGs decoded on the model's device)"),
+              compile: bool = typer.Option(False, "--compile", help="torch.compile the model (long runs on GPU)"),
+              where: Optional[List[str]] = typer.Option(None, help="keep rows with column=value (repeatable)"),
+              overwrite: bool = typer.Option(False, help="discard shards of an earlier run with another model"),
+              progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar")):
+        """Embed images into a Parquet file (manifest columns + 'embedding'); resumes an interrupted run."""
+        from ..data.manifest import ManifestError, filter_rows, read_manifest
+        from ..distributed import init_distributed
+        from ..embedding.files import ResumeError, embed_to_file
+        from ..models.embedder import resolve_embedder
+
+        try:
+            df = filter_rows(read_manifest(source), where)
+            if df.empty:
+                fail(f"{source}: no rows left after --where {' '.join(where or [])}")
+            embedder = resolve_embedder(model, embed_dim=embed_dim, image_size=image_size)
+            dist = init_distributed(device)  # under torchrun: one process per GPU, shards split over the ranks
+            dev = dist.device if dist.enabled else (None if device == "auto" else device)
+            kept, emb, errors = embed_to_file(embedder, df, out, batch_size=batch_size, num_workers=workers,
+                                              device=dev, features=features,
+                                              shard_size=shard_size, overwrite=overwrite, decode=decode,
+                                              compile=compile, progress=progress, rank=dist.rank,
+                                              world_size=dist.world_size)
+            if not dist.is_main:
+                return
+        except (ManifestError, ResumeError, ValueError, FileNotFoundError) as e:
+            fail(str(e))
+        typer.echo(f"wrote {len(kept)} embeddings of dim {emb.shape[1]} to {out}")
+        if errors:
+            typer.echo(f"skipped {len(errors)} unreadable images (listed in {out}.failed.csv)", err=True)

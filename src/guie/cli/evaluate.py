@@ -1,0 +1,66 @@
+"""`guie evaluate`: the exact GUIE metric over embeddings files or manifests, with a report."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .common import fail
+
+
+def register(app: typer.Typer) -> None:
+    """Add `guie evaluate` to the top-level app."""
+
+    @app.command()
+    def evaluate(embeddings: Optional[Path] = typer.Argument(None, help="one embeddings file or manifest, split by "
+                                                                        "--folds-by"),
+                 query: Optional[Path] = typer.Option(None, help="query embeddings/manifest"),
+                 index: Optional[Path] = typer.Option(None, help="index embeddings/manifest"),
+                 folds_by: Optional[str] = typer.Option(None, help="leave-one-group-out folds over this column"),
+                 model: Optional[str] = typer.Option(None, help="model for manifests (checkpoint or backbone name)"),
+                 where: Optional[List[str]] = typer.Option(None, help="keep rows with column=value (repeatable)"),
+                 k: int = typer.Option(5, help="neighbours per query (GUIE: 5)"),
+                 exclude_missing: bool = typer.Option(False, help="drop queries with n_q = 0 instead of failing"),
+                 out: Optional[Path] = typer.Option(None, help="folder for results.json and report.html"),
+                 image_size: Optional[int] = typer.Option(None), batch_size: int = typer.Option(64),
+                 workers: Optional[int] = typer.Option(None), device: str = typer.Option("auto"),
+                 progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar")):
+        """Score embeddings with the exact GUIE metric (mP@k, Euclidean k-NN) and write a report with pictures."""
+        from ..data.manifest import ManifestError
+        from ..evaluate.protocol import evaluate_folds, evaluate_query_index
+        from ..evaluate.report import format_table, write_report
+        from ..evaluate.tables import load_table
+
+        dev = None if device == "auto" else device
+        missing = "exclude" if exclude_missing else "error"
+        if embeddings is None and (query is None or index is None):
+            fail("give an embeddings file with --folds-by, or both --query and --index")
+        if embeddings is not None and (query is not None or index is not None):
+            fail("give either one embeddings file (with --folds-by) or --query and --index, not both")
+        if embeddings is not None and not folds_by:
+            fail("with a single embeddings file, say how to split it into queries and index: --folds-by COLUMN "
+                 "(or give --query and --index)")
+        opts = dict(model=model, where=where, batch_size=batch_size, workers=workers, device=dev,
+                    image_size=image_size, progress=progress)
+        try:
+            if embeddings is not None:
+                df, emb = load_table(embeddings, **opts)
+                ev = evaluate_folds(df, emb, by=folds_by, k=k, missing=missing)
+            else:
+                qdf, qemb = load_table(query, **opts)
+                idf, iemb = load_table(index, **opts)
+                ev = evaluate_query_index(qdf, qemb, idf, iemb, k=k, missing=missing)
+        except (ManifestError, ValueError, FileNotFoundError) as e:
+            fail(str(e))
+        rows = [{"fold": f["fold"], "queries": f["queries"], f"mP@{k}": f["score"]} for f in ev.folds]
+        rows.append({"fold": "mean", "queries": sum(f["queries"] for f in ev.folds), f"mP@{k}": ev.score})
+        typer.echo(format_table(rows, ["fold", "queries", f"mP@{k}"], title="GUIE metric"))
+        if ev.per_domain is not None:
+            drows = ev.per_domain.to_dict(orient="records")
+            typer.echo(format_table(drows, ["domain", "queries", "score"], title="per domain"))
+        if out:
+            report = write_report(ev, out, title=f"guie evaluate: {embeddings or query}")
+            typer.echo(f"report: {report}")
+        typer.echo(json.dumps({f"mP@{k}": round(ev.score, 6)}))

@@ -1,0 +1,271 @@
+"""The one batched embedding loop: decoding overlapped or interleaved with the model, channels_last, bf16 on CUDA.
+
+`iter_embeddings` streams batches of image files in file order; `embed_images` gathers them in memory;
+`embed_decoded` embeds images already in memory (uploads, query images). Everything that runs a model over images
+for vectors goes through here: `guie.embedding.files.embed_to_file` (resumable Parquet output), the feature store
+(clean and augmented views), validation during training, search queries and the search server. Undecodable images
+are reported one line each and counted, never silently dropped and never fatal.
+
+Where decoding runs matters more than anything else for throughput:
+  * model on CUDA: DataLoader worker processes decode while the GPU computes (or, with decode="gpu", workers only
+    read bytes and nvJPEG decodes on the GPU);
+  * model on CPU: the main process decodes each batch with a thread pool *between* forwards (PIL releases the GIL).
+    Worker processes would run *during* the forward and compete with its intra-op threads for the same cores; on a
+    2-core machine that cost a third of the throughput. glibc's allocator is also tuned once (`guie.runtime`): by
+    default it hands every activation back to the kernel, and faulting it in again each forward was the kernel
+    time that equalled user time.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..models.embedder import Embedder
+from ..models.preprocess import ImageTransform, PreprocessConfig, draft_size
+from ..pipeline.datasets import ImageFileDataset, KeyListSampler, collate_skip_failed
+from ..runtime import tune_cpu_allocator
+from ..utils import resolve_device
+
+DECODERS = ("cpu", "gpu")
+
+
+@dataclass
+class EmbedResult:
+    """Embeddings of the decodable images; `ok[i]` says whether paths[i] was embedded (row order kept)."""
+
+    embeddings: np.ndarray            # [n_ok, d] float32, rows in the order of paths[ok]
+    ok: np.ndarray                    # [N] bool
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EmbeddedBatch:
+    """One batch of `iter_embeddings`: positions (in `paths`) of the embedded images, their vectors, the failures.
+
+    Batches arrive in file order and together cover every position exactly once (embedded or failed)."""
+
+    indices: np.ndarray               # [n] int64
+    embeddings: np.ndarray            # [n, d] float32
+    failed: list[tuple[int, str]]     # (position, one-line message)
+
+
+def embed_num_workers(device: str | torch.device | None = None) -> int:
+    """Decode workers for inference on `device`: 0 on CPU (the main process decodes between forwards with a thread
+    pool, see the module docstring), else one per core but one, up to 16."""
+    if resolve_device(device).type == "cpu":
+        return 0
+    return max(1, min(16, (os.cpu_count() or 1) - 1))
+
+
+def make_loader(paths: Sequence[str], preprocess: PreprocessConfig, batch_size: int, num_workers: int,
+                pin_memory: bool = False, decode: str = "cpu", threads: int | None = None,
+                transform: Callable | None = None, seeds: Sequence[int] | None = None) -> DataLoader:
+    """A DataLoader over image files in order.
+
+    decode="cpu" yields (indices, uint8 images [B,3,S,S] or None, failures); decode="gpu" yields encoded batches
+    for `guie.pipeline.gpu_decode.decode_batch`. With num_workers=0, `threads` (default: torch's intra-op thread
+    count) decode each batch in parallel in the main process. `transform` replaces the evaluation transform of
+    `preprocess` (e.g. an augmentation), seeded per image with `seeds` (see `guie.pipeline.datasets`).
+    """
+    if decode not in DECODERS:
+        raise ValueError(f"decode={decode!r}: choose from {DECODERS}")
+    if decode == "gpu" and (transform is not None or seeds is not None):
+        raise ValueError("decode='gpu' runs the evaluation transform only (no custom transform or seeds)")
+    transform, draft = transform or ImageTransform(preprocess), draft_size(preprocess)
+    sampler = None if seeds is None else KeyListSampler(list(zip(range(len(paths)), seeds)))
+    if decode == "gpu":
+        from ..pipeline.gpu_decode import EncodedImageDataset, collate_encoded
+
+        ds, collate = EncodedImageDataset(paths, transform, draft_size=draft), collate_encoded
+    else:
+        n_threads = (threads or torch.get_num_threads()) if num_workers == 0 else 1
+        ds, collate = ImageFileDataset(paths, transform, draft_size=draft, threads=n_threads), collate_skip_failed
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate, pin_memory=pin_memory, persistent_workers=False,
+                      prefetch_factor=2 if num_workers > 0 else None)
+
+
+def _model_fn(embedder: Embedder, features: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    return embedder.forward_features if features else embedder.forward
+
+
+def output_dim(embedder: Embedder, features: bool) -> int:
+    """Width of what `iter_embeddings` returns: backbone features or the embedding."""
+    return int(embedder.backbone.num_features) if features else int(embedder.embed_dim)
+
+
+def _prepare_model(embedder: Embedder, device: torch.device) -> None:
+    """Move the model to `device` in eval mode and channels_last; tune glibc's allocator once on CPU."""
+    if device.type == "cpu":
+        tune_cpu_allocator()  # activations are re-faulted from the kernel every forward otherwise (guie.runtime)
+    # Converted outside inference mode: parameters created inside it become inference tensors, which would break
+    # training the same model afterwards (e.g. validation during fine-tuning).
+    embedder.to(device).eval().to(memory_format=torch.channels_last)
+
+
+def iter_embeddings(embedder: Embedder, paths: Sequence[str], batch_size: int = 64, num_workers: int | None = None,
+                    device: str | torch.device | None = None, features: bool = False,
+                    preprocess: PreprocessConfig | None = None, decode: str = "cpu", compile: bool = False,
+                    progress: bool = True, report_failure: Callable[[str], None] | None = None,
+                    desc: str = "embed", transform: Callable | None = None,
+                    seeds: Sequence[int] | None = None) -> Iterator[EmbeddedBatch]:
+    """Stream embeddings (or backbone features when features=True) of image files, batch by batch, in file order.
+
+    Args:
+        num_workers: decode processes; default `embed_num_workers(device)`.
+        preprocess: override the embedder's preprocessing (e.g. resize mode; see `Embedder.set_image_size` to
+            change a ViT's resolution).
+        decode: "cpu" (PIL) or "gpu" (JPEGs decoded on the model's device by torchvision/nvJPEG, see
+            `guie.pipeline.gpu_decode`).
+        compile: run the model through `torch.compile` (the last batch is padded so only one shape is compiled).
+        report_failure: called with a one-line message per undecodable image (default: stderr).
+        transform: PIL image -> uint8 tensor replacing the evaluation transform (e.g. a training augmentation);
+            `seeds` (one per path) seed torch's RNG before each image is transformed, so augmented views are
+            reproducible.
+    The model is moved to `device`, put in eval mode and channels_last; its train/eval mode is restored after.
+    On CPU, glibc's allocator is tuned once for the process (`guie.runtime.tune_cpu_allocator`).
+    """
+    device = resolve_device(device)
+    preprocess = preprocess or embedder.preprocess
+    num_workers = embed_num_workers(device) if num_workers is None else num_workers
+    report_failure = report_failure or (lambda msg: print(f"skipped {msg}", file=sys.stderr))
+    loader = make_loader(paths, preprocess, batch_size, num_workers, pin_memory=device.type == "cuda",
+                         decode=decode, transform=transform, seeds=seeds)
+    was_training = embedder.training
+    _prepare_model(embedder, device)
+    fn = _model_fn(embedder, features)
+    if compile:
+        fn = torch.compile(fn, dynamic=False)
+    cuda, pending = device.type == "cuda", None
+    try:
+        with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+            batches = iter(loader)
+            while True:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                except BaseException:  # interrupted: hand over the finished batch first (it may complete a shard)
+                    if pending is not None:
+                        finished, pending = pending, None
+                        yield _collect(finished, bar)
+                    raise
+                if decode == "gpu":
+                    from ..pipeline.gpu_decode import decode_batch
+
+                    idx, images, failed = decode_batch(*batch[:2], paths, preprocess, device)
+                    failed = batch[2] + failed
+                else:
+                    idx, images, failed = batch
+                for _, msg in failed:
+                    report_failure(msg)
+                out, event = None, None
+                if images is not None:
+                    out = _forward(fn, images, device, batch_size if compile else 0)
+                    if cuda:  # copy back without a sync: the GPU keeps working while the next batch is prepared
+                        host = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
+                        out, event = host.copy_(out, non_blocking=True), torch.cuda.Event()
+                        event.record()
+                current = (idx, out, failed, event)
+                if pending is not None:
+                    yield _collect(pending, bar)
+                    pending = None
+                if cuda:  # handed over after the next batch is queued, so the GPU never waits for the copy
+                    pending = current
+                else:
+                    yield _collect(current, bar)
+            if pending is not None:
+                yield _collect(pending, bar)
+    finally:
+        embedder.train(was_training)
+
+
+def _forward(fn, images: torch.Tensor, device: torch.device, pad_to: int) -> torch.Tensor:
+    """float32 [B, d] from uint8 images (bf16 autocast on CUDA); pads the batch to `pad_to` rows when > 0."""
+    n = images.shape[0]
+    images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    if pad_to and n < pad_to:
+        images = torch.cat([images, images[-1:].expand(pad_to - n, -1, -1, -1)]).contiguous(
+            memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return fn(images)[:n].float()
+
+
+def _collect(pending, bar) -> EmbeddedBatch:
+    idx, out, failed, event = pending
+    if event is not None:
+        event.synchronize()
+    bar.update(len(idx) + len(failed))
+    emb = out.numpy() if out is not None else np.empty((0, 0), dtype=np.float32)
+    return EmbeddedBatch(np.asarray(idx, dtype=np.int64), emb, failed)
+
+
+def embed_images(embedder: Embedder, paths: Sequence[str], batch_size: int = 64, num_workers: int | None = None,
+                 device: str | torch.device | None = None, features: bool = False, progress: bool = True,
+                 preprocess: PreprocessConfig | None = None, report_failure: Callable[[str], None] | None = None,
+                 desc: str = "embed", decode: str = "cpu", compile: bool = False) -> EmbedResult:
+    """Embed image files with `embedder` (or extract backbone features when features=True), in memory.
+
+    Arguments as `iter_embeddings`. Returns the vectors of the decodable images in path order, the ok mask and the
+    failure messages.
+    """
+    n = len(paths)
+    out = np.empty((n, output_dim(embedder, features)), dtype=np.float32)
+    ok = np.zeros(n, dtype=bool)
+    errors: list[str] = []
+    for b in iter_embeddings(embedder, paths, batch_size, num_workers, device, features, preprocess, decode,
+                             compile, progress, report_failure, desc):
+        errors += [msg for _, msg in b.failed]
+        if len(b.indices):
+            out[b.indices] = b.embeddings
+            ok[b.indices] = True
+    return EmbedResult(out[ok], ok, errors)
+
+
+def embed_decoded(embedder: Embedder, images: Sequence[Image.Image | torch.Tensor], batch_size: int = 64,
+                  device: str | torch.device | None = None, features: bool = False) -> np.ndarray:
+    """Embed images already in memory (PIL images, or uint8 [3,S,S] tensors at the model's resolution) -> float32
+    [N, d], in the order given: the path for uploads and query images, with the same forward as `iter_embeddings`.
+    """
+    device = resolve_device(device)
+    transform = embedder.transform
+    pixels = [im if isinstance(im, torch.Tensor) else transform(im) for im in images]
+    out = np.empty((len(pixels), output_dim(embedder, features)), dtype=np.float32)
+    was_training = embedder.training
+    _prepare_model(embedder, device)
+    fn = _model_fn(embedder, features)
+    try:
+        for lo in range(0, len(pixels), batch_size):
+            out[lo:lo + batch_size] = _forward(fn, torch.stack(pixels[lo:lo + batch_size]), device, 0).cpu().numpy()
+    finally:
+        embedder.train(was_training)
+    return out
+
+
+def path_embedder(model, image_size: int | None = None, batch_size: int = 64, progress: bool = False,
+                  device: str | torch.device | None = None) -> Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]:
+    """A function paths -> (float32 [N, d] with zero rows where an image could not be read, ok mask [N]) that embeds
+    with `model` (an Embedder, checkpoint path or backbone name; default efficientnet_lite0), loaded once.
+
+    This is how code below the engine (e.g. `guie.data.dedup`'s embedding detector) gets embeddings without
+    importing it."""
+    from ..models.embedder import resolve_embedder
+
+    embedder = resolve_embedder(model, image_size=image_size)
+
+    def embed(paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        res = embed_images(embedder, [str(p) for p in paths], batch_size=batch_size, device=device,
+                           progress=progress, report_failure=lambda msg: None, desc="embed")
+        full = np.zeros((len(paths), res.embeddings.shape[1]), dtype=np.float32)
+        full[res.ok] = res.embeddings
+        return full, res.ok
+
+    return embed

@@ -1,0 +1,45 @@
+"""Pictures people look at: framed thumbnails of image files and grids of search results."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from .io import ImageLoadError, load_image
+
+GREEN, RED, GREY, BLUE = (30, 160, 60), (210, 40, 40), (150, 150, 150), (70, 110, 200)
+
+
+def thumbnail(path: str, size: int, border: tuple | None) -> Image.Image:
+    """A size x size thumbnail of an image file in a 4-px frame (grey placeholder if it cannot be read)."""
+    try:
+        im = load_image(path, draft_size=size)
+        im.thumbnail((size, size))
+    except ImageLoadError:
+        im = Image.new("RGB", (size, size), (230, 230, 230))
+    cell = Image.new("RGB", (size + 8, size + 8), border or (255, 255, 255))
+    inner = Image.new("RGB", (size, size), (255, 255, 255))
+    inner.paste(im, ((size - im.width) // 2, (size - im.height) // 2))
+    cell.paste(inner, (4, 4))
+    return cell
+
+
+def hits_grid(images: Sequence[str | Path], hits, thumb: int = 96) -> Image.Image:
+    """One row per query: the query (grey frame), then its results with their distances.
+
+    `hits` has `positions` [Q, k] and `rows` (one DataFrame per query with `path`, `distance`, optional `label`),
+    as `guie.search.EmbeddingIndex.search` returns."""
+    k = hits.positions.shape[1]
+    cell = thumb + 8
+    grid = Image.new("RGB", (cell * (k + 1) + 10, (cell + 14) * len(images)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for r, (img, rows) in enumerate(zip(images, hits.rows)):
+        y = r * (cell + 14)
+        grid.paste(thumbnail(str(img), thumb, GREY), (0, y))
+        for j, row in enumerate(rows.itertuples(index=False)):
+            x = cell * (j + 1) + 10
+            grid.paste(thumbnail(str(row.path), thumb, BLUE), (x, y))
+            label = f"{getattr(row, 'label', '')}"[:14]
+            draw.text((x + 2, y + cell), f"{row.distance:.3f} {label}", fill=(0, 0, 0))
+    return grid

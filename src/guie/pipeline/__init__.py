@@ -1,0 +1,1 @@
+"""The training and inference input pipeline: image datasets and their collate, augmentations, samplers, GPU decode."""
