@@ -138,3 +138,13 @@ def test_ruff_is_clean():
     r = subprocess.run([sys.executable, "-m", "ruff", "check", "src", "tests", "benchmarks"], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_public_face_resolves_every_name():
+    import guie
+
+    for name in guie.__all__:
+        assert getattr(guie, name) is not None, name
+    assert guie.mean_precision_at_k([[0.0], [1.0]], [0, 1], [[0.1], [0.9]], [0, 1], k=1) == 1.0
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        guie.nothing  # noqa: B018

@@ -268,3 +268,21 @@ def test_cpu_allocator_tuning_is_idempotent_and_can_be_disabled():
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "GUIE_MALLOC_TUNING": "0"},
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
+
+
+def test_images_in_memory_and_augmented_views_go_through_the_same_loop(tiny_embedder, mode_images, tmp_path):
+    """embed_decoded (uploads, queries) equals embedding the files; the feature store's augmented views are
+    reproducible per (seed, view, path) and differ from the clean view."""
+    from guie.embedding.engine import embed_decoded
+    from guie.embedding.feature_store import cached_features
+
+    e = tiny_embedder()
+    paths = [str(p) for p in mode_images.values()]
+    files = embed_images(e, paths, batch_size=3, progress=False).embeddings
+    decoded = embed_decoded(e, [load_image(p, draft_size=32) for p in paths], batch_size=3)
+    np.testing.assert_allclose(decoded, files, atol=1e-5)
+    augment = {"hflip": 1.0, "affine_p": 0.0, "cutout_p": 0.0, "jpeg_p": 0.0}
+    views = [cached_features(e, paths, tmp_path / c, view=v, augment=augment, progress=False)[0]
+             for c, v in (("a", 0), ("a", 1), ("b", 1))]
+    np.testing.assert_array_equal(views[1], views[2])          # recomputed in another store: the same view
+    assert np.abs(views[0] - views[1]).max() > 1e-3             # flipped images give other features
