@@ -1,7 +1,8 @@
 """`guie data check`: open every image of a manifest (in parallel) and report what is wrong with it.
 
 Errors (the row is left out of the cleaned manifest): missing, empty, format (not an image), truncated, corrupt,
-decode, bomb (more pixels than `max_pixels`), tiny (short side < `min_side`).
+decode, bomb (more pixels than `max_pixels`), too_large (a non-JPEG with more pixels than guie decodes, see
+`images.max_decoded_pixels`), tiny (short side < `min_side`).
 Warnings (kept: `load_image` handles them, but they are worth knowing about): cmyk, 16bit, palette, alpha, exif
 (an EXIF orientation other than 1, so the stored pixels are rotated), huge (more than `huge_pixels`: slow to decode),
 grayscale, animated.
@@ -23,7 +24,8 @@ from tqdm.auto import tqdm
 from ..imaging.io import DEFAULT_MAX_PIXELS, ImageLoadError, image_source, load_image
 from .manifest import write_manifest
 
-ERROR_KINDS = ("missing", "empty", "format", "truncated", "corrupt", "decode", "bomb", "tiny", "unreadable")
+ERROR_KINDS = ("missing", "empty", "format", "truncated", "corrupt", "decode", "bomb", "too_large", "tiny",
+               "unreadable")
 WARNING_KINDS = ("cmyk", "16bit", "palette", "alpha", "exif", "huge", "grayscale", "animated")
 _EXIF_ORIENTATION = 0x0112
 

@@ -1,12 +1,11 @@
 """The exported module: raw RGB pixels of any size -> L2-normalised float32 embeddings [B, d], preprocessing inside.
 
 One definition serves every format: `torch.jit.script` compiles it (with each member's network traced at its fixed
-resolution), `torch.onnx.export` traces the same eager module with symbolic H and W. So that one code path is valid
-for the TorchScript compiler and for `torch.export`, the resize geometry is computed with integer arithmetic only
-(no float rounding of symbolic sizes, no data-dependent branches outside TorchScript).
+resolution), `torch.onnx.export` traces the same eager module with symbolic H and W.
 
-Per member: resize (PreprocessConfig's crop/squash/pad geometry; antialiased bicubic/bilinear in PIL's two passes) ->
-round to uint8 -> the member's Embedder (normalise -> backbone -> head -> L2). Optional TTA views (horizontal flip, a
+Per member: resize with `guie.imaging.geometry.resize_tensor` (the crop/squash/pad geometry and Pillow's resampling
+arithmetic, so the network sees the pixels the training-time PIL path gives it, for every interpolation including
+lanczos) -> the member's Embedder (normalise -> backbone -> head -> L2). Optional TTA views (horizontal flip, a
 whole-image letterbox view for non-square images) are averaged; members are averaged; the result is L2-normalised.
 """
 from __future__ import annotations
@@ -18,10 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..imaging.geometry import resize_tensor, size_max, size_min
 from ..models.preprocess import PreprocessConfig
-
-# PIL filter -> torch.nn.functional.interpolate mode. torch has no Lanczos; bicubic is its nearest equivalent.
-TORCH_INTERPOLATION = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest-exact", "lanczos": "bicubic"}
 
 
 @dataclass(frozen=True)
@@ -64,24 +61,6 @@ def _ratio(x: float, max_denominator: int = 10_000) -> tuple[int, int]:
     return fr.numerator, fr.denominator
 
 
-def _imin(a: int, b: int) -> int:
-    # torch.sym_min keeps a symbolic size symbolic under torch.export, where Python's min() would specialise it.
-    if torch.jit.is_scripting():
-        return min(a, b)
-    return torch.sym_min(a, b)
-
-
-def _imax(a: int, b: int) -> int:
-    if torch.jit.is_scripting():
-        return max(a, b)
-    return torch.sym_max(a, b)
-
-
-def _round_div(num: int, den: int) -> int:
-    """round(num / den) for positive ints, halves up, in integer arithmetic."""
-    return (2 * num + den) // (2 * den)
-
-
 class MemberPipeline(nn.Module):
     """One member: raw float pixels [B,3,H,W] in [0,255] -> resized uint8 views -> its network -> [B, d].
 
@@ -93,46 +72,16 @@ class MemberPipeline(nn.Module):
         self.net = net
         self.size: int = int(preprocess.image_size)
         self.resize_mode: str = preprocess.resize_mode
-        self.interpolation: str = TORCH_INTERPOLATION[preprocess.interpolation]
-        self.antialias: bool = self.interpolation in ("bicubic", "bilinear")
+        self.interpolation: str = preprocess.interpolation
         # crop mode: short side -> image_size / crop_pct, kept as an exact fraction num/den
-        self.short_num, self.short_den = _ratio(preprocess.image_size / preprocess.crop_pct)
+        self.short_num, self.short_den = preprocess.short_side
         self.flip: bool = tta.flip
         self.letterbox: bool = tta.letterbox and preprocess.resize_mode != "pad"
         self.aspect_num, self.aspect_den = _ratio(tta.min_aspect, 1000)
 
-    def _interpolate(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """Resize like PIL's Resample.c: horizontal pass, round to 8 bits, vertical pass.
-
-        The pixels then match PIL's within 1 level on > 99.7% of pixels, where a single 2-D pass differs on up to
-        ~25% (by up to 9 levels when upsampling) and moves embeddings ~10x more. (Pillow 13 sometimes runs the
-        vertical pass first, seemingly by a size heuristic; those images differ by 1-2 levels on ~20% of pixels.)
-        """
-        y = F.interpolate(x, size=[x.shape[-2], w], mode=self.interpolation, antialias=self.antialias)
-        return F.interpolate(y.clamp(0.0, 255.0).round(), size=[h, w], mode=self.interpolation,
-                             antialias=self.antialias)
-
     def resize(self, x: torch.Tensor, mode: str) -> torch.Tensor:
-        """float [B,3,H,W] (0..255) -> uint8 [B,3,S,S], the geometry of models.preprocess.resize_image."""
-        s = self.size
-        h, w = x.shape[-2], x.shape[-1]
-        if mode == "squash":
-            y = self._interpolate(x, s, s)
-        elif mode == "pad":
-            long_side = _imax(h, w)
-            nh = _imax(1, _round_div(h * s, long_side))
-            nw = _imax(1, _round_div(w * s, long_side))
-            y = self._interpolate(x, nh, nw)
-            top, left = (s - nh) // 2, (s - nw) // 2
-            y = F.pad(y, [left, s - nw - left, top, s - nh - top], value=255.0)  # white, as resize_image
-        else:  # crop: short side to s / crop_pct, then the centre s x s
-            short_side = _imin(h, w)
-            nh = _imax(s, _round_div(h * self.short_num, self.short_den * short_side))
-            nw = _imax(s, _round_div(w * self.short_num, self.short_den * short_side))
-            # at the same size the (antialiased) kernels reduce to the identity, so no data-dependent skip is needed
-            y = self._interpolate(x, nh, nw)
-            y = y.narrow(2, (nh - s) // 2, s).narrow(3, (nw - s) // 2, s)
-        return y.clamp(0.0, 255.0).round().to(torch.uint8)
+        """float [B,3,H,W] (0..255) -> uint8 [B,3,S,S]: the pixels models.preprocess.resize_image gives."""
+        return resize_tensor(x, self.size, mode, self.short_num, self.short_den, self.interpolation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         views = [self.resize(x, self.resize_mode)]
@@ -141,13 +90,13 @@ class MemberPipeline(nn.Module):
         if self.letterbox:
             h, w = x.shape[-2], x.shape[-1]
             if torch.jit.is_scripting():
-                if _imax(h, w) * self.aspect_den >= _imin(h, w) * self.aspect_num:
+                if size_max(h, w) * self.aspect_den >= size_min(h, w) * self.aspect_num:
                     views.append(self.resize(x, "pad"))
             else:
                 # Traced for ONNX: the view always runs and a 0/1 weight computed from the symbolic shape gates it
                 # (a Python `if` on the shape would be frozen at the example's value).
                 views.append(self.resize(x, "pad"))
-                wide = (wide * _imax(h, w) * self.aspect_den >= wide * _imin(h, w) * self.aspect_num).float()
+                wide = (wide * size_max(h, w) * self.aspect_den >= wide * size_min(h, w) * self.aspect_num).float()
         if self.flip:
             views = views + [v.flip(3) for v in views]
         if len(views) == 1:

@@ -3,6 +3,12 @@
 Handled: EXIF orientation, alpha/palette transparency (composited on white, as the emoji and product photos
 expect), CMYK, 16-bit and float grey, 1-bit, truncated files, empty files and decompression bombs.
 
+Bounded memory: at most `max_decoded_pixels` pixels are ever decoded (default 2**25, 33.5 Mpx; environment
+variable GUIE_MAX_DECODED_PIXELS). Larger JPEGs are decoded at a reduced DCT scale (1/2, 1/4 or 1/8) that fits;
+other formats that large are refused from their header, before any pixel is decoded. The resize that follows
+(`guie.imaging.geometry`) never builds an intermediate larger than the model input needs, so one image costs at
+most about 16 bytes per decoded pixel (decode, orientation, compositing on white) whatever its declared size.
+
 A path may also be a *shard reference* ``/abs/shard-000003.tar#<offset>:<size>:<member name>`` (see
 `guie.data.shards`): the image's bytes are read by seeking to `offset` in the tar file, so shards give random
 access to samples (DataLoader shuffling and workers work as with loose files).
@@ -10,6 +16,7 @@ access to samples (DataLoader shuffling and workers work as with loose files).
 from __future__ import annotations
 
 import io
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -20,6 +27,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own hard limit (2x MAX_IMAGE_PIXELS); larger is treated as a bomb
+DEFAULT_MAX_DECODED_PIXELS = 1 << 25  # 33.5 Mpx: an 8K frame; more is decoded at a reduced scale or refused
+_JPEG_SCALES = (1, 2, 4, 8)  # libjpeg's DCT scaling, as PIL's draft offers it
 
 
 class ImageLoadError(Exception):
@@ -130,19 +139,32 @@ def to_rgb(image: Image.Image, background=(255, 255, 255)) -> Image.Image:
     return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def load_image(path: str | Path, draft_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open an image file as 8-bit RGB with EXIF orientation applied.
+def max_decoded_pixels() -> int:
+    """The decode limit in force: GUIE_MAX_DECODED_PIXELS when set, else DEFAULT_MAX_DECODED_PIXELS."""
+    value = os.environ.get("GUIE_MAX_DECODED_PIXELS", "").strip()
+    try:
+        return int(value) if value else DEFAULT_MAX_DECODED_PIXELS
+    except ValueError:
+        raise ValueError(f"GUIE_MAX_DECODED_PIXELS={value!r} is not a whole number of pixels") from None
+
+
+def load_image(path: str | Path, draft_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_decoded: int | None = None) -> Image.Image:
+    """Open an image file as 8-bit RGB with EXIF orientation applied, in bounded memory.
 
     `path` may be a shard reference (``shard.tar#offset:size:name``); its bytes are read by seeking into the tar.
 
     Args:
         draft_size: for JPEGs, let libjpeg decode at a reduced scale whose short side stays >= draft_size
             (DCT scaling: several times faster on large photos, no visible loss after the resize that follows).
-        max_pixels: refuse images with more pixels than this (decompression bombs); PIL itself refuses anything
-            above its hard limit (DEFAULT_MAX_PIXELS) whatever this says.
+        max_pixels: refuse images that declare more pixels than this (decompression bombs); PIL itself refuses
+            anything above its hard limit (DEFAULT_MAX_PIXELS) whatever this says.
+        max_decoded: decode at most this many pixels (default: `max_decoded_pixels()`): larger JPEGs are decoded at
+            the DCT scale that fits, larger images of other formats are refused (kind "too_large").
     Raises:
         ImageLoadError: with the file name and a one-line reason.
     """
+    max_decoded = max_decoded_pixels() if max_decoded is None else max_decoded
     source = image_source(path)
     if isinstance(source, Path):
         path = source
@@ -156,8 +178,13 @@ def load_image(path: str | Path, draft_size: int | None = None, max_pixels: int 
                 if w * h > max_pixels:
                     raise ImageLoadError(path, f"too large ({w}x{h} = {w * h:,} pixels > {max_pixels:,}); "
                                                "possible decompression bomb", "bomb")
-                if draft_size and im.format == "JPEG" and im.mode in ("RGB", "L"):
-                    im.draft("RGB", _draft_request(w, h, draft_size))
+                if im.format == "JPEG":
+                    _draft(im, draft_size, max_decoded)
+                dw, dh = im.size
+                if dw * dh > max_decoded:
+                    raise ImageLoadError(path, f"too large to decode ({w}x{h} = {w * h:,} pixels > "
+                                               f"{max_decoded:,}; raise GUIE_MAX_DECODED_PIXELS to allow it)",
+                                         "too_large")
                 im.load()
                 im = ImageOps.exif_transpose(im)
                 return to_rgb(im)
@@ -173,6 +200,22 @@ def load_image(path: str | Path, draft_size: int | None = None, max_pixels: int 
     except (ValueError, SyntaxError, EOFError) as e:
         kind = "truncated" if isinstance(e, EOFError) or "truncat" in str(e).lower() else "decode"
         raise ImageLoadError(path, f"cannot decode ({type(e).__name__}: {e})", kind) from None
+
+
+def _draft(im: Image.Image, draft_size: int | None, max_decoded: int) -> None:
+    """Choose a JPEG's DCT scale: the coarsest that keeps the short side >= draft_size (RGB and grey JPEGs, when
+    asked), and at least the finest whose decoded size fits max_decoded (any JPEG)."""
+    w, h = im.size
+    request = None
+    if draft_size and im.mode in ("RGB", "L"):
+        request = _draft_request(w, h, draft_size)
+    coarsest = 1 if request is None else min(w // request[0], h // request[1])
+    wanted = max([s for s in _JPEG_SCALES if s <= coarsest], default=1)
+    fits = [s for s in _JPEG_SCALES if s <= min(w, h) and -(-w // s) * -(-h // s) <= max_decoded]
+    if fits and fits[0] > wanted:
+        request = (w // fits[0], h // fits[0])  # PIL's draft then picks exactly this scale
+    if request is not None:
+        im.draft("RGB" if im.mode in ("RGB", "L") else None, request)
 
 
 def _draft_request(w: int, h: int, short_side: int) -> tuple[int, int]:

@@ -12,9 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
-                  "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
-RESIZE_MODES = ("crop", "squash", "pad")
+from ..imaging.geometry import INTERPOLATIONS, RESIZE_MODES, resize_pil, short_side_ratio
 
 
 @dataclass(frozen=True)
@@ -38,6 +36,11 @@ class PreprocessConfig:
         if self.image_size < 8:
             raise ValueError(f"image_size must be >= 8, got {self.image_size}")
 
+    @property
+    def short_side(self) -> tuple[int, int]:
+        """crop mode's short side before the centre crop, image_size / crop_pct, as an exact fraction (num, den)."""
+        return short_side_ratio(self.image_size, self.crop_pct)
+
     def replace(self, **changes) -> PreprocessConfig:
         """A copy with some fields changed (None values are ignored)."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -55,24 +58,11 @@ class PreprocessConfig:
 
 
 def resize_image(image: Image.Image, cfg: PreprocessConfig) -> Image.Image:
-    """Resize an RGB PIL image to cfg.image_size x cfg.image_size following cfg.resize_mode."""
-    size, resample = cfg.image_size, INTERPOLATIONS[cfg.interpolation]
-    w, h = image.size
-    if cfg.resize_mode == "squash":
-        return image.resize((size, size), resample)
-    if cfg.resize_mode == "pad":
-        scale = size / max(w, h)
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        canvas = Image.new("RGB", (size, size), (255, 255, 255))
-        canvas.paste(image.resize((nw, nh), resample), ((size - nw) // 2, (size - nh) // 2))
-        return canvas
-    short = size / cfg.crop_pct
-    scale = short / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        image = image.resize((nw, nh), resample)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return image.crop((left, top, left + size, top + size))
+    """Resize an RGB PIL image to cfg.image_size x cfg.image_size following cfg.resize_mode, in bounded memory.
+
+    The geometry (`guie.imaging.geometry`) is the one the device decoder and exported models use too.
+    """
+    return resize_pil(image, cfg.image_size, cfg.resize_mode, *cfg.short_side, cfg.interpolation)
 
 
 def draft_size(cfg: PreprocessConfig) -> int:

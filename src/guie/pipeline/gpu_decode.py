@@ -3,8 +3,9 @@
 DataLoader workers then only read file bytes and parse headers, which frees the CPU when it, not the GPU, limits
 throughput (PIL decodes ~160 640x480 JPEGs/s per core; nvJPEG ~7,700/s on an H100). Other formats, CMYK JPEGs and
 JPEGs the device decoder rejects go through the ordinary PIL path (`load_image`), so results and error messages stay
-those of the CPU path. Resizing follows `models.preprocess.resize_image` geometry with torch's PIL-style antialiased
-filters; pixels differ from PIL's by about one level (different IDCT and rounding), not enough to move rankings.
+those of the CPU path. Resizing is `guie.imaging.geometry.resize_tensor`: the geometry and the resampling arithmetic of
+the PIL path, so for the same decoded pixels it gives the same model input; only the decoders differ (nvJPEG's IDCT
+vs libjpeg's, about one level on some pixels, and PIL's reduced-scale `draft` decode of large JPEGs).
 """
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..imaging.io import DEFAULT_MAX_PIXELS, ImageLoadError, load_image, read_image_bytes
+from ..imaging.geometry import resize_tensor
+from ..imaging.io import DEFAULT_MAX_PIXELS, ImageLoadError, load_image, max_decoded_pixels, read_image_bytes
 from ..models.preprocess import PreprocessConfig
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -32,7 +33,7 @@ def _orient(x: torch.Tensor, code: int) -> torch.Tensor:
 
 
 ORIENT = range(1, 9)
-_TORCH_MODES = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest"}
+RESIZE_BATCH = 16  # images resized per call: bounds the float64 intermediates of resize_tensor
 
 
 class EncodedImageDataset(Dataset):
@@ -68,8 +69,8 @@ class EncodedImageDataset(Dataset):
                 orientation = int(im.getexif().get(EXIF_ORIENTATION, 1))
         except Exception:
             return self._pil(i)  # PIL then names the problem
-        if mode not in ("RGB", "L") or w * h > self.max_pixels or orientation not in ORIENT:
-            return self._pil(i)
+        if mode not in ("RGB", "L") or w * h > min(self.max_pixels, max_decoded_pixels()) or orientation not in ORIENT:
+            return self._pil(i)  # PIL decodes it at a reduced scale, or refuses it with its reason
         return i, ("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8), orientation), None
 
 
@@ -80,37 +81,11 @@ def collate_encoded(batch):
     return [i for i, _ in ok], [p for _, p in ok], failed
 
 
-def _interpolate(x: torch.Tensor, h: int, w: int, mode: str) -> torch.Tensor:
-    """Separable resize like PIL: horizontal pass, round to 8 bits, vertical pass (float 0..255 in and out)."""
-    if mode == "nearest":
-        return F.interpolate(x, size=(h, w), mode="nearest-exact")
-    y = F.interpolate(x, size=(x.shape[-2], w), mode=mode, antialias=True).clamp(0, 255).round()
-    return F.interpolate(y, size=(h, w), mode=mode, antialias=True)
-
-
 def resize_batch(x: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
-    """uint8 [n,3,H,W] (one size) -> uint8 [n,3,S,S] with the geometry of `models.preprocess.resize_image`."""
-    if cfg.interpolation not in _TORCH_MODES:
-        raise ValueError(f"decode='gpu' supports interpolation {sorted(_TORCH_MODES)}, not {cfg.interpolation!r}")
-    mode, size = _TORCH_MODES[cfg.interpolation], cfg.image_size
-    h, w = x.shape[-2:]
-    xf = x.float()
-    if cfg.resize_mode == "squash":
-        out = _interpolate(xf, size, size, mode)
-    elif cfg.resize_mode == "pad":
-        scale = size / max(w, h)
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        out = torch.full((x.shape[0], 3, size, size), 255.0, device=x.device)
-        top, left = (size - nh) // 2, (size - nw) // 2
-        out[:, :, top:top + nh, left:left + nw] = _interpolate(xf, nh, nw, mode)
-    else:
-        scale = size / cfg.crop_pct / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        if (nw, nh) != (w, h):
-            xf = _interpolate(xf, nh, nw, mode)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        out = xf[:, :, top:top + size, left:left + size]
-    return out.clamp(0, 255).round().to(torch.uint8)
+    """uint8 [n,3,H,W] (one size) -> uint8 [n,3,S,S]: the model input `models.preprocess.resize_image` gives."""
+    parts = [resize_tensor(x[i:i + RESIZE_BATCH], cfg.image_size, cfg.resize_mode, *cfg.short_side, cfg.interpolation)
+             for i in range(0, x.shape[0], RESIZE_BATCH)]
+    return torch.cat(parts)
 
 
 def decode_batch(indices: list[int], payloads: list, paths: Sequence[str], cfg: PreprocessConfig,
