@@ -1,8 +1,9 @@
 """ONNX export of the same module, with dynamic batch, height and width, checked in onnxruntime.
 
-`torch.export` traces the eager module with symbolic B, H and W (so the resize geometry stays in the graph: ONNX
-`Resize` with antialiasing, opset >= 18), then torch's ONNX exporter (onnxscript) translates it. Input "images":
-uint8 [B,3,H,W]; output "embeddings": float32 [B,d].
+`torch.export` traces the eager module with symbolic B, H and W (so the resize geometry of `guie.imaging.geometry`
+stays in the graph, as float64 products whose weights are computed from the input's shape), then torch's ONNX
+exporter (onnxscript) translates it at opset >= 18. Input "images": uint8 [B,3,H,W]; output "embeddings": float32
+[B,d].
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ from .metadata import ONNX_METADATA_KEY, ExportError, build_metadata, validate_m
 from .module import TTAConfig
 from .torchscript import ExportResult, build_exported_module, random_images
 
-ONNX_OPSET = 18          # first opset whose Resize has `antialias`
-ONNX_ATOL = 5e-3         # ONNX Resize and torch's resize may round a few pixels differently (measured: <= 5e-4)
+ONNX_OPSET = 18          # the oldest opset guie's exports are verified with
+ONNX_ATOL = 5e-3         # onnxruntime's float kernels vs torch's (the resized pixels are identical)
 EXTERNAL_DATA_BYTES = 1_500_000_000  # protobuf's 2 GiB limit: larger weights go to a side file
 
 
@@ -68,7 +69,7 @@ def export_onnx(embedders: Sequence[Embedder], path: str | Path, tta: TTAConfig 
         ExportError: invalid members, an export failure, or onnxruntime disagreeing with PyTorch by more than `atol`.
     """
     if opset < ONNX_OPSET:
-        raise ExportError(f"opset {opset} has no antialiased Resize; use >= {ONNX_OPSET}")
+        raise ExportError(f"opset {opset} is older than {ONNX_OPSET}, the oldest guie's ONNX export is verified with")
     tta = tta or TTAConfig()
     validate_members(embedders, max_dim)
     path = Path(path)

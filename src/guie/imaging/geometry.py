@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +37,7 @@ RESIZE_MODES = ("crop", "squash", "pad")
 MAX_RESIZED_PIXELS = 1 << 22
 
 
-def short_side_ratio(image_size: int, crop_pct: float) -> Tuple[int, int]:
+def short_side_ratio(image_size: int, crop_pct: float) -> tuple[int, int]:
     """crop mode's short side, image_size / crop_pct, as an exact fraction (numerator, denominator)."""
     fr = Fraction(image_size / crop_pct).limit_denominator(10_000)
     return fr.numerator, fr.denominator
@@ -64,7 +63,7 @@ def _round_div(num: int, den: int) -> int:
     return (2 * num + den) // (2 * den)
 
 
-def resize_plan(width: int, height: int, size: int, mode: str, short_num: int, short_den: int) -> List[int]:
+def resize_plan(width: int, height: int, size: int, mode: str, short_num: int, short_den: int) -> list[int]:
     """The geometry of turning a width x height image into size x size model input.
 
     Returns [n_x, c_x, m_x, p_x, n_y, c_y, m_y, p_y]: along each axis, resize the whole image to n pixels, keep the m
@@ -130,7 +129,7 @@ def _filter(t: Tensor, interpolation: str) -> Tensor:
 
 
 def _axis_bounds(in_len: int, n: int, c: int, m: int, interpolation: str,
-                 device: torch.device) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                 device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Outputs c..c+m-1 of an axis of in_len pixels resized to n -> (centre, first source, end source, 1/filterscale),
     as Pillow's precompute_coeffs computes them (float64)."""
     one = torch.ones((), dtype=torch.float64, device=device)
@@ -151,8 +150,8 @@ def _axis_bounds(in_len: int, n: int, c: int, m: int, interpolation: str,
 
 
 def _fixed_point(w: Tensor) -> Tensor:
-    """Normalise raw filter values [outputs, sources] per output and quantise them to Pillow's fixed point: 22 fractional bits
-    (Resample.c, PRECISION_BITS), kept as float64 (products with 8-bit pixels and their sums stay exact)."""
+    """Normalise raw filter values [outputs, sources] per output and quantise them to Pillow's fixed point: 22
+    fractional bits (Resample.c, PRECISION_BITS), kept as float64 (products with 8-bit pixels and sums stay exact)."""
     total = w.sum(1, keepdim=True)
     k = torch.where(total != 0.0, w / total, w)
     return torch.trunc(k * 4194304.0 + torch.where(k < 0.0, -0.5, 0.5))
@@ -186,10 +185,10 @@ def _resample(x: Tensor, dim: int, in_len: int, n: int, c: int, m: int, interpol
     t = (src - center.unsqueeze(1) + 0.5) * inv_scale
     weights = _fixed_point(torch.where(src < end.unsqueeze(1), _filter(t, interpolation), torch.zeros_like(t)))
     local = (first - offset).to(torch.long)
-    starts: List[int] = local.tolist()
-    ends: List[int] = (end - offset).to(torch.long).tolist()
+    starts: list[int] = local.tolist()
+    ends: list[int] = (end - offset).to(torch.long).tolist()
     group = max(4, int(6.0 * _support(interpolation)))  # the slab a group reads is ~4x its taps: cheap, few calls
-    parts: List[Tensor] = []
+    parts: list[Tensor] = []
     for g0 in range(0, m, group):
         g1 = min(m, g0 + group)
         s0, span = starts[g0], ends[g1 - 1] - starts[g0]
@@ -201,13 +200,13 @@ def _resample(x: Tensor, dim: int, in_len: int, n: int, c: int, m: int, interpol
     return _to_uint8_levels(torch.cat(parts, dim))
 
 
-def _used_range(in_len: int, n: int, c: int, m: int, interpolation: str, device: torch.device) -> Tuple[int, int]:
+def _used_range(in_len: int, n: int, c: int, m: int, interpolation: str, device: torch.device) -> tuple[int, int]:
     """[first, end) of the source pixels that outputs c..c+m-1 read."""
     _, first, end, _ = _axis_bounds(in_len, n, c, m, interpolation, device)
     return int(first[0].item()), int(end[m - 1].item())
 
 
-def _two_passes(x: Tensor, plan: List[int], interpolation: str, width: int, height: int, x0: int, y0: int,
+def _two_passes(x: Tensor, plan: list[int], interpolation: str, width: int, height: int, x0: int, y0: int,
                 h_first: bool) -> Tensor:
     """x [B,C,rows,cols] (source rows from y0, columns from x0) -> float64 levels [B,C,m_y,m_x], the two passes in
     the given order."""
