@@ -4,9 +4,11 @@
 
 n_q = number of index items sharing the query's label; only the first min(n_q, 5) neighbours count. Neighbours
 are found by exact Euclidean k-NN on the vectors as given (the host did not normalise them), with FAISS
-`IndexFlatL2`. FAISS leaves the order of tied distances undefined (faiss #904), so ties are broken here by index
-position: candidates are re-ranked with a stable sort on exact float64 distances, and any query whose k-th
-distance is tied beyond the candidate window falls back to a brute-force ranking.
+`IndexFlatL2`. FAISS computes float32 distances as |q|^2 + |x|^2 - 2 q.x, whose rounding error grows with the
+vectors' norms, and leaves the order of tied distances undefined (faiss #904). So FAISS only proposes a window of
+candidates: they are re-ranked on exact float64 distances (from differences) by distance, then index position,
+and a query falls back to an exact ranking over the whole index whenever an item outside its window could still
+tie with or beat its k-th neighbour, judged with a proven bound on FAISS's float32 error (`_float_error_bound`).
 """
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_EXTRA_CANDIDATES = 16
+_EXTRA_CANDIDATES = 16  # window = k + this; larger windows rarely change the result and cost a slower FAISS heap
+_RERANK_QUERIES = 2048  # queries per float64 re-rank chunk: [2048, 21, d] float64 is ~22 MB at d = 64
+_FALLBACK_BYTES = 64 << 20  # memory for one block of float64 distances in the whole-index fallback
 
 
 def _as_matrix(x, name: str) -> np.ndarray:
@@ -36,11 +40,26 @@ def _exact_sq_dists(q: np.ndarray, x: np.ndarray) -> np.ndarray:
     return ((q64[:, None, :] - x64[None, :, :]) ** 2).sum(-1)
 
 
+def _float_error_bound(dim: int, q_norms: np.ndarray, x_norm_max: float, unit_roundoff: float) -> np.ndarray:
+    """An upper bound of |computed - exact| squared distance when |q|^2 + |x|^2 - 2 q.x is evaluated in floating
+    point with the given unit roundoff, for every index item x (any summation order, FMA or not).
+
+    Each of the three terms carries at most gamma_n = n u / (1 - n u) relative error (n = dim + 4 operations,
+    Higham's bound for sums and dot products), and |q|^2 + |x|^2 + 2|q.x| <= (|q| + |x|)^2. The factor 2 covers
+    the rounding of float64 inputs to float32 before FAISS sees them (2u (|q| + |x|)^2 at most) with room to spare.
+    """
+    n = dim + 4
+    gamma = n * unit_roundoff / (1 - n * unit_roundoff)
+    return 2.0 * gamma * (q_norms + x_norm_max) ** 2
+
+
 def knn_search(query_embeddings, index_embeddings, k: int = 5, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """Exact Euclidean k-NN with deterministic tie-breaking (lower index position first).
 
-    Returns (distances [Q, k] float64 Euclidean, indices [Q, k] int64). If the index has fewer than k items,
-    k is reduced to its size.
+    FAISS proposes k + 16 candidates per query; one batched float64 computation re-ranks them, and only the
+    queries whose window cannot prove the answer (exact ties or float32 noise reaching past it) are ranked against
+    the whole index. Returns (distances [Q, k] float64 Euclidean, indices [Q, k] int64). If the index has fewer
+    than k items, k is reduced to its size.
     """
     import faiss
 
@@ -52,32 +71,79 @@ def knn_search(query_embeddings, index_embeddings, k: int = 5, batch_size: int =
         raise ValueError("index_embeddings is empty")
     k = min(k, len(x))
     window = min(len(x), k + _EXTRA_CANDIDATES)
+    x32 = np.ascontiguousarray(x, dtype=np.float32)
     index = faiss.IndexFlatL2(x.shape[1])
-    index.add(np.ascontiguousarray(x, dtype=np.float32))
+    index.add(x32)
+    x_norm_max = float(np.sqrt(np.einsum("ij,ij->i", x32, x32, dtype=np.float64).max())) if window < len(x) else 0.0
     out_d = np.empty((len(q), k), dtype=np.float64)
     out_i = np.empty((len(q), k), dtype=np.int64)
+    fallback = []
     for start in range(0, len(q), batch_size):
         qb = q[start:start + batch_size]
         approx_d, cand = index.search(np.ascontiguousarray(qb, dtype=np.float32), window)
-        for row in range(len(qb)):
-            ids = cand[row]
-            ids = ids[ids >= 0]
-            d = _exact_sq_dists(qb[row:row + 1], x[ids])[0]
-            order = np.lexsort((ids, d))  # by distance, then by index position
-            ids, d = ids[order], d[order]
-            # If everything in the window is within float32 noise of the k-th distance, items outside the window
-            # could tie with it: rank this query against the whole index instead.
-            if window < len(x) and approx_d[row, -1] <= approx_d[row, k - 1] * (1 + 1e-5) + 1e-12:
-                d_all = _exact_sq_dists(qb[row:row + 1], x)[0] if len(x) <= 50_000 else \
-                    _blocked_sq_dists(qb[row], x)
-                ids = np.lexsort((np.arange(len(x)), d_all))[:k]
-                d = d_all[ids]
-            out_d[start + row], out_i[start + row] = np.sqrt(d[:k]), ids[:k]
+        for s in range(0, len(qb), _RERANK_QUERIES):
+            chunk = slice(s, min(len(qb), s + _RERANK_QUERIES))
+            rows = slice(start + chunk.start, start + chunk.stop)
+            need = _rerank_window(qb[chunk], x, cand[chunk], approx_d[chunk], k, window < len(x), x_norm_max,
+                                  out_d[rows], out_i[rows])
+            fallback.append(rows.start + np.flatnonzero(need))
+    fallback = np.concatenate(fallback) if fallback else np.empty(0, dtype=np.int64)
+    if len(fallback):
+        out_d[fallback], out_i[fallback] = _exact_knn_whole_index(q[fallback], x, k)
     return out_d, out_i
 
 
-def _blocked_sq_dists(qrow: np.ndarray, x: np.ndarray, block: int = 50_000) -> np.ndarray:
-    return np.concatenate([_exact_sq_dists(qrow[None], x[s:s + block])[0] for s in range(0, len(x), block)])
+def _rerank_window(q, x, cand, approx_d, k, partial, x_norm_max, out_d, out_i) -> np.ndarray:
+    """Write the exact top-k of each query's candidate window into out_d / out_i; return the mask of queries whose
+    window does not prove the answer (some item outside it could rank within the top k)."""
+    invalid = cand < 0  # FAISS pads with -1 when it finds fewer results than asked (not expected here)
+    ids = np.where(invalid, 0, cand)
+    d = ((q.astype(np.float64)[:, None, :] - x[ids].astype(np.float64)) ** 2).sum(-1)
+    d[invalid] = np.inf
+    order = np.lexsort((ids, d), axis=-1)  # by distance, then by index position
+    ids, d = np.take_along_axis(ids, order, 1)[:, :k], np.take_along_axis(d, order, 1)[:, :k]
+    out_d[:], out_i[:] = np.sqrt(d), ids
+    need = invalid.any(1)
+    if partial:
+        # Every item outside the window has a FAISS distance >= the window's last one, hence an exact distance
+        # >= that minus FAISS's error bound; unless this stays above the exact k-th distance, it might tie or win.
+        q_norms = np.sqrt(np.einsum("ij,ij->i", q, q, dtype=np.float64))
+        bound = _float_error_bound(q.shape[1], q_norms, x_norm_max, np.finfo(np.float32).eps / 2)
+        need |= approx_d[:, -1].astype(np.float64) - bound <= d[:, k - 1]
+    return need
+
+
+def _exact_knn_whole_index(q: np.ndarray, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of each query over the whole index, ties by index position (the queries FAISS's window leaves
+    undecided: exact duplicates, or vectors whose norms drown float32 distances).
+
+    float64 matrix products (fast, in blocks of bounded memory) give distances within a proven bound of the exact
+    ones; every item within twice that bound of the k-th is then re-ranked on exact distances from differences.
+    """
+    q64 = q.astype(np.float64)
+    q_sq = np.einsum("ij,ij->i", q64, q64)
+    x_sq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+    bound = _float_error_bound(x.shape[1], np.sqrt(q_sq), float(np.sqrt(x_sq.max())), np.finfo(np.float64).eps / 2)
+    out_d = np.empty((len(q), k), dtype=np.float64)
+    out_i = np.empty((len(q), k), dtype=np.int64)
+    rows_per_block = max(1, _FALLBACK_BYTES // (8 * len(x)))
+    x_block = max(1, _FALLBACK_BYTES // (8 * x.shape[1]))
+    for r0 in range(0, len(q), rows_per_block):
+        r1 = min(len(q), r0 + rows_per_block)
+        approx = np.empty((r1 - r0, len(x)), dtype=np.float64)
+        for c0 in range(0, len(x), x_block):
+            xb = x[c0:c0 + x_block].astype(np.float64)
+            approx[:, c0:c0 + len(xb)] = q_sq[r0:r1, None] + x_sq[None, c0:c0 + len(xb)] - 2.0 * (q64[r0:r1] @ xb.T)
+        for r in range(r0, r1):
+            row = approx[r - r0]
+            kth = np.partition(row, k - 1)[k - 1]
+            # the true k-th distance is <= kth + bound, and anything that close has a computed distance <= kth + 2 bound
+            ids = np.flatnonzero(row <= kth + 2.0 * bound[r])
+            d = np.concatenate([_exact_sq_dists(q64[r:r + 1], x[ids[s:s + x_block]])[0]
+                                for s in range(0, len(ids), x_block)])
+            order = np.lexsort((ids, d))[:k]
+            out_d[r], out_i[r] = np.sqrt(d[order]), ids[order]
+    return out_d, out_i
 
 
 @dataclass
