@@ -163,3 +163,31 @@ def test_from_dict_reads_recipes_and_rejects_unknown_keys():
                        ({"rotate": -1}, "rotate"), ({"cutout_p": "yes"}, "cutout_p")]:
         with pytest.raises(ValueError, match=match):
             AugmentConfig.from_dict(bad)
+
+
+@pytest.mark.parametrize("crop", [False, True])
+def test_threaded_batches_equal_one_by_one_samples(tmp_path, crop):
+    # The main-process batch path decodes and resizes on threads, then augments in sample order after per-sample
+    # seeding, with one intra-op thread: its images must be bit-identical to __getitem__'s, failures included.
+    from guie.pipeline.datasets import ImageFileDataset
+
+    paths = []
+    for i in range(6):
+        paths.append(tmp_path / f"{i}.png")
+        photo(60 + 7 * i, 44, seed=i).save(paths[-1])
+    paths.insert(3, tmp_path / "missing.png")
+    cfg = AugmentConfig(jpeg_p=0.5, affine_p=0.7, cutout_p=0.5, color_jitter_p=0.5,
+                        crop_scale=(0.5, 1.0) if crop else None)
+    ds = ImageFileDataset(paths, build_train_transform(PRE, cfg), threads=2)
+    keys = [(i, 1000 + 17 * i) for i in range(len(paths))]
+    threads_before = torch.get_num_threads()
+    batch = ds.__getitems__(keys)
+    assert torch.get_num_threads() == threads_before
+    one_by_one = [ds[k] for k in keys]
+    assert [b[0] for b in batch] == list(range(len(paths)))
+    assert batch[3][1] is None and "missing.png" in batch[3][2]
+    for b, o in zip(batch, one_by_one):
+        assert b[2] == o[2]
+        if o[1] is not None:
+            assert torch.equal(b[1], o[1])
+    assert not all(torch.equal(batch[0][1], ds[(0, s)][1]) for s in (1, 2, 3))  # the seeds do matter

@@ -207,10 +207,19 @@ class TrainTransform:
         self.augment = v2.Compose(steps) if steps else None
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.finish(self.prepare(image))
+
+    def prepare(self, image: Image.Image) -> Image.Image | torch.Tensor:
+        """The part that draws no random numbers: RGB, and the evaluation resize to uint8 unless a random crop
+        replaces it. Safe to run on several threads at once (PIL releases the GIL; no torch RNG is touched)."""
         if image.mode != "RGB":
             image = image.convert("RGB")
-        image = self.crop(image) if self.crop is not None else resize_image(image, self.preprocess)
-        x = pil_to_uint8(image)
+        return image if self.crop is not None else pil_to_uint8(resize_image(image, self.preprocess))
+
+    def finish(self, prepared: Image.Image | torch.Tensor) -> torch.Tensor:
+        """The random part (crop, augmentations), drawing from torch's global RNG: run it in sample order, after
+        seeding, for reproducible output. `finish(prepare(image))` is `self(image)`."""
+        x = pil_to_uint8(self.crop(prepared)) if self.crop is not None else prepared
         return self.augment(x) if self.augment is not None else x
 
     def __repr__(self) -> str:

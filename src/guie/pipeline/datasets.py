@@ -15,6 +15,7 @@ from torch.utils.data import Dataset, Sampler
 
 from ..imaging.io import ImageLoadError, load_image
 from ..models.preprocess import ImageTransform
+from ..runtime import single_intra_op_thread
 
 
 class ImageFileDataset(Dataset):
@@ -25,7 +26,9 @@ class ImageFileDataset(Dataset):
     decoding over the cores *between* model forwards; worker processes would instead run *during* the forward and
     fight its intra-op threads for the same cores (on a 2-core CPU that halved throughput). Seeded keys with a
     random transform (an augmentation) are processed in order: torch's global RNG is seeded per sample and is not
-    thread-safe.
+    thread-safe. A transform split into a random-free `prepare` and a random `finish` (`TrainTransform`) still
+    decodes and resizes on the threads; only `finish` runs in order, after the seeding, with one intra-op thread
+    (`single_intra_op_thread`: per-sample tensor ops are tiny). The images equal `__getitem__`'s bit for bit.
     """
 
     def __init__(self, paths: Sequence[str], transform: Callable, draft_size: int | None = None, threads: int = 1):
@@ -49,11 +52,36 @@ class ImageFileDataset(Dataset):
 
     def __getitems__(self, keys: Sequence) -> list:
         """A batch of samples (the DataLoader calls this instead of __getitem__ when it exists)."""
-        seeded_random = isinstance(keys[0], tuple) and not isinstance(self.transform, ImageTransform)
+        seeded = isinstance(keys[0], tuple)
+        staged = seeded and hasattr(self.transform, "prepare") and hasattr(self.transform, "finish")
+        seeded_random = seeded and not isinstance(self.transform, ImageTransform) and not staged
         if self.threads == 1 or len(keys) == 1 or seeded_random:
             return [self[k] for k in keys]
-        with ThreadPoolExecutor(min(self.threads, len(keys))) as pool:
-            return list(pool.map(self.__getitem__, keys))
+        if not staged:
+            with ThreadPoolExecutor(min(self.threads, len(keys))) as pool:
+                return list(pool.map(self.__getitem__, keys))
+        with single_intra_op_thread(), ThreadPoolExecutor(min(self.threads, len(keys))) as pool:
+            prepared = list(pool.map(self._prepare, keys))
+            out = []
+            for (i, seed), (_, x, err) in zip(keys, prepared):
+                if err is None:
+                    torch.manual_seed(seed)
+                    try:
+                        x = self.transform.finish(x)
+                    except Exception as e:
+                        x, err = None, f"{self.paths[i]}: {type(e).__name__}: {e}"
+                out.append((i, x, err))
+            return out
+
+    def _prepare(self, key):
+        """Decode sample key[0] and run the random-free part of a staged transform (`prepare`)."""
+        i = key[0]
+        try:
+            return i, self.transform.prepare(load_image(self.paths[i], draft_size=self.draft_size)), None
+        except ImageLoadError as e:
+            return i, None, str(e)
+        except Exception as e:
+            return i, None, f"{self.paths[i]}: {type(e).__name__}: {e}"
 
 
 def collate_skip_failed(batch):
