@@ -5,7 +5,8 @@
 (a) bare: the default embedder (efficientnet_lite0 + 64-d head, 224 px) on pre-loaded uint8 tensors, channels_last,
     inference_mode, at the best of a few batch sizes;
 (b) guie: `embed_images` over the same files (decode, resize, batch, forward), default settings;
-(c) before: `embed_images` with one DataLoader worker process (the previous default on 2 cores), for comparison.
+(c) before: `embed_images` with one DataLoader worker process (the previous default on 2 cores), for comparison;
+(d) for JPEGs, `embed_images` with the libjpeg-turbo fast path off (GUIE_FAST_JPEG=0: PIL decode and draft).
 Sources: `emoji` = real 64-px PNGs of the emoji benchmark (skipped if not built), `jpeg` = generated 640x480 JPEGs.
 Measurements alternate (bare, guie, before) for `--rounds` rounds and the ratios use the sums over rounds, so
 a load change on a shared machine affects both sides alike. Prints one JSON line per measurement and a summary.
@@ -64,6 +65,19 @@ def emoji_paths(n: int) -> list[str] | None:
 
     df = read_manifest(EMOJI_MANIFEST)
     return df.sample(n=min(n, len(df)), random_state=0)["path"].tolist()
+
+
+def pil_decode(fn):
+    """Run fn with guie's libjpeg-turbo fast path off (GUIE_FAST_JPEG=0): JPEGs decoded by PIL, as before it."""
+    old = os.environ.get("GUIE_FAST_JPEG")
+    os.environ["GUIE_FAST_JPEG"] = "0"
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ["GUIE_FAST_JPEG"]
+        else:
+            os.environ["GUIE_FAST_JPEG"] = old
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -138,6 +152,7 @@ def main() -> None:
 
     from guie.embedding.engine import embed_images
     from guie.imaging.io import load_image
+    from guie.imaging.jpeg import fast_jpeg_available
     from guie.models import create_embedder
     from guie.runtime import tune_cpu_allocator
 
@@ -182,6 +197,9 @@ def main() -> None:
               "best_bs": best})
         variants = {"bare": lambda: bare(best),
                     "guie": lambda: embed_images(embedder, paths, batch_size=best, progress=False)}
+        if name == "jpeg" and fast_jpeg_available():
+            variants["guie, PIL decode"] = lambda: pil_decode(lambda: embed_images(embedder, paths, batch_size=best,
+                                                                                   progress=False))
         if not args.no_before:
             variants["before (1 worker)"] = lambda: embed_images(embedder, paths, batch_size=best, progress=False,
                                                                  num_workers=1)
@@ -202,6 +220,8 @@ def main() -> None:
         row["guie / bare"] = round(totals["bare"]["wall_s"] / totals["guie"]["wall_s"], 3)
         # CPU seconds per image: the work guie adds, less sensitive than wall time to other jobs on a shared machine
         row["guie / bare (cpu time)"] = round(cpu["bare"] / cpu["guie"], 3)
+        if "guie, PIL decode" in totals:
+            row["guie, PIL decode / bare"] = round(totals["bare"]["wall_s"] / totals["guie, PIL decode"]["wall_s"], 3)
         if "before (1 worker)" in totals:
             row["before / bare"] = round(totals["bare"]["wall_s"] / totals["before (1 worker)"]["wall_s"], 3)
             row["before / bare (cpu time)"] = round(cpu["bare"] / cpu["before (1 worker)"], 3)

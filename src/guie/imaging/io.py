@@ -179,6 +179,10 @@ def load_image(path: str | Path, draft_size: int | None = None, max_pixels: int 
                     raise ImageLoadError(path, f"too large ({w}x{h} = {w * h:,} pixels > {max_pixels:,}); "
                                                "possible decompression bomb", "bomb")
                 if im.format == "JPEG":
+                    if draft_size and im.mode in ("RGB", "L"):
+                        fast = _load_jpeg_scaled(source, im, draft_size, max_decoded)
+                        if fast is not None:
+                            return fast
                     _draft(im, draft_size, max_decoded)
                 dw, dh = im.size
                 if dw * dh > max_decoded:
@@ -216,6 +220,34 @@ def _draft(im: Image.Image, draft_size: int | None, max_decoded: int) -> None:
         request = (w // fits[0], h // fits[0])  # PIL's draft then picks exactly this scale
     if request is not None:
         im.draft("RGB" if im.mode in ("RGB", "L") else None, request)
+
+
+# EXIF orientation -> the transposition that undoes it (as ImageOps.exif_transpose)
+_EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                   4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                   7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def _load_jpeg_scaled(source, im: Image.Image, short_side: int, max_decoded: int) -> Image.Image | None:
+    """The JPEG behind `im` (header already parsed by PIL) decoded by libjpeg-turbo at the smallest n/8 scale
+    keeping its short side >= short_side, EXIF orientation applied; None where `guie.imaging.jpeg` does not apply
+    or that scale would decode more than max_decoded pixels (the caller then decodes with PIL, `_draft`)."""
+    from .jpeg import decode_jpeg_scaled, fast_jpeg_available
+
+    if not fast_jpeg_available():
+        return None
+    if isinstance(source, Path):
+        data = source.read_bytes()
+    elif isinstance(source, io.BytesIO):
+        data = source.getvalue()
+    else:
+        return None
+    arr = decode_jpeg_scaled(data, short_side, max_decoded)
+    if arr is None:
+        return None
+    out = Image.fromarray(arr, "RGB")
+    method = _EXIF_TRANSPOSE.get(im.getexif().get(0x0112, 1))
+    return out.transpose(method) if method is not None else out
 
 
 def _draft_request(w: int, h: int, short_side: int) -> tuple[int, int]:
