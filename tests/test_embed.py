@@ -10,6 +10,7 @@ import guie.pipeline.datasets as datasets_mod
 from guie.embedding.engine import _forward, embed_images, embed_num_workers, iter_embeddings
 from guie.embedding.files import EMBEDDING_COLUMN, ResumeError, embed_to_file, read_embeddings
 from guie.imaging.io import load_image
+from guie.models.preprocess import draft_size
 
 
 class Interrupted(BaseException):
@@ -27,7 +28,7 @@ def test_pipeline_equals_the_model_on_every_mode(tiny_embedder, mode_images):
     assert res.ok.all() and res.errors == []
     assert res.embeddings.shape == (len(paths), 8) and res.embeddings.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(res.embeddings, axis=1), 1.0, rtol=1e-5)
-    x = torch.stack([e.transform(load_image(p, draft_size=32)) for p in paths])
+    x = torch.stack([e.transform(load_image(p, draft_size=draft_size(e.preprocess))) for p in paths])
     with torch.inference_mode():
         expected = e(x).numpy()
     np.testing.assert_allclose(res.embeddings, expected, atol=1e-5)
@@ -259,7 +260,7 @@ def test_images_in_memory_and_augmented_views_go_through_the_same_loop(tiny_embe
     e = tiny_embedder()
     paths = [str(p) for p in mode_images.values()]
     files = embed_images(e, paths, batch_size=3, progress=False).embeddings
-    decoded = embed_decoded(e, [load_image(p, draft_size=32) for p in paths], batch_size=3)
+    decoded = embed_decoded(e, [load_image(p, draft_size=draft_size(e.preprocess)) for p in paths], batch_size=3)
     np.testing.assert_allclose(decoded, files, atol=1e-5)
     augment = {"hflip": 1.0, "affine_p": 0.0, "cutout_p": 0.0, "jpeg_p": 0.0}
     views = [cached_features(e, paths, tmp_path / c, view=v, augment=augment, progress=False)[0]
