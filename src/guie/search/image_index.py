@@ -1,0 +1,421 @@
+"""A named, updatable image index: a folder holding the metadata store and a vector backend, with one commit
+protocol for every write.
+
+Folder layout (`NAME/`):
+    index.sqlite         the truth: header (model fingerprint, preprocessing, dim, backend, image root), items
+                         (stable integer ids, content hash, path relative to the image root, label, other manifest
+                         columns, the vector), the commit history and the removal log (`guie.search.store`)
+    faiss-<seq>.index    faiss backend: the snapshot of commit <seq> (+ tombstones-<seq>.npy for hnsw)
+    milvus.db            milvus backend without --uri: the Milvus Lite file
+    pending/             an unfinished `guie index add`: its resumable embedding parts (`guie.search.ingest`)
+    .writer.lock         held (flock) by the one process writing at a time
+
+Commit protocol, for add and remove alike:
+    1. the store commits (one SQLite transaction: rows, removal log, commit counter)  <- the commit point
+    2. the backend applies the same change in memory and persists it as the state of that commit
+A kill -9 before 1 leaves the previous commit (the backend was not touched on disk); a kill -9 between 1 and 2
+leaves the new commit in the store and an older backend state, which the next open brings up to date from the
+store (items added and ids removed after the backend's commit). So an opened index always holds exactly the items
+of the last completed commit.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..utils import default_cache_dir
+from .backends import BackendError, VectorBackend, check_backend_options, open_backend
+from .backends.milvus_backend import collection_name
+from .store import STORE_FILE, MetadataStore, NewItem, StoreError, parse_where
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+LOCK_FILE = ".writer.lock"
+RERANK_FACTOR = 8  # candidates per requested neighbour re-ranked with exact vectors when the backend is approximate
+
+
+class SearchIndexError(ValueError):
+    """An index cannot be created or opened, or refuses an operation (another model, a bad filter ...)."""
+
+
+def index_home() -> Path:
+    """Where named indexes live: $GUIE_INDEX_HOME, else <guie cache>/indexes."""
+    env = os.environ.get("GUIE_INDEX_HOME")
+    return Path(env) if env else default_cache_dir() / "indexes"
+
+
+def resolve_index(name: str | Path) -> Path:
+    """A bare name (letters, digits, `_.-`) is a folder under `index_home()`; anything with a slash is a path."""
+    s = str(name)
+    if "/" in s or os.sep in s or s.startswith("."):
+        return Path(s).expanduser()
+    if not _NAME.match(s):
+        raise SearchIndexError(f"index name {s!r}: use letters, digits, '_', '.', '-' (or give a path with a '/')")
+    return index_home() / s
+
+
+@dataclass
+class AddResult:
+    """What an add committed: the commit's seq, one id per input item (-1: already indexed, same content)."""
+
+    seq: int
+    ids: np.ndarray
+
+    @property
+    def added(self) -> int:
+        """Items that are new in the index."""
+        return int((self.ids >= 0).sum())
+
+
+@dataclass
+class Hit:
+    """One search result: the item's id, its Euclidean distance to the query and its metadata."""
+
+    id: int
+    distance: float
+    item: dict
+
+
+class ImageIndex:
+    """A named index (see the module docstring). Thread-safe: one lock serialises store and backend access; a
+    second process writing the same index waits for the folder's writer lock."""
+
+    def __init__(self, folder: Path, store: MetadataStore, backend: VectorBackend):
+        self.folder, self.store, self.backend = folder, store, backend
+        self.header = store.header()
+        self._lock = threading.RLock()
+        self._flock_depth = 0
+        self._data_version = store.data_version()
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, name: str | Path, *, dim: int, model: dict, backend: str = "faiss", kind: str = "flat",
+               image_root: str | Path | None = None, uri: str | None = None, token: str | None = None,
+               extra: dict | None = None) -> "ImageIndex":
+        """A new empty index at `name` (see `resolve_index`).
+
+        `model` identifies the embedder: {"ref": what to load, "fingerprint": `model_fingerprint(...)`,
+        "preprocess": PreprocessConfig.to_dict()}; every later add and search must use a model with the same
+        fingerprint. `uri` puts a milvus index on a cluster instead of the local Milvus Lite file (the token is
+        never stored: pass it, or set GUIE_MILVUS_TOKEN, each time)."""
+        folder = resolve_index(name)
+        check_backend_options(backend, kind)
+        if (folder / STORE_FILE).exists():
+            raise SearchIndexError(f"{folder}: an index already exists there (remove the folder to start again)")
+        if not 1 <= int(dim) <= 65536:
+            raise SearchIndexError(f"dimension {dim} is not a vector size")
+        for key in ("ref", "fingerprint"):
+            if not model.get(key):
+                raise SearchIndexError(f"model description lacks {key!r}")
+        options: dict = {"kind": kind}
+        if backend == "milvus":
+            options["collection"] = collection_name(folder.name)
+            if uri:
+                options["uri"] = uri
+        header = {"name": folder.name, "created": time.time(), "dim": int(dim), "model": model,
+                  "backend": backend, "backend_options": options,
+                  "image_root": str(Path(image_root).resolve()) if image_root else None, **(extra or {})}
+        folder.mkdir(parents=True, exist_ok=True)
+        with _flock(folder):
+            store = MetadataStore.create(folder / STORE_FILE, header)
+            try:
+                be = open_backend(folder, header, store.header(), token=token)
+                be.persist(0)
+            except BaseException:
+                store.close()
+                (folder / STORE_FILE).unlink(missing_ok=True)
+                raise
+            store.set_info("backend_seq", 0)
+        return cls(folder, store, be)
+
+    @classmethod
+    def open(cls, name: str | Path, *, uri: str | None = None, token: str | None = None,
+             write: bool = True) -> "ImageIndex":
+        """Open an index and bring its backend up to the store's last commit (after a crash, that persists the
+        recovered state when `write`; a read-only open recovers in memory only)."""
+        folder = resolve_index(name)
+        try:
+            store = MetadataStore(folder / STORE_FILE)
+        except StoreError as e:
+            raise SearchIndexError(str(e)) from None
+        try:
+            backend = open_backend(folder, store.header(), store.header(), uri=uri, token=token)
+        except BaseException:
+            store.close()
+            raise
+        index = cls(folder, store, backend)
+        try:
+            index._catch_up(persist=write)
+        except BaseException:
+            index.close()
+            raise
+        return index
+
+    def close(self) -> None:
+        """Close the backend and the store."""
+        with self._lock:
+            self.backend.close()
+            self.store.close()
+
+    def __enter__(self) -> "ImageIndex":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- properties ---------------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """The index's name (its folder's name)."""
+        return self.folder.name
+
+    @property
+    def dim(self) -> int:
+        """Vector dimension."""
+        return int(self.header["dim"])
+
+    @property
+    def model(self) -> dict:
+        """{"ref", "fingerprint", "preprocess", ...}: the embedder every add and search must use."""
+        return dict(self.header["model"])
+
+    @property
+    def image_root(self) -> Path | None:
+        """The folder item paths are relative to (thumbnails are served from it), or None."""
+        root = self.store.get_info("image_root")
+        return Path(root) if root else None
+
+    def set_image_root(self, root: str | Path) -> Path:
+        """Set the image root once (the first add does it when `create` was given none)."""
+        with self._lock:
+            current = self.image_root
+            if current is None:
+                current = Path(root).resolve()
+                self.store.set_info("image_root", str(current))
+            return current
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self.store)
+
+    @property
+    def seq(self) -> int:
+        """The last committed commit."""
+        with self._lock:
+            return self.store.seq
+
+    def check_model(self, fingerprint: str) -> None:
+        """Refuse a model whose fingerprint differs from the one the index was built with."""
+        expected = self.header["model"]["fingerprint"]
+        if fingerprint != expected:
+            raise SearchIndexError(f"index {self.name!r} was built with model {self.header['model'].get('ref')!r} "
+                              f"(fingerprint {expected}); this model's fingerprint is {fingerprint}: use the same "
+                              "model (weights and preprocessing) or create another index")
+
+    # -- writes -------------------------------------------------------------------------------------------------
+    @contextmanager
+    def writing(self):
+        """Hold this index for writing: the in-process lock and the folder's writer lock, and bring the backend up
+        to any commit another process made meanwhile."""
+        with self._lock, self._folder_lock():
+            self._catch_up(persist=False)
+            yield
+
+    @contextmanager
+    def _folder_lock(self):
+        """The folder's writer lock, re-entrant within this object (flock is not, across file descriptions)."""
+        with self._lock:
+            if self._flock_depth:
+                self._flock_depth += 1
+                try:
+                    yield
+                finally:
+                    self._flock_depth -= 1
+                return
+            with _flock(self.folder):
+                self._flock_depth = 1
+                try:
+                    yield
+                finally:
+                    self._flock_depth = 0
+
+    def add(self, vectors: np.ndarray, items: Sequence[NewItem], op: str = "add") -> AddResult:
+        """Commit `items` with their `vectors` [n, dim]; items whose content hash is indexed already are skipped
+        (ids -1). One commit, whatever the size."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise SearchIndexError(f"vectors of shape {vectors.shape} for a {self.dim}-d index")
+        if len(items) != len(vectors):
+            raise SearchIndexError(f"{len(items)} items but {len(vectors)} vectors")
+        if not np.isfinite(vectors).all():
+            raise SearchIndexError("vectors hold NaN or infinite values")
+        with self.writing():
+            seq, ids = self.store.commit_add(items, vectors, op=op)
+            fresh = ids >= 0
+            attrs = [{"path": it.path, "label": it.label, **it.meta} for it, f in zip(items, fresh) if f]
+            self.backend.add(ids[fresh], vectors[fresh], attrs)
+            self._persist(seq)
+        return AddResult(seq, ids)
+
+    def remove(self, ids: Sequence[int] | np.ndarray, op: str = "remove") -> tuple[int, np.ndarray]:
+        """Commit the removal of the indexed items among `ids`. Returns (the commit's seq, the removed ids)."""
+        with self.writing():
+            seq, removed = self.store.commit_remove(ids, op=op)
+            self.backend.remove(removed)
+            self._persist(seq)
+        return seq, removed
+
+    def remove_where(self, where: Sequence[str] | dict) -> tuple[int, np.ndarray]:
+        """Remove every item matching the metadata conditions (`col=value`, as `parse_where`)."""
+        conditions = parse_where(where)
+        if not conditions:
+            raise SearchIndexError("remove needs at least one condition (col=value) or a list of ids")
+        with self.writing():
+            return self.remove(self.store.ids_where(conditions), op="remove " + _describe_where(conditions))
+
+    def reindex(self, kind: str) -> None:
+        """Rebuild the backend as another kind (e.g. flat -> hnsw once the index is large)."""
+        check_backend_options(self.header["backend"], kind)
+        with self.writing():
+            options = {**self.header["backend_options"], "kind": kind}
+            self.store.set_info("backend_options", options)
+            self.header = self.store.header()
+            self.backend.close()
+            for p in self.folder.glob("faiss-*.index"):
+                p.unlink()
+            self.backend = open_backend(self.folder, self.header, {"backend_seq": -1})
+            ids, vectors, attrs = self.store.all_rows()
+            self.backend.rebuild(ids, vectors, attrs, self.store.seq)
+            self.store.set_info("backend_seq", self.store.seq)
+
+    def _persist(self, seq: int) -> None:
+        """Make the backend durable as commit `seq` (rebuilding it first when it asks to be)."""
+        if self.backend.needs_rebuild(len(self.store)):
+            ids, vectors, attrs = self.store.all_rows()
+            self.backend.rebuild(ids, vectors, attrs, seq)
+        else:
+            self.backend.persist(seq)
+        self.store.set_info("backend_seq", seq)
+        self._data_version = self.store.data_version()
+
+    def _catch_up(self, persist: bool) -> None:
+        """Bring the backend to the store's last commit by replaying what changed after the backend's commit."""
+        with self._lock:
+            base = self.backend.synced_seq()
+            if base == self.store.seq:
+                return
+            if base < 0 or base > self.store.seq:  # nothing usable (or a store restored from an older copy)
+                with self._folder_lock():
+                    ids, vectors, attrs = self.store.all_rows()
+                    self.backend.rebuild(ids, vectors, attrs, self.store.seq)
+                    self.store.set_info("backend_seq", self.store.seq)
+                return
+            last, removed, ids, vectors, attrs = self.store.changes_after(base)
+            self.backend.remove(removed)
+            self.backend.add(ids, vectors, attrs)
+            if persist:
+                with self._folder_lock():
+                    self._persist(last)
+            else:
+                self.backend.note_applied(last)  # in memory only: this process does not write
+
+    def refresh(self) -> bool:
+        """Pick up commits another process made since (cheap when there are none). Returns whether any were."""
+        with self._lock:
+            version = self.store.data_version()
+            if version == self._data_version:
+                return False
+            self._data_version = version
+            self.header = self.store.header()
+            before = self.backend.synced_seq()
+            self._catch_up(persist=False)
+            return self.backend.synced_seq() != before
+
+    # -- reads --------------------------------------------------------------------------------------------------
+    def search(self, queries: np.ndarray, k: int = 5, where: Sequence[str] | dict | None = None) -> list[list[Hit]]:
+        """The k nearest items of each query vector [Q, dim] (Euclidean, nearest first), optionally only among
+        items matching `where` (col=value conditions)."""
+        q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        if q.shape[1] != self.dim:
+            raise SearchIndexError(f"query dim {q.shape[1]} != index dim {self.dim} (was it embedded with this "
+                              "index's model?)")
+        if k < 1:
+            raise SearchIndexError(f"k must be >= 1, got {k}")
+        conditions = parse_where(where)
+        with self._lock:
+            allowed = None
+            if conditions and not self.backend.filters_natively:
+                allowed = self.store.ids_where(conditions)
+                if not len(allowed):
+                    return [[] for _ in q]
+            exact = self.backend.exact_distances
+            fetch = k if exact else max(k * RERANK_FACTOR, 32)
+            nb = self.backend.search(q, fetch, allowed_ids=allowed, where=conditions or None)
+            found = np.unique(nb.ids[nb.ids >= 0])
+            items = self.store.items(found)
+            if not exact:  # IVF-PQ: re-rank the candidates by their exact vectors from the store
+                vid, vecs = self.store.vectors(found)
+                lookup = dict(zip(vid.tolist(), range(len(vid))))
+        out = []
+        for r in range(len(q)):
+            row = [(int(i), float(d)) for i, d in zip(nb.ids[r], nb.distances[r]) if i >= 0 and int(i) in items]
+            if not exact:
+                row = [(i, float(np.linalg.norm(vecs[lookup[i]] - q[r]))) for i, _ in row]
+                row.sort(key=lambda t: (t[1], t[0]))
+            out.append([Hit(i, d, items[i]) for i, d in row[:k]])
+        return out
+
+    def items(self, ids: Sequence[int]) -> dict[int, dict]:
+        """id -> metadata of the indexed items among `ids`."""
+        with self._lock:
+            return self.store.items(ids)
+
+    def vectors(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of the indexed items among `ids`: "search from this result" needs no image decoding."""
+        with self._lock:
+            return self.store.vectors(ids)
+
+    def ids_where(self, where: Sequence[str] | dict) -> np.ndarray:
+        """Ids of the items matching the conditions."""
+        with self._lock:
+            return self.store.ids_where(where)
+
+    def stats(self, top: int = 10) -> dict:
+        """Size, model, backend, commits and the most frequent labels: `guie index stats`."""
+        with self._lock:
+            h = self.store.header()
+            n = len(self.store)
+            return {"name": self.name, "folder": str(self.folder), "items": n, "dim": int(h["dim"]),
+                    "model": h["model"], "image_root": h.get("image_root"), "seq": int(h["seq"]),
+                    "next_id": int(h["next_id"]), "backend": self.backend.describe(),
+                    "vector_bytes": n * int(h["dim"]) * 4, "columns": self.store.columns() if n else [],
+                    "labels": self.store.value_counts("label", top) if n else [],
+                    "commits": self.store.commits(top)}
+
+
+def _describe_where(conditions: dict[str, list[str]]) -> str:
+    return " ".join(f"{c}={','.join(v)}" for c, v in conditions.items())
+
+
+@contextmanager
+def _flock(folder: Path):
+    """The folder's writer lock (an flock, released by the kernel even on kill -9)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+__all__ = ["AddResult", "BackendError", "Hit", "ImageIndex", "SearchIndexError", "NewItem", "index_home", "resolve_index"]
