@@ -1,6 +1,7 @@
 """FAISS, embedded in the process: the default backend.
 
-Kinds (all Euclidean, all wrapped in an `IndexIDMap2` so results are the index's stable item ids):
+Kinds (all Euclidean; results are the index's stable item ids: flat and hnsw through an `IndexIDMap2`, IVF lists
+store ids themselves):
     flat   exact brute force, the GUIE metric's own neighbour rule; 4*d bytes per vector
     hnsw   HNSW graph (M=32) over full vectors: sub-linear search, exact distances, 4*d + ~8*M bytes per vector;
            cannot delete in place, so removed ids become tombstones (filtered at search time) until a rebuild
@@ -38,7 +39,7 @@ def ivfpq_factory(n: int, dim: int) -> str:
     m = max(1, dim // 4)
     while dim % m:
         m -= 1
-    return f"IVF{nlist},PQ{m}"
+    return f"IVF{nlist},PQ{m}np"  # np: no polysemous training (70x slower to train, unused here)
 
 
 class FaissBackend(VectorBackend):
@@ -67,12 +68,15 @@ class FaissBackend(VectorBackend):
         faiss = self.faiss
         if factory is None:
             factory = f"HNSW{self.hnsw_m}" if self.kind == "hnsw" else "Flat"
-        return faiss.IndexIDMap2(faiss.index_factory(self.dim, factory, faiss.METRIC_L2))
+        index = faiss.index_factory(self.dim, factory, faiss.METRIC_L2)
+        # IVF lists hold ids natively; an IDMap over IVF would mis-map ids after remove_ids (IVF does not shift)
+        return index if factory.startswith("IVF") else faiss.IndexIDMap2(index)
 
     @property
     def factory(self) -> str:
         """The FAISS layout now in use (an `ivfpq` index is `Flat` until it has enough vectors to train)."""
-        inner = self.faiss.downcast_index(self.index.index)
+        index = self.faiss.downcast_index(self.index)
+        inner = self.faiss.downcast_index(index.index) if isinstance(index, self.faiss.IndexIDMap) else index
         if isinstance(inner, self.faiss.IndexIVFPQ):
             return f"IVF{inner.nlist},PQ{inner.pq.M}"
         if isinstance(inner, self.faiss.IndexHNSW):
