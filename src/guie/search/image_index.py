@@ -383,6 +383,11 @@ class ImageIndex:
         with self._lock:
             return self.store.vectors(ids)
 
+    def ids_for_hashes(self, hashes: Sequence[str]) -> dict[str, int]:
+        """content hash -> id of the indexed items among `hashes`."""
+        with self._lock:
+            return self.store.ids_for_hashes(hashes)
+
     def ids_where(self, where: Sequence[str] | dict) -> np.ndarray:
         """Ids of the items matching the conditions."""
         with self._lock:

@@ -291,6 +291,12 @@ class MetadataStore:
                                (json.dumps(list(hashes)),))
         return {h for (h,) in cur}
 
+    def ids_for_hashes(self, hashes: Sequence[str]) -> dict[str, int]:
+        """content hash -> id of the stored items among `hashes`."""
+        cur = self._db.execute("SELECT content_hash, id FROM items WHERE content_hash IN (SELECT value FROM "
+                               "json_each(?))", (json.dumps(list(hashes)),))
+        return {h: i for h, i in cur}
+
     def ids_where(self, where: dict[str, list[str]] | Sequence[str]) -> np.ndarray:
         """Ids of the items matching every condition (`parse_where` form; values compared as text)."""
         clauses, args = [], []

@@ -1,0 +1,137 @@
+"""Dynamic batching: concurrent requests' images go through the model in one forward.
+
+A server that runs one forward per request under a lock pays the model's fixed per-call cost for every request and
+leaves batch parallelism unused; here each request hands its preprocessed images to one worker thread, which waits
+at most `max_wait_ms` after the first arrival for more (up to `max_batch` images), runs one forward over all of
+them and hands each request its rows back. Under load the batches fill up by themselves; a lone request waits at
+most `max_wait_ms`.
+
+The queue is bounded (`max_queue` images waiting): a burst beyond it is refused at once with `Overloaded` (HTTP
+503), so memory stays bounded instead of the machine swapping.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+
+class Overloaded(RuntimeError):
+    """The work queue is full: try again shortly."""
+
+
+@dataclass
+class _Job:
+    images: torch.Tensor  # uint8 [n, 3, S, S]
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class BatcherStats:
+    """Counters since start: forwards run, images embedded, requests refused, the largest batch seen."""
+
+    forwards: int = 0
+    images: int = 0
+    refused: int = 0
+    largest_batch: int = 0
+
+
+class DynamicBatcher:
+    """One worker thread owning `forward` (uint8 images [B, 3, S, S] -> float32 [B, d]); see the module docstring."""
+
+    def __init__(self, forward: Callable[[torch.Tensor], np.ndarray], max_batch: int = 32, max_wait_ms: float = 5.0,
+                 max_queue: int = 128, name: str = "guie-batcher"):
+        if max_batch < 1 or max_queue < max_batch:
+            raise ValueError(f"need 1 <= max_batch ({max_batch}) <= max_queue ({max_queue})")
+        self.forward, self.max_batch, self.max_wait = forward, int(max_batch), max_wait_ms / 1000.0
+        self.max_queue = int(max_queue)
+        self.stats = BatcherStats()
+        self._jobs: deque[_Job] = deque()
+        self._queued = 0  # images waiting
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, images: torch.Tensor) -> Future:
+        """Queue a request's images (uint8 [n, 3, S, S]); the Future resolves to their float32 [n, d] embeddings.
+
+        Raises Overloaded when the queue cannot take them."""
+        n = int(images.shape[0])
+        if n < 1:
+            raise ValueError("no images to embed")
+        job = _Job(images)
+        with self._cond:
+            if self._closed:
+                raise Overloaded("the server is shutting down")
+            if self._queued + n > self.max_queue:
+                self.stats.refused += 1
+                raise Overloaded(f"busy: {self._queued} images already queued (limit {self.max_queue}); retry shortly")
+            self._jobs.append(job)
+            self._queued += n
+            self._cond.notify()
+        return job.future
+
+    def embed(self, images: torch.Tensor, timeout: float | None = None) -> np.ndarray:
+        """Blocking `submit`: the embeddings of `images`."""
+        return self.submit(images).result(timeout)
+
+    @property
+    def queued(self) -> int:
+        """Images waiting for a forward."""
+        return self._queued
+
+    def _take_batch(self) -> list[_Job] | None:
+        with self._cond:
+            while not self._jobs and not self._closed:
+                self._cond.wait()
+            if self._closed and not self._jobs:
+                return None
+            deadline = time.monotonic() + self.max_wait
+            # Wait for more work until the batch is full or the first job has waited max_wait.
+            while self._queued < self.max_batch and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            batch, size = [], 0
+            while self._jobs and (not batch or size + self._jobs[0].images.shape[0] <= self.max_batch):
+                job = self._jobs.popleft()
+                batch.append(job)
+                size += int(job.images.shape[0])
+            self._queued -= size
+            return batch
+
+    def _run(self) -> None:
+        while (batch := self._take_batch()) is not None:
+            live = [j for j in batch if j.future.set_running_or_notify_cancel()]
+            if not live:
+                continue
+            try:
+                images = torch.cat([j.images for j in live]) if len(live) > 1 else live[0].images
+                out = self.forward(images)
+            except BaseException as e:  # noqa: BLE001 - every waiting request must learn about the failure
+                for j in live:
+                    j.future.set_exception(e)
+                continue
+            self.stats.forwards += 1
+            self.stats.images += len(out)
+            self.stats.largest_batch = max(self.stats.largest_batch, len(out))
+            start = 0
+            for j in live:
+                n = int(j.images.shape[0])
+                j.future.set_result(out[start:start + n])
+                start += n
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish the queued work, then stop the worker."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
