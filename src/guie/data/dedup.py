@@ -52,9 +52,14 @@ class DedupConfig:
                              "guie.embedding.engine.path_embedder(model)")
 
 
+def bytes_digest(data: bytes) -> str:
+    """The content identity of a file's bytes (SHA-1 hex), as `file_digests` computes it."""
+    return hashlib.sha1(data).hexdigest()
+
+
 def _digest(path: str) -> str | None:
     try:
-        return hashlib.sha1(read_image_bytes(path)).hexdigest()
+        return bytes_digest(read_image_bytes(path))
     except ImageLoadError:
         return None
 

@@ -15,7 +15,6 @@ off unless origins are given. Query images are embedded by a `DynamicBatcher`: c
 (No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at run time.)
 """
 import asyncio
-import hashlib
 import hmac
 import io
 import json
@@ -33,6 +32,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from ..data.dedup import bytes_digest
 from ..data.images import ImageLoadError, load_image
 from .batching import Overloaded
 from .image_index import ImageIndex, SearchIndexError
@@ -396,7 +396,7 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: Optional[Serv
                 raise HTTPException(422, f"metadata must be a JSON object without {', '.join(HIDDEN_FIELDS)}")
             images, formats = await run_in_threadpool(decode, uploads)
             vectors = await embed(images)
-            hashes = [hashlib.sha256(data).hexdigest() for _, data in uploads]
+            hashes = [bytes_digest(data) for _, data in uploads]  # the same identity `guie index add` uses
 
             def commit():
                 folder = index.folder / "uploads"

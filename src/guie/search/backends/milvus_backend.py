@@ -64,6 +64,8 @@ class MilvusBackend(VectorBackend):
             raise BackendError("the milvus backend needs pymilvus and milvus-lite: pip install pymilvus milvus-lite")
         self.folder, self.dim, self.kind, self.collection = Path(folder), int(dim), kind, collection
         self.uri = uri or str(self.folder / LITE_FILE)
+        if not uri:
+            self.folder.mkdir(parents=True, exist_ok=True)
         self._synced = int(synced)
         token = token if token is not None else os.environ.get("GUIE_MILVUS_TOKEN", "")
         try:

@@ -1,0 +1,102 @@
+"""`guie index add`: images (a folder, a manifest or shards) into a named index, through guie's resumable
+embedding path, in one commit.
+
+    1. read the source (`read_manifest`) and hash every file's bytes (`file_digests`): files already indexed, or
+       repeated within the source, are skipped (adding the same file twice is a no-op)
+    2. embed the new rows with `embed_to_file` into `NAME/pending/embeddings.parquet`: finished shards are kept,
+       so a run killed here redoes only unfinished shards when it is run again (same source, same model)
+    3. one commit (`ImageIndex.add`), then `pending/` is deleted
+
+A kill -9 at any point leaves the index at its previous commit (or, past step 3's commit point, the new one); a
+rerun of the same command finishes the work.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pandas as pd
+
+from .image_index import ImageIndex, SearchIndexError
+from .store import ITEM_COLUMNS, NewItem
+
+PENDING = "pending"
+SKIP_COLUMNS = {"embedding", "content_hash"}
+
+
+@dataclass
+class AddReport:
+    """What `add_source` did: rows read, new items committed, duplicates skipped, unreadable files."""
+
+    seq: int
+    rows: int
+    added: int
+    duplicates: int
+    errors: list[str] = field(default_factory=list)
+
+
+def source_root(source: str | Path) -> Path:
+    """The folder a source's relative paths hang from: the folder itself, or a manifest's (shard index's) folder."""
+    source = Path(source).resolve()
+    return source if source.is_dir() else source.parent
+
+
+def relative_path(path: str, root: Path | None) -> str:
+    """`path` relative to the image root (POSIX separators) when it lies under it; else as given (such items get
+    no thumbnail)."""
+    if root is None or "#" in path:  # shard references stay as they are
+        return path
+    try:
+        return Path(path).resolve().relative_to(root).as_posix()
+    except ValueError:
+        return path
+
+
+def items_from_rows(df: pd.DataFrame, hashes: Sequence[str], root: Path | None) -> list[NewItem]:
+    """NewItems from manifest rows: path relative to `root`, label, and every other column as metadata."""
+    meta_cols = [c for c in df.columns if c not in ITEM_COLUMNS and c not in SKIP_COLUMNS]
+    labels = df["label"].astype(str).tolist() if "label" in df.columns else [None] * len(df)
+    metas = df[meta_cols].to_dict(orient="records") if meta_cols else [{}] * len(df)
+    return [NewItem(h, relative_path(str(p), root), lbl, meta)
+            for p, h, lbl, meta in zip(df["path"].astype(str), hashes, labels, metas)]
+
+
+def add_source(index: ImageIndex, source: str | Path, embedder, where: Sequence[str] | None = None,
+               batch_size: int = 64, shard_size: int = 1024, progress: bool = True, workers: int | None = None,
+               report: Callable[[str], None] | None = None) -> AddReport:
+    """Embed and commit the images of `source` (folder, manifest or shard folder) that the index lacks.
+
+    `embedder` must be the index's model (its fingerprint is checked). Returns an AddReport."""
+    from ..data.dedup import file_digests
+    from ..data.manifest import filter_rows, read_manifest
+    from ..embed import embed_to_file, model_fingerprint
+
+    say = report or (lambda msg: print(msg, file=sys.stderr))
+    index.check_model(model_fingerprint(embedder, embedder.preprocess, features=False))
+    df = filter_rows(read_manifest(source), list(where or []))
+    if df.empty:
+        raise SearchIndexError(f"{source}: no rows to add" + (f" after --where {' '.join(where)}" if where else ""))
+    n_rows = len(df)
+    root = index.set_image_root(source_root(source))
+    digests = file_digests(df["path"].astype(str).tolist(), workers=workers, progress=progress)
+    errors = [f"{p}: cannot be read" for p, d in zip(df["path"], digests) if d is None]
+    df = df.assign(content_hash=digests)[[d is not None for d in digests]]
+    known = index.ids_for_hashes(df["content_hash"].tolist())
+    new = df[~df["content_hash"].isin(known) & ~df["content_hash"].duplicated()].reset_index(drop=True)
+    duplicates = len(df) - len(new)
+    pending = index.folder / PENDING
+    if new.empty:
+        shutil.rmtree(pending, ignore_errors=True)
+        return AddReport(index.seq, n_rows, 0, duplicates, errors)
+    # overwrite=True: finished shards of the same rows and model are resumed, anything else is discarded
+    kept, vectors, failed = embed_to_file(embedder, new, pending / "embeddings.parquet", batch_size=batch_size,
+                                          shard_size=shard_size, progress=progress, overwrite=True,
+                                          report_failure=lambda msg: say(f"skipped {msg}"))
+    errors += failed
+    result = index.add(vectors, items_from_rows(kept, kept["content_hash"].tolist(), root),
+                       op=f"add {Path(source).name}")
+    shutil.rmtree(pending, ignore_errors=True)
+    return AddReport(result.seq, n_rows, result.added, duplicates + int((result.ids < 0).sum()), errors)
