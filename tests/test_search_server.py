@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import png_header_only
 from guie.search.app import ServerSettings, create_app, safe_name
-from guie.search.batching import DynamicBatcher, Overloaded
+from guie.embedding.batching import DynamicBatcher, Overloaded
 from guie.search.image_index import ImageIndex, NewItem
 
 KEY = "s3cret-key-for-tests"

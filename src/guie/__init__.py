@@ -8,7 +8,7 @@ free of torch's ~3 s import):
     mean_precision_at_k                                                                        (guie.metrics)
     load_run_config, run_training                                                              (guie.train)
     export_model                                                                               (guie.export)
-    EmbeddingIndex                                                                             (guie.search)
+    ImageIndex                                                                                 (guie.search)
 
 `guie.train` and `guie.export` are subpackages, so their entry points carry their own names here
 (`run_training`, `export_model`) instead of shadowing them.
@@ -24,7 +24,7 @@ _EXPORTS = {
     "mean_precision_at_k": "guie.metrics",
     "load_run_config": "guie.train.recipe", "run_training": "guie.train.engine:train",
     "export_model": "guie.export.formats",
-    "EmbeddingIndex": "guie.search",
+    "ImageIndex": "guie.search",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

@@ -1,7 +1,8 @@
-"""`guie search build` and `guie search query`."""
+"""`guie index ...` (a named, updatable image index) and `guie serve NAME` (the search service and its page)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -9,70 +10,199 @@ import typer
 
 from .common import fail
 
+BACKEND_HELP = "faiss (embedded, default) or milvus (Milvus Lite file, or a cluster with --uri)"
+KIND_HELP = "flat (exact, default), hnsw or ivfpq: approximate, for large indexes (docs/search.md says when)"
+
+
+def _errors():
+    """The exceptions a command turns into a one-line error."""
+    from ..data.manifest import ManifestError
+    from ..embedding.files import ResumeError
+    from ..imaging.io import ImageLoadError
+    from ..search.backends import BackendError
+    from ..search.image_index import SearchIndexError
+    from ..search.store import StoreError
+
+    return (SearchIndexError, BackendError, StoreError, ManifestError, ResumeError, ImageLoadError,
+            FileNotFoundError, ValueError)
+
+
+def _open(name: str, write: bool = True, uri: Optional[str] = None):
+    from ..search.image_index import ImageIndex
+
+    return ImageIndex.open(name, write=write, uri=uri, token=os.environ.get("GUIE_MILVUS_TOKEN"))
+
 
 def register(app: typer.Typer) -> None:
-    """Add the `guie search` group to the top-level app."""
-    search_app = typer.Typer(no_args_is_help=True, help="Image search: FAISS index over an embeddings file.")
-    app.add_typer(search_app, name="search")
+    """Add the `guie index` group and `guie serve` to the top-level app."""
+    index_app = typer.Typer(no_args_is_help=True, help="A named, updatable image index (faiss or milvus) with "
+                                                      "metadata; NAME is a folder under $GUIE_INDEX_HOME or a path.")
+    app.add_typer(index_app, name="index")
 
-    @search_app.command("build")
-    def build(embeddings: Path = typer.Argument(..., help="embeddings .parquet from `guie embed`"),
-              out: Path = typer.Option(..., "--out", "-o", help="index folder to write"),
-              factory: str = typer.Option("Flat", help="FAISS index factory: Flat (exact), HNSW32, IVF1024,Flat, ...")):
-        """Build a search index from an embeddings file."""
-        from ..search.index import EmbeddingIndex
-
-        try:
-            index = EmbeddingIndex.from_embeddings_file(embeddings, factory)
-        except (FileNotFoundError, ValueError) as e:
-            fail(str(e))
-        index.save(out)
-        typer.echo(f"indexed {len(index)} embeddings of dim {index.dim} ({factory}) in {out}")
-
-    @search_app.command("query")
-    def query(index_dir: Path = typer.Argument(..., help="index folder from `guie search build`"),
-              images: List[Path] = typer.Argument(..., help="query image files"),
-              model: str = typer.Option(..., help="the model that made the index (checkpoint or backbone name)"),
-              k: int = typer.Option(5, "-k", "--k", help="results per query"),
-              grid: Optional[Path] = typer.Option(None, help="write a PNG: each query followed by its results"),
-              as_json: bool = typer.Option(False, "--json", help="print JSON lines instead of a table")):
-        """Find the k nearest indexed images of each query image."""
-        from ..imaging.draw import hits_grid
-        from ..imaging.io import ImageLoadError
-        from ..search.index import EmbeddingIndex
-        from ..search.query import embed_query_images
+    @index_app.command("create")
+    def create(name: str = typer.Argument(..., help="index name (or a path with a '/')"),
+               model: str = typer.Option(..., help="the model every add and search uses (checkpoint or backbone)"),
+               backend: str = typer.Option("faiss", help=BACKEND_HELP),
+               kind: str = typer.Option("flat", help=KIND_HELP),
+               image_root: Optional[Path] = typer.Option(None, help="folder item paths are relative to (default: "
+                                                                     "the first source added)"),
+               image_size: Optional[int] = typer.Option(None, help="input resolution (default: the model's)"),
+               uri: Optional[str] = typer.Option(None, help="milvus: a cluster, e.g. http://host:19530 (token in "
+                                                            "GUIE_MILVUS_TOKEN); default: a Milvus Lite file")):
+        """Create an empty index bound to one model (its fingerprint, preprocessing and dimension)."""
+        from ..search.encoder import describe_model, load_model
+        from ..search.image_index import ImageIndex
 
         try:
-            index = EmbeddingIndex.load(index_dir)
-            vectors = embed_query_images(model, images)
-            hits = index.search(vectors, k)
-        except (FileNotFoundError, ValueError, ImageLoadError) as e:
+            embedder = load_model(model, image_size=image_size)
+            desc = describe_model(embedder, model)
+            with ImageIndex.create(name, dim=desc["dim"], model=desc, backend=backend, kind=kind,
+                                   image_root=image_root, uri=uri,
+                                   token=os.environ.get("GUIE_MILVUS_TOKEN")) as index:
+                typer.echo(f"created index {index.name!r} in {index.folder}: {desc['dim']}-d, {backend} {kind}, "
+                           f"model {desc['ref']} (fingerprint {desc['fingerprint']})")
+        except _errors() as e:
             fail(str(e))
-        for img, rows in zip(images, hits.rows):
-            cols = [c for c in ("path", "label", "domain", "distance") if c in rows.columns]
+
+    @index_app.command("add")
+    def add(name: str = typer.Argument(..., help="index name"),
+            source: Path = typer.Argument(..., help="image folder, manifest (.csv/.parquet) or shard folder"),
+            where: Optional[List[str]] = typer.Option(None, help="keep rows with column=value (repeatable)"),
+            batch_size: int = typer.Option(64), shard_size: int = typer.Option(
+                1024, help="rows per resumable embedding shard (a killed add redoes only unfinished shards)"),
+            progress: bool = typer.Option(True, "--progress/--no-progress")):
+        """Embed and add the images the index lacks (same content = same item), in one commit; resumable."""
+        from ..search.encoder import load_index_model
+        from ..search.ingest import add_source
+
+        try:
+            with _open(name) as index:
+                embedder = load_index_model(index)
+                rep = add_source(index, source, embedder, where=where, batch_size=batch_size, shard_size=shard_size,
+                                 progress=progress)
+                typer.echo(f"{index.name}: added {rep.added} of {rep.rows} images ({rep.duplicates} already indexed"
+                           f", {len(rep.errors)} unreadable) in commit {rep.seq}; {len(index)} items")
+        except _errors() as e:
+            fail(str(e))
+
+    @index_app.command("remove")
+    def remove(name: str = typer.Argument(..., help="index name"),
+               where: Optional[List[str]] = typer.Option(None, help="remove items with column=value (repeatable)"),
+               ids: Optional[Path] = typer.Option(None, help="a file of item ids, one per line")):
+        """Remove items by metadata (--where vendor=apple) or by id, in one commit."""
+        if bool(where) == bool(ids):
+            fail("give --where col=value or --ids FILE (one of them)")
+        try:
+            with _open(name) as index:
+                if ids:
+                    try:
+                        wanted = [int(t) for t in ids.read_text().split()]
+                    except ValueError:
+                        fail(f"{ids}: expected integer ids, one per line")
+                    seq, removed = index.remove(wanted, op=f"remove --ids {ids.name}")
+                else:
+                    seq, removed = index.remove_where(where)
+                typer.echo(f"{index.name}: removed {len(removed)} items in commit {seq}; {len(index)} items")
+        except _errors() as e:
+            fail(str(e))
+
+    @index_app.command("stats")
+    def stats(name: str = typer.Argument(..., help="index name"),
+              as_json: bool = typer.Option(False, "--json", help="print JSON")):
+        """Size, model, backend, labels and the last commits."""
+        try:
+            with _open(name, write=False) as index:
+                s = index.stats()
+        except _errors() as e:
+            fail(str(e))
+        if as_json:
+            typer.echo(json.dumps(s, indent=1, default=str))
+            return
+        b = s["backend"]
+        typer.echo(f"{s['name']}: {s['items']} items, {s['dim']}-d, commit {s['seq']}, folder {s['folder']}")
+        typer.echo(f"  model {s['model']['ref']} (fingerprint {s['model']['fingerprint']})")
+        typer.echo("  backend " + ", ".join(f"{k} {v}" for k, v in b.items() if k != "backend") + f" ({b['backend']})")
+        typer.echo(f"  image root {s['image_root']}; columns {', '.join(s['columns'])}")
+        typer.echo("  top labels " + ", ".join(f"{v} ({n})" for v, n in s["labels"][:10]))
+        for c in s["commits"][:5]:
+            typer.echo(f"  commit {c['seq']}: {c['op']} ({c['n']} items)")
+
+    @index_app.command("search")
+    def search(name: str = typer.Argument(..., help="index name"),
+               images: List[Path] = typer.Argument(..., help="query image files"),
+               k: int = typer.Option(5, "-k", "--k", help="results per query"),
+               where: Optional[List[str]] = typer.Option(None, help="only items with column=value (repeatable)"),
+               grid: Optional[Path] = typer.Option(None, help="write a PNG: each query followed by its results"),
+               as_json: bool = typer.Option(False, "--json", help="print one JSON line per query")):
+        """The k nearest indexed images of each query image (Euclidean distance, nearest first)."""
+        from ..search.encoder import embed_query_files, load_index_model
+
+        try:
+            with _open(name, write=False) as index:
+                vectors = embed_query_files(load_index_model(index), images)
+                hits = index.search(vectors, k, where=where)
+                files = [[index.item_file(h.item) for h in row] for row in hits]
+        except _errors() as e:
+            fail(str(e))
+        for img, row in zip(images, hits):
+            results = [{"id": h.id, "distance": round(h.distance, 6), "label": h.item.get("label"),
+                        "path": h.item.get("path")} for h in row]
             if as_json:
-                typer.echo(json.dumps({"query": str(img), "results": rows[cols].to_dict(orient="records")}))
+                typer.echo(json.dumps({"query": str(img), "results": results}))
             else:
-                typer.echo(f"{img}")
-                for r in rows[cols].itertuples(index=False):
-                    typer.echo("  " + "  ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in r))
+                typer.echo(str(img))
+                for r in results:
+                    typer.echo(f"  {r['id']:>8}  {r['distance']:.4f}  {r['label']}  {r['path']}")
         if grid:
-            hits_grid(images, hits).save(grid)
+            from ..imaging.draw import hits_grid
+
+            hits_grid(images, [[(f, h.distance, h.item.get("label")) for f, h in zip(fs, row)]
+                               for fs, row in zip(files, hits)]).save(grid)
             typer.echo(f"grid: {grid}")
 
-    @search_app.command("serve")
-    def serve(index_dir: Path = typer.Argument(..., help="index folder from `guie search build`"),
-              model: str = typer.Option(..., help="the model that made the index (checkpoint or backbone name)"),
-              host: str = typer.Option("127.0.0.1", help="interface to listen on (0.0.0.0 for all)"),
+    @index_app.command("reindex")
+    def reindex(name: str = typer.Argument(..., help="index name"),
+                kind: str = typer.Option(..., help=KIND_HELP)):
+        """Rebuild the vector backend as another kind (e.g. flat -> hnsw once the index has grown)."""
+        try:
+            with _open(name) as index:
+                index.reindex(kind)
+                typer.echo(f"{index.name}: {index.stats()['backend']}")
+        except _errors() as e:
+            fail(str(e))
+
+    @app.command("serve")
+    def serve(name: str = typer.Argument(..., help="index name"),
+              host: str = typer.Option("127.0.0.1", help="interface; anything but 127.0.0.1 requires --api-key"),
               port: int = typer.Option(8000, help="TCP port"),
-              max_k: int = typer.Option(100, help="largest k a client may ask for")):
-        """Serve image search over HTTP (FastAPI): POST /search, POST /embed, GET /health; docs at /docs."""
+              api_key: Optional[str] = typer.Option(None, envvar="GUIE_API_KEY", show_default=False,
+                                                    help="key for writes (and for reads off loopback); "
+                                                         "or set GUIE_API_KEY"),
+              max_k: int = typer.Option(100, help="largest k a client may ask for"),
+              max_files: int = typer.Option(8, help="images per request"),
+              max_upload_mb: float = typer.Option(8.0, help="bytes per uploaded image, in MiB"),
+              max_pixels: int = typer.Option(40_000_000, help="decoded pixels per image"),
+              max_batch: int = typer.Option(32, help="images per forward (dynamic batching)"),
+              batch_wait_ms: float = typer.Option(5.0, help="how long a forward waits for more requests"),
+              queue: int = typer.Option(128, help="images waiting for a forward; beyond: 503"),
+              cors_origin: Optional[List[str]] = typer.Option(None, help="allow this browser origin (repeatable); "
+                                                                         "CORS is off by default")):
+        """Serve the index over HTTP with its search page at / (FastAPI; see docs/search.md)."""
         import uvicorn
 
-        from ..search.server import create_app
+        from ..search.app import ServerSettings, create_app
+        from ..search.encoder import EngineEncoder, load_index_model
 
+        settings = ServerSettings(api_key=api_key, host=host, max_upload_bytes=int(max_upload_mb * 2**20),
+                                  max_files=max_files, max_pixels=max_pixels, max_k=max_k,
+                                  cors_origins=list(cor for cor in cors_origin or []))
         try:
-            app = create_app(index_dir, model, max_k=max_k)
-        except (FileNotFoundError, ValueError) as e:
+            settings.check()
+            index = _open(name)
+            encoder = EngineEncoder(load_index_model(index), max_batch=max_batch, max_wait_ms=batch_wait_ms,
+                                    max_queue=queue)
+            web = create_app(index, encoder, settings, on_close=lambda: (encoder.close(), index.close()))
+        except _errors() as e:
             fail(str(e))
-        uvicorn.run(app, host=host, port=port)
+        typer.echo(f"serving {index.name!r} ({len(index)} items) on http://{host}:{port}/", err=True)
+        uvicorn.run(web, host=host, port=port, log_level="warning")

@@ -250,6 +250,23 @@ def embed_decoded(embedder: Embedder, images: Sequence[Image.Image | torch.Tenso
     return out
 
 
+def pixel_forward(embedder: Embedder, device: str | torch.device | None = None,
+                  features: bool = False) -> Callable[[torch.Tensor], np.ndarray]:
+    """A function uint8 images [B, 3, S, S] (the model's input, `embedder.transform` of each) -> float32 [B, d],
+    with the model prepared once (eval mode, device, channels_last) and the same forward as `iter_embeddings`.
+
+    For callers that assemble batches themselves, e.g. the search server's `DynamicBatcher` merging concurrent
+    requests into one forward. The model is left in eval mode."""
+    device = resolve_device(device)
+    _prepare_model(embedder, device)
+    fn = _model_fn(embedder, features)
+
+    def forward(images: torch.Tensor) -> np.ndarray:
+        return _forward(fn, images, device, 0).cpu().numpy()
+
+    return forward
+
+
 def path_embedder(model, image_size: int | None = None, batch_size: int = 64, progress: bool = False,
                   device: str | torch.device | None = None) -> Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]:
     """A function paths -> (float32 [N, d] with zero rows where an image could not be read, ok mask [N]) that embeds

@@ -25,21 +25,20 @@ def thumbnail(path: str, size: int, border: tuple | None) -> Image.Image:
     return cell
 
 
-def hits_grid(images: Sequence[str | Path], hits, thumb: int = 96) -> Image.Image:
+def hits_grid(images: Sequence[str | Path], results: Sequence[Sequence[tuple]], thumb: int = 96) -> Image.Image:
     """One row per query: the query (grey frame), then its results with their distances.
 
-    `hits` has `positions` [Q, k] and `rows` (one DataFrame per query with `path`, `distance`, optional `label`),
-    as `guie.search.EmbeddingIndex.search` returns."""
-    k = hits.positions.shape[1]
+    `results[q]` lists (image file or None, distance, label) per result, nearest first (`guie index search --grid`).
+    """
+    k = max((len(r) for r in results), default=0)
     cell = thumb + 8
     grid = Image.new("RGB", (cell * (k + 1) + 10, (cell + 14) * len(images)), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
-    for r, (img, rows) in enumerate(zip(images, hits.rows)):
+    for r, (img, row) in enumerate(zip(images, results)):
         y = r * (cell + 14)
         grid.paste(thumbnail(str(img), thumb, GREY), (0, y))
-        for j, row in enumerate(rows.itertuples(index=False)):
+        for j, (path, distance, label) in enumerate(row):
             x = cell * (j + 1) + 10
-            grid.paste(thumbnail(str(row.path), thumb, BLUE), (x, y))
-            label = f"{getattr(row, 'label', '')}"[:14]
-            draw.text((x + 2, y + cell), f"{row.distance:.3f} {label}", fill=(0, 0, 0))
+            grid.paste(thumbnail(str(path or ""), thumb, BLUE), (x, y))
+            draw.text((x + 2, y + cell), f"{distance:.3f} {label or ''}"[:20], fill=(0, 0, 0))
     return grid

@@ -33,12 +33,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from ..data.dedup import bytes_digest
-from ..data.images import ImageLoadError, load_image
-from .batching import Overloaded
-from .image_index import ImageIndex, SearchIndexError
+from ..imaging.io import ImageLoadError, load_image
+from ..embedding.batching import Overloaded
+from .image_index import UPLOADS, ImageIndex, SearchIndexError
 from .store import NewItem, parse_where
 
-UPLOADS = "@index/uploads/"  # item paths of images added over HTTP: stored in the index folder, not the image root
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 HIDDEN_FIELDS = ("id", "path", "label", "content_hash", "added_seq")
 
@@ -144,20 +143,6 @@ class Thumbnails:
         self._cache: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
 
-    def resolve(self, stored: Optional[str]) -> Optional[Path]:
-        """The file an item path names, only if it lies inside the image root (or the index's uploads)."""
-        if not stored:
-            return None
-        if stored.startswith(UPLOADS):
-            base, rel = self.index.folder / "uploads", stored[len(UPLOADS):]
-        else:
-            base, rel = self.index.image_root, stored
-        if base is None or Path(rel).is_absolute():
-            return None
-        base = base.resolve()
-        path = (base / rel).resolve()
-        return path if path.is_relative_to(base) and path.is_file() else None
-
     def get(self, item: dict) -> Optional[bytes]:
         """The thumbnail of an item (WebP bytes), or None when it has no readable image file."""
         key = (item["id"], item.get("content_hash"))
@@ -165,7 +150,7 @@ class Thumbnails:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        path = self.resolve(item.get("path"))
+        path = self.index.item_file(item)
         if path is None:
             return None
         try:

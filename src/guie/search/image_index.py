@@ -39,6 +39,7 @@ from .store import STORE_FILE, MetadataStore, NewItem, StoreError, parse_where
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 LOCK_FILE = ".writer.lock"
+UPLOADS = "@index/uploads/"  # item paths of images added over HTTP: kept in the index folder, not the image root
 RERANK_FACTOR = 8  # candidates per requested neighbour re-ranked with exact vectors when the backend is approximate
 
 
@@ -205,6 +206,22 @@ class ImageIndex:
     def __len__(self) -> int:
         with self._lock:
             return len(self.store)
+
+    def item_file(self, item: dict) -> Path | None:
+        """The image file of an item, only if it lies inside the image root (or the index's uploads folder):
+        a stored path can never reach elsewhere (`../`, absolute paths, symlinks out are refused)."""
+        stored = item.get("path")
+        if not stored:
+            return None
+        if stored.startswith(UPLOADS):
+            base, rel = self.folder / "uploads", stored[len(UPLOADS):]
+        else:
+            base, rel = self.image_root, stored
+        if base is None or Path(rel).is_absolute():
+            return None
+        base = base.resolve()
+        path = (base / rel).resolve()
+        return path if path.is_relative_to(base) and path.is_file() else None
 
     @property
     def seq(self) -> int:

@@ -12,6 +12,7 @@ rerun of the same command finishes the work.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -38,10 +39,16 @@ class AddReport:
     errors: list[str] = field(default_factory=list)
 
 
-def source_root(source: str | Path) -> Path:
-    """The folder a source's relative paths hang from: the folder itself, or a manifest's (shard index's) folder."""
+def source_root(source: str | Path, paths: Sequence[str]) -> Path:
+    """The image root a source suggests: the folder itself, else the deepest folder holding all of the manifest's
+    image files (all rows, before any --where, so a later add of other rows still lies under it)."""
     source = Path(source).resolve()
-    return source if source.is_dir() else source.parent
+    if source.is_dir():
+        return source
+    files = [p for p in paths if "#" not in p]  # shard references: the shard folder is the manifest's
+    if not files:
+        return source.parent
+    return Path(os.path.commonpath([str(Path(p).resolve().parent) for p in files]))
 
 
 def relative_path(path: str, root: Path | None) -> str:
@@ -72,15 +79,16 @@ def add_source(index: ImageIndex, source: str | Path, embedder, where: Sequence[
     `embedder` must be the index's model (its fingerprint is checked). Returns an AddReport."""
     from ..data.dedup import file_digests
     from ..data.manifest import filter_rows, read_manifest
-    from ..embed import embed_to_file, model_fingerprint
+    from ..embedding.files import embed_to_file, model_fingerprint
 
     say = report or (lambda msg: print(msg, file=sys.stderr))
     index.check_model(model_fingerprint(embedder, embedder.preprocess, features=False))
-    df = filter_rows(read_manifest(source), list(where or []))
+    everything = read_manifest(source)
+    df = filter_rows(everything, list(where or []))
     if df.empty:
         raise SearchIndexError(f"{source}: no rows to add" + (f" after --where {' '.join(where)}" if where else ""))
     n_rows = len(df)
-    root = index.set_image_root(source_root(source))
+    root = index.set_image_root(source_root(source, everything["path"].astype(str).tolist()))
     digests = file_digests(df["path"].astype(str).tolist(), workers=workers, progress=progress)
     errors = [f"{p}: cannot be read" for p, d in zip(df["path"], digests) if d is None]
     df = df.assign(content_hash=digests)[[d is not None for d in digests]]

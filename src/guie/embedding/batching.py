@@ -1,4 +1,4 @@
-"""Dynamic batching: concurrent requests' images go through the model in one forward.
+"""Dynamic batching: concurrent requests' images go through the model in one forward (`engine.pixel_forward`).
 
 A server that runs one forward per request under a lock pays the model's fixed per-call cost for every request and
 leaves batch parallelism unused; here each request hands its preprocessed images to one worker thread, which waits
@@ -43,7 +43,8 @@ class BatcherStats:
 
 
 class DynamicBatcher:
-    """One worker thread owning `forward` (uint8 images [B, 3, S, S] -> float32 [B, d]); see the module docstring."""
+    """One worker thread owning `forward` (uint8 images [B, 3, S, S] -> float32 [B, d], e.g.
+    `guie.embedding.engine.pixel_forward(embedder)`); see the module docstring."""
 
     def __init__(self, forward: Callable[[torch.Tensor], np.ndarray], max_batch: int = 32, max_wait_ms: float = 5.0,
                  max_queue: int = 128, name: str = "guie-batcher"):

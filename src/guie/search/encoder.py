@@ -1,0 +1,79 @@
+"""The model side of an index: how it is described in the index header, loaded back (and checked), and run on
+query images, through the embedding engine (`guie.embedding.engine`) in every case."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .image_index import ImageIndex
+
+
+def model_reference(model: str | Path) -> str:
+    """What the header stores to load the model again: a checkpoint's absolute path, or a backbone name."""
+    p = Path(str(model)).expanduser()
+    return str(p.resolve()) if p.is_file() else str(model)
+
+
+def describe_model(embedder, model: str | Path) -> dict:
+    """The header's model entry: reference, fingerprint (`model_fingerprint`), preprocessing and output dimension."""
+    from ..embedding.files import model_fingerprint
+
+    return {"ref": model_reference(model), "fingerprint": model_fingerprint(embedder, embedder.preprocess, False),
+            "preprocess": embedder.preprocess.to_dict(), "dim": int(embedder.embed_dim)}
+
+
+def load_model(model: str | Path, image_size: int | None = None):
+    """An Embedder from a checkpoint path or backbone name, in eval mode."""
+    from ..models.embedder import resolve_embedder
+
+    return resolve_embedder(str(model), image_size=image_size).eval()
+
+
+def load_index_model(index: ImageIndex, model: str | Path | None = None):
+    """The index's model (from its header, or `model` given instead), refused unless its fingerprint is the one the
+    index was built with."""
+    from ..embedding.files import model_fingerprint
+
+    stored = index.model
+    embedder = load_model(model or stored["ref"], image_size=(stored.get("preprocess") or {}).get("image_size"))
+    index.check_model(model_fingerprint(embedder, embedder.preprocess, False))
+    return embedder
+
+
+def embed_query_files(embedder, paths: Sequence[str | Path]) -> np.ndarray:
+    """Embed a few query image files -> float32 [Q, d] (one-line ImageLoadError naming a bad file)."""
+    from ..embedding.engine import embed_decoded
+    from ..imaging.io import load_image
+
+    return embed_decoded(embedder, [load_image(p) for p in paths])
+
+
+class EngineEncoder:
+    """The server's `QueryEncoder`: the model's preprocessing plus a `DynamicBatcher` over the engine's forward."""
+
+    def __init__(self, embedder, max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 128,
+                 device: str | None = None):
+        from ..embedding.batching import DynamicBatcher
+        from ..embedding.engine import pixel_forward
+        from ..embedding.files import model_fingerprint
+
+        self.embedder = embedder
+        self.fingerprint = model_fingerprint(embedder, embedder.preprocess, False)
+        self.transform = embedder.transform
+        self.batcher = DynamicBatcher(pixel_forward(embedder, device), max_batch=max_batch, max_wait_ms=max_wait_ms,
+                                      max_queue=max_queue)
+
+    def submit(self, images):
+        """Queue uint8 images [n, 3, S, S]; a Future of their embeddings."""
+        return self.batcher.submit(images)
+
+    @property
+    def queued(self) -> int:
+        """Images waiting for a forward."""
+        return self.batcher.queued
+
+    def close(self) -> None:
+        """Stop the batcher's worker."""
+        self.batcher.close()
