@@ -41,7 +41,7 @@ def test_ids_are_stable_duplicates_are_no_ops_and_filters_work(tmp_path):
         new = index.add(x[:1] + 100, [NewItem("fresh", "x.png", "9", {})])
         assert new.ids.tolist() == [60]  # ids are never reused
         hits = index.search(x[[3, 5]], k=3, where={"label": ["3", "0"]})
-        for q, row in zip((3, 5), hits):
+        for row in hits:
             assert all(h.item["label"] in ("3", "0") and h.item["vendor"] == "b" for h in row)
         assert hits[0][0].id == 3 and hits[0][0].distance == pytest.approx(0, abs=1e-5)
         assert index.search(x[:1], 5, where=["vendor=a"]) == [[]]

@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from conftest import png_header_only
-from guie.search.app import ServerSettings, create_app, safe_name
 from guie.embedding.batching import DynamicBatcher, Overloaded
+from guie.search.app import ServerSettings, create_app, safe_name
 from guie.search.image_index import ImageIndex, NewItem
 
 KEY = "s3cret-key-for-tests"
@@ -32,9 +32,6 @@ class PixelEncoder:
     def submit(self, images):
         return self.batcher.submit(images)
 
-    @property
-    def queued(self):
-        return self.batcher.queued
 
 
 def picture(seed: int) -> Image.Image:

@@ -21,11 +21,12 @@ import json
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Optional, Protocol
+from typing import Protocol
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
@@ -33,8 +34,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from ..data.dedup import bytes_digest
-from ..imaging.io import ImageLoadError, load_image
 from ..embedding.batching import Overloaded
+from ..imaging.io import ImageLoadError, load_image
 from .image_index import UPLOADS, ImageIndex, SearchIndexError
 from .store import NewItem, parse_where
 
@@ -58,7 +59,7 @@ class QueryEncoder(Protocol):
 class ServerSettings:
     """Limits and access rules; the defaults are the safe ones."""
 
-    api_key: Optional[str] = None
+    api_key: str | None = None
     host: str = "127.0.0.1"
     max_upload_bytes: int = 8 * 2**20      # per image
     max_files: int = 8                     # images per request
@@ -83,7 +84,7 @@ class ServerSettings:
             raise ValueError("the API key must be at least 8 characters")
 
 
-def safe_name(name: Optional[str], position: int) -> str:
+def safe_name(name: str | None, position: int) -> str:
     """A client's file name reduced to a harmless label: `upload 2 (cat_photo.jpg)`; never echoed raw."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name or "").name)[:48].strip("._")
     return f"upload {position}" + (f" ({stem})" if stem else "")
@@ -143,7 +144,7 @@ class Thumbnails:
         self._cache: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, item: dict) -> Optional[bytes]:
+    def get(self, item: dict) -> bytes | None:
         """The thumbnail of an item (WebP bytes), or None when it has no readable image file."""
         key = (item["id"], item.get("content_hash"))
         with self._lock:
@@ -168,8 +169,8 @@ class Thumbnails:
         return data
 
 
-def create_app(index: ImageIndex, encoder: QueryEncoder, settings: Optional[ServerSettings] = None,
-               on_close: Optional[Callable[[], None]] = None) -> FastAPI:
+def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSettings | None = None,
+               on_close: Callable[[], None] | None = None) -> FastAPI:
     """The search app over an open `index`, embedding queries with `encoder` (the index's model: its fingerprint
     is checked here)."""
     settings = settings or ServerSettings()
@@ -196,7 +197,7 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: Optional[Serv
             "default-src 'self'; img-src 'self' blob: data:; frame-ancestors 'none'")
         return response
 
-    def presented_key(request: Request) -> Optional[str]:
+    def presented_key(request: Request) -> str | None:
         key = request.headers.get("x-api-key")
         auth = request.headers.get("authorization", "")
         if key is None and auth.lower().startswith("bearer "):
@@ -301,8 +302,8 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: Optional[Serv
         if settings.keyed_reads and not key_ok(request):
             return {"status": "ok"}
         return {"status": "ok", "index": index.name, "items": len(index), "dim": index.dim,
-                "backend": index.header.get("backend"), "seq": index.seq, "queued_images": getattr(
-                    encoder, "queued", None), "writes": bool(settings.api_key)}
+                "backend": index.header.get("backend"), "seq": index.seq, "writes": bool(settings.api_key),
+                "batching": getattr(encoder, "stats", None)}
 
     @app.post("/search")
     async def search(request: Request):
@@ -387,7 +388,7 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: Optional[Serv
                 folder = index.folder / "uploads"
                 folder.mkdir(exist_ok=True)
                 items = []
-                for (name, data), h, fmt in zip(uploads, hashes, formats):
+                for (_, data), h, fmt in zip(uploads, hashes, formats):
                     target = folder / f"{h}.{fmt}"
                     if not target.exists():
                         from ..utils import atomic_write_bytes

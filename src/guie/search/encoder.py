@@ -2,8 +2,8 @@
 query images, through the embedding engine (`guie.embedding.engine`) in every case."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -70,9 +70,11 @@ class EngineEncoder:
         return self.batcher.submit(images)
 
     @property
-    def queued(self) -> int:
-        """Images waiting for a forward."""
-        return self.batcher.queued
+    def stats(self) -> dict:
+        """Forwards run, images embedded, requests refused, largest batch, images waiting."""
+        from dataclasses import asdict
+
+        return {**asdict(self.batcher.stats), "queued": self.batcher.queued}
 
     def close(self) -> None:
         """Stop the batcher's worker."""

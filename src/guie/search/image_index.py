@@ -25,10 +25,10 @@ import os
 import re
 import threading
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -100,7 +100,7 @@ class ImageIndex:
     @classmethod
     def create(cls, name: str | Path, *, dim: int, model: dict, backend: str = "faiss", kind: str = "flat",
                image_root: str | Path | None = None, uri: str | None = None, token: str | None = None,
-               extra: dict | None = None) -> "ImageIndex":
+               extra: dict | None = None) -> ImageIndex:
         """A new empty index at `name` (see `resolve_index`).
 
         `model` identifies the embedder: {"ref": what to load, "fingerprint": `model_fingerprint(...)`,
@@ -139,7 +139,7 @@ class ImageIndex:
 
     @classmethod
     def open(cls, name: str | Path, *, uri: str | None = None, token: str | None = None,
-             write: bool = True) -> "ImageIndex":
+             write: bool = True) -> ImageIndex:
         """Open an index and bring its backend up to the store's last commit (after a crash, that persists the
         recovered state when `write`; a read-only open recovers in memory only)."""
         folder = resolve_index(name)
@@ -166,7 +166,7 @@ class ImageIndex:
             self.backend.close()
             self.store.close()
 
-    def __enter__(self) -> "ImageIndex":
+    def __enter__(self) -> ImageIndex:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -440,4 +440,5 @@ def _flock(folder: Path):
         os.close(fd)
 
 
-__all__ = ["AddResult", "BackendError", "Hit", "ImageIndex", "SearchIndexError", "NewItem", "index_home", "resolve_index"]
+__all__ = ["AddResult", "BackendError", "Hit", "ImageIndex", "NewItem", "SearchIndexError", "index_home",
+           "resolve_index"]

@@ -15,9 +15,9 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import pandas as pd
 
@@ -89,6 +89,8 @@ def add_source(index: ImageIndex, source: str | Path, embedder, where: Sequence[
         raise SearchIndexError(f"{source}: no rows to add" + (f" after --where {' '.join(where)}" if where else ""))
     n_rows = len(df)
     root = index.set_image_root(source_root(source, everything["path"].astype(str).tolist()))
+    if workers is None and len(df) < 4096:
+        workers = 1  # hashing a few thousand files is quicker than starting a process pool
     digests = file_digests(df["path"].astype(str).tolist(), workers=workers, progress=progress)
     errors = [f"{p}: cannot be read" for p, d in zip(df["path"], digests) if d is None]
     df = df.assign(content_hash=digests)[[d is not None for d in digests]]

@@ -22,9 +22,9 @@ import json
 import math
 import sqlite3
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -121,7 +121,7 @@ class MetadataStore:
         return db
 
     @classmethod
-    def create(cls, path: str | Path, header: dict) -> "MetadataStore":
+    def create(cls, path: str | Path, header: dict) -> MetadataStore:
         """A new store at `path` holding `header` (refuses to overwrite an existing one)."""
         path = Path(path)
         if path.exists():

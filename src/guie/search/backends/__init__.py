@@ -87,7 +87,7 @@ class VectorBackend(ABC):
         """What `guie index stats` shows about the backend."""
         return {"backend": self.name, "kind": self.kind, "vectors": self.count()}
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: most backends hold nothing to release
         """Release files, connections and child processes."""
 
 

@@ -61,7 +61,8 @@ class MilvusBackend(VectorBackend):
         try:
             from pymilvus import DataType, MilvusClient
         except ImportError:
-            raise BackendError("the milvus backend needs pymilvus and milvus-lite: pip install pymilvus milvus-lite")
+            raise BackendError("the milvus backend needs pymilvus and milvus-lite: pip install "
+                               "pymilvus milvus-lite") from None
         self.folder, self.dim, self.kind, self.collection = Path(folder), int(dim), kind, collection
         self.uri = uri or str(self.folder / LITE_FILE)
         if not uri:
