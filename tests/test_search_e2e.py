@@ -197,7 +197,7 @@ def test_kill_9_during_index_add_keeps_the_last_commit_and_a_rerun_finishes(inde
     """A real SIGKILL of `guie index add` while it embeds; the index still holds exactly its last commit, and the
     same command run again resumes the finished embedding shards and commits everything."""
     from guie.models import save_embedder
-    from guie.search.image_index import ImageIndex
+    from guie.search.image_index import ImageIndex, SearchIndexError
 
     root = write_labelled_folder(tmp_path / "imgs", classes=12, domains=("a", "b", "c"))
     model = save_embedder(tiny_embedder(embed_dim=8, image_size=32), tmp_path / "tiny.pt")
@@ -225,3 +225,10 @@ def test_kill_9_during_index_add_keeps_the_last_commit_and_a_rerun_finishes(inde
     assert "added 33 of 36 images (3 already indexed" in out
     with ImageIndex.open(name) as index:
         assert len(index) == 36 and index.seq == 2 and not (index.folder / "pending").exists()
+        from guie.search.encoder import load_index_model
+
+        other = save_embedder(tiny_embedder(embed_dim=8, image_size=32, seed=1), tmp_path / "other.pt")
+        with pytest.raises(SearchIndexError, match="fingerprint"):  # the index refuses another model
+            load_index_model(index, other)
+    r = CliRunner().invoke(app, ["index", "create", name, "--model", str(model)])
+    assert r.exit_code == 2 and "already exists" in r.output
