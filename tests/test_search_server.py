@@ -158,16 +158,18 @@ def test_uploads_are_capped_in_bytes_files_and_pixels(served, tmp_path):
 def test_a_full_queue_answers_503(served):
     index, pics, client = served
 
-    class Full:
-        fingerprint = "pixels-4x4"
-        transform = staticmethod(PixelEncoder.transform.__get__(object()))
+    full = PixelEncoder()
 
-        def submit(self, images):
-            raise Overloaded("busy: 128 images already queued")
+    def refuse(images):
+        raise Overloaded("busy: 128 images already queued")
 
-    c = TestClient(create_app(index, Full(), ServerSettings()))
+    full.submit = refuse
+    c = TestClient(create_app(index, full, ServerSettings()))
     r = c.post("/search", files=[("files", ("a.png", png_bytes(pics[0]), "image/png"))])
-    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.status_code == 503 and r.headers["retry-after"] == "1" and "busy" in r.json()["detail"]
+    full.batcher.close()
+    r = client(max_inflight=0).post("/search", data={"item": "1"})  # no free slot: refused before any work
+    assert r.status_code == 503 and "in flight" in r.text
 
 
 def test_dynamic_batcher_merges_concurrent_requests_and_bounds_its_queue():
