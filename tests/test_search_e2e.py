@@ -230,5 +230,7 @@ def test_kill_9_during_index_add_keeps_the_last_commit_and_a_rerun_finishes(inde
         other = save_embedder(tiny_embedder(embed_dim=8, image_size=32, seed=1), tmp_path / "other.pt")
         with pytest.raises(SearchIndexError, match="fingerprint"):  # the index refuses another model
             load_index_model(index, other)
+    (tmp_path / "ids.txt").write_text("0\n5\n999\n")
+    assert "removed 2 items in commit 3; 34 items" in cli("index", "remove", name, "--ids", tmp_path / "ids.txt")
     r = CliRunner().invoke(app, ["index", "create", name, "--model", str(model)])
     assert r.exit_code == 2 and "already exists" in r.output
