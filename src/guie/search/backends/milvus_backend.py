@@ -87,7 +87,13 @@ class MilvusBackend(VectorBackend):
         self.client.load_collection(collection)
 
     def _where(self) -> str:
-        return "the local Milvus Lite file" if not self.uri.startswith(("http://", "https://", "tcp://")) else self.uri
+        """Where the collection lives, for messages: never the credentials a URI may carry."""
+        if not self.uri.startswith(("http://", "https://", "tcp://")):
+            return "the local Milvus Lite file"
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.uri)
+        return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
 
     def synced_seq(self) -> int:
         """The commit recorded in the store after the last acknowledged write."""
@@ -156,7 +162,7 @@ class MilvusBackend(VectorBackend):
     def describe(self) -> dict:
         """Kind, where the collection lives (never the token) and its row count."""
         return {"backend": self.name, "kind": self.kind, "collection": self.collection,
-                "location": "milvus-lite" if self._where().startswith("the local") else self.uri,
+                "location": "milvus-lite" if self._where().startswith("the local") else self._where(),
                 "vectors": self.count()}
 
     def close(self) -> None:
