@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from guie.data.emoji import DEFAULT_VERSION
@@ -137,9 +136,8 @@ def tiny_embedder():
     from guie.models import create_embedder
 
     def make(embed_dim: int | None = 8, image_size: int = 32, seed: int = 0, **kw):
-        torch.manual_seed(seed)
         return create_embedder("timm:test_efficientnet", embed_dim=embed_dim, pretrained=False,
-                               image_size=image_size, **kw).eval()
+                               image_size=image_size, seed=seed, **kw).eval()
 
     return make
 

@@ -154,3 +154,38 @@ def test_cli_help_does_not_import_torch():
             "guie.create_embedder; assert 'torch' in sys.modules")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-1500:]
+
+
+def test_embed_dim_heads_are_seeded_so_runs_agree_and_resume(labelled_folder, tmp_path, monkeypatch):
+    """A fresh head (--embed-dim) is initialised from --seed: two runs give identical vectors, another seed other
+    vectors, and an interrupted run resumes (it was refused: 'parts holds finished shards of another model')."""
+    import timm
+    import torch
+
+    import guie.pipeline.datasets as datasets_mod
+    from guie.imaging.io import load_image
+
+    torch.save(timm.create_model("test_efficientnet", pretrained=False).state_dict(), tmp_path / "w.pth")
+    args = ["--model", f"timm:test_efficientnet:{tmp_path / 'w.pth'}", "--embed-dim", 8, "--image-size", 32,
+            "--no-progress", "--shard-size", 4, "--batch-size", 2]
+    outs = {name: tmp_path / f"{name}.parquet" for name in ("a", "b", "seed1", "resumed")}
+    for name in ("a", "b"):
+        assert run("embed", labelled_folder, "-o", outs[name], *args).exit_code == 0
+    assert run("embed", labelled_folder, "-o", outs["seed1"], *args, "--seed", 1).exit_code == 0
+    a, b, seed1 = (read_embeddings(outs[n])[1] for n in ("a", "b", "seed1"))
+    assert np.array_equal(a, b) and not np.allclose(a, seed1)
+
+    paths = sorted(str(p) for p in labelled_folder.rglob("*.png"))
+
+    def interrupt(path, *args, **kwargs):
+        if str(path) == paths[6]:
+            raise KeyboardInterrupt
+        return load_image(path, *args, **kwargs)
+
+    monkeypatch.setattr(datasets_mod, "load_image", interrupt)
+    assert run("embed", labelled_folder, "-o", outs["resumed"], *args).exit_code != 0
+    assert list((tmp_path / "resumed.parquet.parts").glob("part-*.parquet"))  # finished shards were kept
+    monkeypatch.setattr(datasets_mod, "load_image", load_image)
+    r = run("embed", labelled_folder, "-o", outs["resumed"], *args)
+    assert r.exit_code == 0, r.output
+    assert np.array_equal(read_embeddings(outs["resumed"])[1], a)

@@ -42,9 +42,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 def tiny(seed=0, image_size=32, **kw):
     """A random 64-d embedder on timm's test_efficientnet with TF 'SAME' padding (the path tf_efficientnet_lite0
     uses)."""
-    torch.manual_seed(seed)
     return create_embedder("timm:test_efficientnet", pretrained=False, image_size=image_size, pad_type="same",
-                           **kw).eval()
+                           seed=seed, **kw).eval()
 
 
 def pil(arr):

@@ -17,7 +17,9 @@ def register(app: typer.Typer) -> None:
               out: Path = typer.Option(..., "--out", "-o", help="output embeddings .parquet"),
               model: str = typer.Option("efficientnet_lite0", help="guie checkpoint (.pt) or backbone name"),
               embed_dim: Optional[int] = typer.Option(None, help="head size for a fresh backbone (default: raw "
-                                                                 "features)"),
+                                                                 "features); the head is initialised from --seed"),
+              seed: int = typer.Option(0, help="seed of a fresh head (--embed-dim): the same seed gives the same "
+                                               "vectors, so an interrupted run resumes"),
               features: bool = typer.Option(False, help="write backbone features instead of the head's embedding"),
               image_size: Optional[int] = typer.Option(None, help="input resolution (default: the model's)"),
               batch_size: int = typer.Option(64), workers: Optional[int] = typer.Option(
@@ -39,7 +41,7 @@ def register(app: typer.Typer) -> None:
             df = filter_rows(read_manifest(source), where)
             if df.empty:
                 fail(f"{source}: no rows left after --where {' '.join(where or [])}")
-            embedder = resolve_embedder(model, embed_dim=embed_dim, image_size=image_size)
+            embedder = resolve_embedder(model, embed_dim=embed_dim, image_size=image_size, seed=seed)
             dist = init_distributed(device)  # under torchrun: one process per GPU, shards split over the ranks
             dev = dist.device if dist.enabled else (None if device == "auto" else device)
             kept, emb, errors = embed_to_file(embedder, df, out, batch_size=batch_size, num_workers=workers,

@@ -5,6 +5,7 @@ round-trip it through a self-describing checkpoint that needs no hub access to l
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -84,8 +85,13 @@ class Embedder(nn.Module):
 
 def create_embedder(backbone: str = "efficientnet_lite0", embed_dim: int | None = 64, dropout: float = 0.0,
                     pretrained: bool = True, image_size: int | None = None, preprocess: dict | None = None,
-                    head_norm: str = "none", **backbone_kwargs) -> Embedder:
+                    head_norm: str = "none", seed: int | None = 0, **backbone_kwargs) -> Embedder:
     """Build an Embedder: a registered backbone + Dropout/Linear head to `embed_dim` (<= 64) + L2 normalisation.
+
+    Fresh weights (the head; the whole backbone when not pretrained) are drawn from torch's RNG seeded with `seed`
+    in a forked RNG state, so the same call always builds the same model (two `guie embed --embed-dim 64` runs
+    agree, and an interrupted one resumes) and the caller's RNG is left as it was. seed=None draws from the
+    caller's global RNG instead (training seeds it itself and continues from it).
 
     Args:
         backbone: see `guie.models.backbones.create_backbone` (``efficientnet_lite0``, ``timm:...``, ``open_clip:...``).
@@ -98,10 +104,13 @@ def create_embedder(backbone: str = "efficientnet_lite0", embed_dim: int | None 
         backbone_kwargs: family options, e.g. ``keep_projection=False`` (open_clip) or ``feature_levels=(2, 3, 4)``
             (timm CNNs: also pool these intermediate stages and concatenate them to the final features).
     """
-    net, pre = create_backbone(backbone, pretrained=pretrained, image_size=image_size, **backbone_kwargs)
+    with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
+        if seed is not None:
+            torch.manual_seed(seed)
+        net, pre = create_backbone(backbone, pretrained=pretrained, image_size=image_size, **backbone_kwargs)
+        head = ProjectionHead(net.num_features, embed_dim, dropout, norm=head_norm) if embed_dim is not None else None
     if preprocess:
         pre = pre.replace(**preprocess)
-    head = ProjectionHead(net.num_features, embed_dim, dropout, norm=head_norm) if embed_dim is not None else None
     spec = EmbedderSpec(backbone=backbone, embed_dim=embed_dim, dropout=dropout, image_size=pre.image_size,
                         backbone_kwargs=dict(backbone_kwargs), head_norm=head_norm)
     return Embedder(net, head, pre, spec)
@@ -132,11 +141,13 @@ def load_embedder(path: str | Path, map_location: str | torch.device = "cpu") ->
     return embedder.eval()
 
 
-def resolve_embedder(model: str | Path | Embedder | None, image_size: int | None = None, **kwargs) -> Embedder:
+def resolve_embedder(model: str | Path | Embedder | None, image_size: int | None = None, seed: int = 0,
+                     **kwargs) -> Embedder:
     """An Embedder from an instance, a checkpoint file, or a backbone name (raw features unless embed_dim given).
 
     `image_size` applies to all three (a checkpoint or instance is adapted with `Embedder.set_image_size`);
-    other keyword arguments go to `create_embedder` and are refused for a checkpoint, which fixes them itself.
+    `seed` initialises a fresh head (see `create_embedder`); other keyword arguments go to `create_embedder` and are
+    refused for a checkpoint, which fixes them itself.
     """
     if isinstance(model, Embedder) or (model is not None and Path(str(model)).is_file()):
         if any(v is not None for v in kwargs.values()):
@@ -147,4 +158,4 @@ def resolve_embedder(model: str | Path | Embedder | None, image_size: int | None
     if model is None:
         model = "efficientnet_lite0"
     kwargs.setdefault("embed_dim", None)
-    return create_embedder(str(model), image_size=image_size, **kwargs).eval()
+    return create_embedder(str(model), image_size=image_size, seed=seed, **kwargs).eval()

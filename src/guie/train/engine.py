@@ -166,8 +166,10 @@ class Trainer:
             if "centers" in extra:
                 self._init_centers = extra  # reused by a first stage that keeps the same label space
             return embedder
+        # seed=None: the head comes from the global RNG that _seed_everything(cfg.seed) just seeded
         return create_embedder(m.backbone, m.embed_dim, m.dropout, pretrained=m.pretrained, image_size=m.image_size,
-                               preprocess=m.preprocess or None, head_norm=m.head_norm, **m.backbone_kwargs)
+                               preprocess=m.preprocess or None, head_norm=m.head_norm, seed=None,
+                               **m.backbone_kwargs)
 
     def _write_resolved_config(self) -> None:
         if self.dist.is_main:
