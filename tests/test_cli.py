@@ -145,6 +145,30 @@ def test_evaluate_usage_errors(tmp_path, labelled_folder, model_file):
     assert r.exit_code == 2 and "missing.parquet" in r.stderr
 
 
+@pytest.mark.parametrize("case", ["empty index", "index without rows after --where", "corrupt Parquet",
+                                  "embedding column of strings"])
+def test_evaluate_input_errors_are_one_line_naming_the_file(case, tmp_path, labelled_folder, model_file):
+    """Each was a traceback (IndexError in the metric, pyarrow's error without the file name, AttributeError)."""
+    import pyarrow.parquet as pq
+
+    emb_file = _emb_with_domain(labelled_folder, model_file, tmp_path)
+    bad, extra = tmp_path / "bad.parquet", []
+    if case == "empty index":
+        pq.write_table(pq.read_table(emb_file).slice(0, 0), bad)
+        expected = "bad.parquet: holds no embeddings (0 rows)"
+    elif case == "index without rows after --where":
+        bad, extra, expected = emb_file, ["--where", "domain=none"], "no rows left after --where domain=none"
+    elif case == "corrupt Parquet":
+        bad.write_bytes(b"PAR1 this is not really parquet")
+        expected = "bad.parquet: cannot read Parquet"
+    else:
+        pd.DataFrame({"path": ["a.png"], "label": ["x"], "embedding": ["not a vector"]}).to_parquet(bad)
+        expected = "bad.parquet: 'embedding' does not hold vectors"
+    r = run("evaluate", "--query", emb_file, "--index", bad, *extra)
+    assert r.exit_code == 2, r.output
+    assert expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_cli_help_does_not_import_torch():
     """`guie --help` and `import guie` stay light (torch alone takes seconds to import); models load on first use."""
     import subprocess

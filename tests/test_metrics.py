@@ -114,6 +114,35 @@ def test_bad_inputs_raise_clear_errors():
         mean_precision_at_k(np.full((1, 2), np.nan), ["A"], np.zeros((2, 2)), ["A", "B"])
 
 
+X3, L3 = np.eye(3, dtype=np.float32), ["A", "B", "C"]
+
+
+@pytest.mark.parametrize("args, kwargs, message", [
+    (([], [], [], []), {}, r"^query_embeddings is empty$"),  # was '1 query embeddings but 0 query labels'
+    ((X3, L3, np.zeros((0, 3)), []), {}, r"^index_embeddings is empty$"),  # was an IndexError
+    ((X3, L3, X3, L3), {"k": 2.5}, r"^k must be a whole number >= 1, got 2\.5$"),  # was a TypeError
+    ((X3, L3, X3, L3), {"k": True}, r"^k must be a whole number >= 1, got True$"),
+    ((X3, ["A", None, "C"], X3, L3), {}, r"^query_labels\[1\] is None: every query item needs a label"),
+    ((X3, L3, X3, ["A", float("nan"), "C"]), {}, r"^index_labels\[1\] is nan: every index item needs a label"),
+    ((X3, np.array(["A", 1, "C"], dtype=object), X3, np.array([1, "B", "C"], dtype=object)), {},
+     r"^labels of different types cannot be matched"),  # was numpy's comparison error
+    ((X3 * 1j, L3, X3, L3), {}, r"^query_embeddings must hold real numbers, got dtype complex"),  # was accepted
+    ((X3, L3, X3 > 0, L3), {}, r"^index_embeddings must hold real numbers, got dtype bool$"),
+    ((np.zeros((3, 0)), L3, np.zeros((3, 0)), L3), {}, r"^query_embeddings has vectors of 0 dimensions"),
+    (([[1.0, 2.0], [3.0]], L3[:2], X3, L3), {}, r"^query_embeddings is not a rectangular array"),
+    ((X3, L3, X3, L3), {"missing": "drop"}, r"^missing must be 'error' or 'exclude', got 'drop'$"),
+])
+def test_metric_input_errors_are_one_line_and_name_the_input(args, kwargs, message):
+    with pytest.raises(ValueError, match=message) as info:
+        mean_precision_at_k(*args, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_knn_search_checks_k():
+    with pytest.raises(ValueError, match="k must be a whole number"):
+        knn_search(X3, X3, k=0)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_faiss_knn_equals_brute_force(seed):
     rng = np.random.default_rng(seed)

@@ -22,16 +22,52 @@ _FALLBACK_BYTES = 64 << 20  # memory for one block of float64 distances in the w
 
 
 def _as_matrix(x, name: str) -> np.ndarray:
-    a = np.asarray(x)
+    """x as a 2-D real matrix [N, d] (one 1-D vector is one row); a one-line ValueError naming `name` otherwise."""
+    try:
+        a = np.asarray(x)
+    except ValueError as e:  # ragged nested lists
+        raise ValueError(f"{name} is not a rectangular array ({e})") from None
     if a.ndim == 1:
+        if a.size == 0:
+            raise ValueError(f"{name} is empty")
         a = a[None, :]
     if a.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array [N, d], got shape {a.shape}")
-    if not np.issubdtype(a.dtype, np.number):
-        raise ValueError(f"{name} must be numeric, got dtype {a.dtype}")
+    if a.shape[0] == 0:
+        raise ValueError(f"{name} is empty")
+    if a.dtype.kind not in "iuf":
+        raise ValueError(f"{name} must hold real numbers, got dtype {a.dtype}")
+    if a.shape[1] == 0:
+        raise ValueError(f"{name} has vectors of 0 dimensions (shape {a.shape})")
     if not np.isfinite(a).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     return a
+
+
+def _as_labels(x, name: str, n: int, what: str) -> np.ndarray:
+    """x as a 1-D array of n labels, none missing; a one-line ValueError naming `name` otherwise."""
+    import pandas as pd
+
+    labels = np.asarray(x).reshape(-1)
+    if len(labels) != n:
+        raise ValueError(f"{n} {what} embeddings but {len(labels)} {what} labels")
+    as_given = np.asarray(x, dtype=object).reshape(-1)  # before NumPy turns a NaN among strings into 'nan'
+    missing = np.flatnonzero(pd.isna(as_given))
+    if len(missing):
+        raise ValueError(f"{name}[{missing[0]}] is {_plain(as_given[missing[0]])!r}: every {what} item needs a "
+                         f"label ({len(missing)} missing)")
+    return labels
+
+
+def _plain(value):
+    """A NumPy scalar as the Python value it holds (for messages: 'a', not np.str_('a'))."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a whole number >= 1, got {k!r}")
+    return int(k)
 
 
 def _exact_sq_dists(q: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -65,6 +101,7 @@ def knn_search(query_embeddings, index_embeddings, k: int = 5,
     """
     import faiss
 
+    k = _check_k(k)
     q = _as_matrix(query_embeddings, "query_embeddings")
     x = _as_matrix(index_embeddings, "index_embeddings")
     if q.shape[1] != x.shape[1]:
@@ -165,33 +202,32 @@ class RetrievalResult:
 def precision_at_k(query_embeddings, query_labels, index_embeddings, index_labels, k: int = 5,
                    missing: str = "error") -> RetrievalResult:
     """GUIE precision@k for each query plus the neighbours behind it (see `mean_precision_at_k`)."""
-    q_labels = np.asarray(query_labels).reshape(-1)
-    x_labels = np.asarray(index_labels).reshape(-1)
+    k = _check_k(k)
+    if missing not in ("error", "exclude"):
+        raise ValueError(f"missing must be 'error' or 'exclude', got {missing!r}")
     q = _as_matrix(query_embeddings, "query_embeddings")
     x = _as_matrix(index_embeddings, "index_embeddings")
-    if len(q_labels) != len(q):
-        raise ValueError(f"{len(q)} query embeddings but {len(q_labels)} query labels")
-    if len(x_labels) != len(x):
-        raise ValueError(f"{len(x)} index embeddings but {len(x_labels)} index labels")
-    if len(q) == 0:
-        raise ValueError("no queries")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    uniq, inverse = np.unique(x_labels, return_inverse=True)
+    if q.shape[1] != x.shape[1]:
+        raise ValueError(f"query dim {q.shape[1]} != index dim {x.shape[1]}")
+    q_labels = _as_labels(query_labels, "query_labels", len(q), "query")
+    x_labels = _as_labels(index_labels, "index_labels", len(x), "index")
+    try:
+        uniq, inverse = np.unique(x_labels, return_inverse=True)
+        pos = np.searchsorted(uniq, q_labels)
+    except TypeError as e:
+        raise ValueError(f"labels of different types cannot be matched ({e}); give query and index labels of one "
+                         "type, e.g. all strings") from None
     counts = np.bincount(inverse, minlength=len(uniq))
-    pos = np.searchsorted(uniq, q_labels)
     pos_clipped = np.minimum(pos, len(uniq) - 1)
     found = (pos < len(uniq)) & (uniq[pos_clipped] == q_labels)
     n_q = np.where(found, counts[pos_clipped], 0)
     kept = n_q > 0
     if not kept.all():
         n_missing = int((~kept).sum())
-        example = q_labels[~kept][0]
+        example = _plain(q_labels[~kept][0])
         if missing == "error":
             raise ValueError(f"{n_missing} queries have no relevant index item (n_q = 0), e.g. label {example!r}; "
                              "the GUIE metric requires n_q > 0 (pass missing='exclude' to drop them)")
-        if missing != "exclude":
-            raise ValueError(f"missing must be 'error' or 'exclude', got {missing!r}")
     q, q_labels, n_q = q[kept], q_labels[kept], n_q[kept]
     if len(q) == 0:
         raise ValueError("no query has a relevant index item")

@@ -80,9 +80,15 @@ def read_embeddings(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
     if EMBEDDING_COLUMN not in table.column_names:
         raise ValueError(f"{path}: no '{EMBEDDING_COLUMN}' column; is this a guie embeddings file?")
     col = table.column(EMBEDDING_COLUMN).combine_chunks()
-    dim = col.type.list_size
-    emb = col.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
     df = table.drop([EMBEDDING_COLUMN]).to_pandas()
+    if table.num_rows == 0:
+        return df, np.zeros((0, getattr(col.type, "list_size", 0)), np.float32)
+    if not hasattr(col.type, "list_size"):  # guie writes fixed-size lists; accept equal-length lists too
+        try:
+            return df, np.stack([np.asarray(v, dtype=np.float32) for v in col.to_pylist()])
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: '{EMBEDDING_COLUMN}' does not hold vectors of one length ({e})") from None
+    emb = col.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, col.type.list_size)
     return df, emb
 
 
