@@ -239,3 +239,17 @@ def test_cli_lists_importers_with_options():
     for kind in IMPORTERS:
         assert kind in r.output
     assert "label_by='product_code'" in r.output
+
+
+def test_folder_importers_given_a_file_say_so_in_one_line(tmp_path):
+    """`guie data import imagefolder FILE` ended in a NotADirectoryError traceback."""
+    from guie.data.importers import FILE_IMPORTERS
+
+    a_file = tmp_path / "m.csv"
+    a_file.write_text("path,label\n")
+    r = CliRunner().invoke(app, ["data", "import", "imagefolder", str(a_file), "--out", str(tmp_path / "o.csv")])
+    assert r.exit_code == 2 and f"{a_file}: is a file; the imagefolder importer reads a dataset folder" in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+    for kind in set(IMPORTERS) - set(FILE_IMPORTERS):
+        with pytest.raises(DatasetImportError, match="is a file"):
+            import_dataset(kind, a_file)

@@ -83,3 +83,53 @@ def test_override_mappings_keep_only_the_given_keys_with_their_types():
     assert stage.augment["rotate"] == 5.0 and isinstance(stage.augment["rotate"], float)
     assert "fill" not in stage.augment                  # the others keep AugmentConfig's defaults when used
     assert load_run_config(CONFIGS / "emoji-lite0-cpu.yaml").model.preprocess == {"crop_pct": 1.0}
+
+
+@pytest.mark.parametrize("override, match", [
+    ("stages.9.steps=1", r": override 'stages\.9\.steps=1': stages has 2 item\(s\), so 9 is out of range \(0\.\.1\)$"),
+    ("stages.head.steps=1", r": override 'stages\.head\.steps=1': stages is a list; index it by number"),
+    ("seed.value=1", r": override 'seed\.value=1': seed is 0, not a mapping or list$"),
+    ("stages.0.lr={head: 0.1", r": override 'stages\.0\.lr=\{head: 0\.1': invalid YAML value at line 1"),
+    ("model.dropout=1.5", r"\.model: dropout must be in \[0, 1\), got 1\.5$"),        # was reported at train time
+    ("stages.1.dropout=-0.1", r"\.stages\[1\]: dropout must be in \[0, 1\), got -0\.1$"),
+])
+def test_recipe_override_errors_name_the_file_and_key_in_one_line(override, match):
+    """Each was a traceback (IndexError, ValueError) or an error without the recipe file or key."""
+    from guie.typed_yaml import ConfigError
+
+    recipe = CONFIGS / "emoji-lite0-cpu.yaml"
+    with pytest.raises(ConfigError, match="^" + re.escape(str(recipe)) + match) as info:
+        load_run_config(recipe, [override])
+    assert "\n" not in str(info.value)
+
+
+def test_invalid_yaml_is_one_line_with_its_position(tmp_path):
+    from guie.typed_yaml import ConfigError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nstages: [a\n  b: 1\n")
+    with pytest.raises(ConfigError) as info:  # PyYAML's own message takes 8 lines
+        load_run_config(bad)
+    assert str(info.value) == f"{bad}: invalid YAML at line 3, column 4: expected ',' or ']', but got ':'"
+
+
+def test_a_run_failing_before_its_first_step_leaves_no_run_folder(tmp_path):
+    from guie.train.engine import train
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+name: doomed
+output_dir: {tmp_path / 'run'}
+cache_dir: {tmp_path / 'cache'}
+model: {{backbone: "timm:test_efficientnet", pretrained: false, embed_dim: 8, image_size: 32}}
+datasets: {{gen: {{manifest: {tmp_path / 'no-such-manifest.csv'}}}}}
+stages: [{{name: head, datasets: [gen], steps: 1}}]
+""")
+    cfg = load_run_config(recipe)
+    with pytest.raises(Exception, match="no-such-manifest"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()  # was left with metrics.csv, tensorboard/ and config.yaml
+    (tmp_path / "run").mkdir()  # a folder the user made is not removed
+    with pytest.raises(Exception, match="no-such-manifest"):
+        train(cfg, progress=False)
+    assert (tmp_path / "run").is_dir()

@@ -119,29 +119,56 @@ def load_yaml_config(cls: type[T], path: str | Path, overrides: list[str] | None
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+        raise ConfigError(f"{path}: invalid YAML{_yaml_error_summary(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     for item in overrides or []:
-        apply_override(data, item)
+        try:
+            apply_override(data, item)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
     return from_dict(cls, data, where=str(path))
+
+
+def _yaml_error_summary(e: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: ' at line L, column C: problem'."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{where}: {problem}"
 
 
 def apply_override(data: dict, item: str) -> None:
     """Set data['a']['b'] = yaml(value) for 'a.b=value'; list items by index ('stages.0.lr=0.1')."""
     key, sep, raw = item.partition("=")
-    if not sep:
+    if not sep or not key or "" in key.split("."):
         raise ConfigError(f"override {item!r} must look like key.sub=value")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: invalid YAML value{_yaml_error_summary(e)}") from None
     parts = key.split(".")
     node: Any = data
-    for p in parts[:-1]:
-        node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
-    last = parts[-1]
-    value = yaml.safe_load(raw)
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
+    for depth, p in enumerate(parts):
+        path = ".".join(parts[:depth]) or "the recipe"
+        if isinstance(node, list):
+            if not p.lstrip("-").isdigit():
+                raise ConfigError(f"override {item!r}: {path} is a list; index it by number (0..{len(node) - 1})")
+            i = int(p)
+            if not 0 <= i < len(node):
+                raise ConfigError(f"override {item!r}: {path} has {len(node)} item(s), so {p} is out of range "
+                                  f"(0..{len(node) - 1})")
+            if depth == len(parts) - 1:
+                node[i] = value
+            else:
+                node = node[i]
+        elif isinstance(node, dict):
+            if depth == len(parts) - 1:
+                node[p] = value
+            else:
+                node = node.setdefault(p, {})
+        else:
+            raise ConfigError(f"override {item!r}: {path} is {node!r}, not a mapping or list")
 
 
 def to_dict(obj) -> dict:

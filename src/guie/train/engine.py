@@ -8,7 +8,9 @@ from the last one and reproduces the uninterrupted run.
 from __future__ import annotations
 
 import math
+import os
 import random
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -566,5 +568,27 @@ def _ema_embedder(embedder: Embedder, ema) -> Embedder:
 
 
 def train(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Run a training recipe; returns the final model checkpoint (run_dir/model.pt)."""
-    return Trainer(cfg, resume=resume, progress=progress).run()
+    """Run a training recipe; returns the final model checkpoint (run_dir/model.pt).
+
+    A run that fails before logging its first step removes the run folder it created (it would hold only an empty
+    metrics.csv, TensorBoard file and config.yaml); a folder that existed before, or holds progress, is kept.
+    """
+    run_dir = cfg.run_dir
+    created = not run_dir.exists()
+    try:
+        return Trainer(cfg, resume=resume, progress=progress).run()
+    except BaseException:
+        if created and int(os.environ.get("RANK", "0")) == 0 and not _has_progress(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _has_progress(run_dir: Path) -> bool:
+    """Whether a run folder holds anything worth keeping: a checkpoint, a model or a logged step."""
+    if any((run_dir / "checkpoints").glob("*")) or (run_dir / "model.pt").exists():
+        return True
+    metrics = run_dir / "metrics.csv"
+    if metrics.exists():
+        with open(metrics) as f:
+            return sum(1 for _ in f) > 1  # more than the header
+    return False

@@ -15,6 +15,11 @@ from ..typed_yaml import ConfigError, load_yaml_config, overrides_of
 PARTS = ("backbone", "head", "centers")  # backbone | projection head ("neck") | class-centre matrix of the loss
 
 
+def _check_dropout(p: float) -> None:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {p}")
+
+
 @dataclass
 class ModelConfig:
     """The embedder to train (or a guie checkpoint to start from)."""
@@ -29,6 +34,11 @@ class ModelConfig:
     # passed to the backbone's constructor: {keep_projection: false} (open_clip), {feature_levels: [2, 3, 4]}
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     init_checkpoint: Path | None = None                  # start from a saved guie embedder
+
+    def __post_init__(self):
+        _check_dropout(self.dropout)
+        if self.embed_dim < 1:
+            raise ValueError(f"embed_dim must be >= 1, got {self.embed_dim}")
 
 
 @dataclass
@@ -113,6 +123,8 @@ class StageConfig:
     max_grad_norm: float | None = None
 
     def __post_init__(self):
+        if self.dropout is not None:
+            _check_dropout(self.dropout)
         bad = sorted(set(self.train) - set(PARTS))
         if bad:
             raise ValueError(f"stage {self.name!r}: unknown part(s) {bad} in 'train'; parts are {list(PARTS)}")

@@ -80,6 +80,8 @@ class ImportResult:
         return line
 
 
+FILE_IMPORTERS = ("csv",)  # importers whose source is one file; every other one reads a folder
+
 def importer_options(kind: str) -> dict[str, inspect.Parameter]:
     """The dataset-specific options of an importer (name -> Parameter with default and annotation)."""
     fn = _importer(kind)
@@ -139,6 +141,8 @@ def import_dataset(kind: str, root: str | Path, domain: str | None = None, verif
     root = Path(root).expanduser()
     if not root.exists():
         raise DatasetImportError(f"{root}: no such file or folder")
+    if kind not in FILE_IMPORTERS and not root.is_dir():
+        raise DatasetImportError(f"{root}: is a file; the {kind} importer reads a dataset folder")
     root = root.resolve()
     skips = Skips()
     df = fn(root, skips, **options)
