@@ -213,3 +213,31 @@ def test_embed_dim_heads_are_seeded_so_runs_agree_and_resume(labelled_folder, tm
     r = run("embed", labelled_folder, "-o", outs["resumed"], *args)
     assert r.exit_code == 0, r.output
     assert np.array_equal(read_embeddings(outs["resumed"])[1], a)
+
+
+def test_embed_folder_embeds_or_reports_every_file(mode_images, model_file, tmp_path):
+    """An SVG in a folder used to vanish without a word; now every file is embedded or reported, and counted."""
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.png").write_bytes(mode_images["rgb"].with_suffix(".jpg").read_bytes())
+    (folder / "sub" / "b.jpg").write_bytes(mode_images["rgb"].read_bytes())
+    (folder / "logo.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"/>')
+    (folder / "notes.txt").write_text("not a picture")
+    out = tmp_path / "emb.parquet"
+    r = run("embed", folder, "-o", out, "--model", model_file, "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "wrote 2 embeddings" in r.stdout
+    assert f"skipped {folder / 'logo.svg'}: SVG is a vector format" in r.stderr
+    assert "left out 1 files that are not images (notes.txt)" in r.stderr
+    assert f"{folder}: 4 files: 2 embedded, 1 unreadable, 1 not images" in r.stderr
+    failed = pd.read_csv(f"{out}.failed.csv")["error"].tolist()
+    assert len(failed) == 1 and failed[0].startswith(f"{folder / 'logo.svg'}: SVG is a vector format")
+
+
+def test_svg_listed_in_a_manifest_is_reported_as_svg(tmp_path):
+    from guie.imaging.io import ImageLoadError, load_image
+
+    for name in ("drawing.svg", "drawing-without-suffix.png"):
+        (tmp_path / name).write_text('<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>')
+        with pytest.raises(ImageLoadError, match=f"{name}: SVG is a vector format"):
+            load_image(tmp_path / name)

@@ -32,13 +32,15 @@ def register(app: typer.Typer) -> None:
               overwrite: bool = typer.Option(False, help="discard shards of an earlier run with another model"),
               progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar")):
         """Embed images into a Parquet file (manifest columns + 'embedding'); resumes an interrupted run."""
-        from ..data.manifest import ManifestError, filter_rows, read_manifest
+        from ..data.manifest import OTHER_FILES, ManifestError, filter_rows, read_manifest
         from ..distributed import init_distributed
         from ..embedding.files import ResumeError, embed_to_file
         from ..models.embedder import resolve_embedder
 
         try:
-            df = filter_rows(read_manifest(source), where)
+            listed = read_manifest(source)
+            others = listed.attrs.get(OTHER_FILES, [])  # a folder's files that are not images
+            df = filter_rows(listed, where)
             if df.empty:
                 fail(f"{source}: no rows left after --where {' '.join(where or [])}")
             embedder = resolve_embedder(model, embed_dim=embed_dim, image_size=image_size, seed=seed)
@@ -56,3 +58,10 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"wrote {len(kept)} embeddings of dim {emb.shape[1]} to {out}")
         if errors:
             typer.echo(f"skipped {len(errors)} unreadable images (listed in {out}.failed.csv)", err=True)
+        if others:
+            names = ", ".join(Path(p).name for p in others[:3]) + (", ..." if len(others) > 3 else "")
+            typer.echo(f"left out {len(others)} files that are not images ({names})", err=True)
+        if errors or others:
+            unit = "files" if source.is_dir() else "rows"
+            typer.echo(f"{source}: {len(kept) + len(errors) + len(others)} {unit}: {len(kept)} embedded, "
+                       f"{len(errors)} unreadable, {len(others)} not images", err=True)

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..imaging.io import IMAGE_EXTENSIONS
+from ..imaging.io import IMAGE_EXTENSIONS, UNDECODABLE_FORMATS
 
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq", ".tsv")
 SHARD_INDEX_FILE = "index.parquet"  # = guie.data.shards.INDEX_FILE
+OTHER_FILES = "other_files"  # DataFrame.attrs key: a folder's files that are not images (read_manifest)
 
 
 class ManifestError(ValueError):
@@ -22,9 +23,22 @@ class ManifestError(ValueError):
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """All image files under `folder`, recursively, in a stable (sorted) order."""
-    folder = Path(folder)
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """All image files under `folder`, recursively, in a stable (sorted) order (see `folder_files`)."""
+    return folder_files(folder)[0]
+
+
+def folder_files(folder: str | Path) -> tuple[list[Path], list[Path]]:
+    """Every file under `folder`, recursively and sorted, as (images, other files).
+
+    Images are files named like a format guie decodes, or like an image format it does not (SVG, HEIC, JPEG XL):
+    those are listed too, so that decoding reports them with the reason instead of leaving them out unnoticed.
+    """
+    images, others = [], []
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file():
+            suffix = p.suffix.lower()
+            (images if suffix in IMAGE_EXTENSIONS or suffix in UNDECODABLE_FORMATS else others).append(p)
+    return images, others
 
 
 def read_manifest(source: str | Path, require_labels: bool = False) -> pd.DataFrame:
@@ -41,13 +55,14 @@ def read_manifest(source: str | Path, require_labels: bool = False) -> pd.DataFr
 
         return _check_labels(read_shard_index(source / SHARD_INDEX_FILE), source, require_labels)
     if source.is_dir():
-        files = list_images(source)
+        files, others = folder_files(source)
         if not files:
             raise ManifestError(f"{source}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)})")
         df = pd.DataFrame({"path": [str(p.resolve()) for p in files]})
         labels = [str(p.parent.relative_to(source)) for p in files]
         if any(lbl != "." for lbl in labels):
             df["label"] = labels
+        df.attrs[OTHER_FILES] = [str(p) for p in others]  # for summaries: every file is embedded or reported
     else:
         suffix = source.suffix.lower()
         try:

@@ -25,7 +25,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".avif", ".bmp", ".gif", ".tif", ".tiff")
+# Image formats guie does not decode: a folder's files with these names are listed (and reported with this reason)
+# rather than silently left out.
+UNDECODABLE_FORMATS = {
+    ".svg": "SVG is a vector format; guie decodes raster images only (rasterise it to PNG first)",
+    ".svgz": "SVG is a vector format; guie decodes raster images only (rasterise it to PNG first)",
+    ".heic": "HEIC/HEIF needs a decoder guie does not ship (convert it to JPEG or PNG first)",
+    ".heif": "HEIC/HEIF needs a decoder guie does not ship (convert it to JPEG or PNG first)",
+    ".jxl": "JPEG XL needs a decoder guie does not ship (convert it to JPEG or PNG first)",
+}
 DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own hard limit (2x MAX_IMAGE_PIXELS); larger is treated as a bomb
 DEFAULT_MAX_DECODED_PIXELS = 1 << 25  # 33.5 Mpx: an 8K frame; more is decoded at a reduced scale or refused
 _JPEG_SCALES = (1, 2, 4, 8)  # libjpeg's DCT scaling, as PIL's draft offers it
@@ -195,7 +204,7 @@ def load_image(path: str | Path, draft_size: int | None = None, max_pixels: int 
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
-        raise ImageLoadError(path, "not a recognised image format", "format") from None
+        raise ImageLoadError(path, _unidentified_reason(path, source), "format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageLoadError(path, f"decompression bomb: {e}", "bomb") from None
     except OSError as e:
@@ -204,6 +213,25 @@ def load_image(path: str | Path, draft_size: int | None = None, max_pixels: int 
     except (ValueError, SyntaxError, EOFError) as e:
         kind = "truncated" if isinstance(e, EOFError) or "truncat" in str(e).lower() else "decode"
         raise ImageLoadError(path, f"cannot decode ({type(e).__name__}: {e})", kind) from None
+
+
+def _unidentified_reason(path, source) -> str:
+    """Why PIL could not open a file: a known format guie does not decode (by name, or SVG by content), or none."""
+    name = str(parse_shard_ref(path).name if parse_shard_ref(path) else path)
+    reason = UNDECODABLE_FORMATS.get(Path(name).suffix.lower())
+    if reason is None:
+        try:
+            if hasattr(source, "seek"):
+                source.seek(0)
+                head = source.read(1024)
+            else:
+                with open(source, "rb") as f:
+                    head = f.read(1024)
+        except OSError:
+            head = b""
+        if b"<svg" in head.lower():
+            reason = UNDECODABLE_FORMATS[".svg"]
+    return reason or "not a recognised image format"
 
 
 def _draft(im: Image.Image, draft_size: int | None, max_decoded: int) -> None:
