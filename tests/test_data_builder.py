@@ -186,6 +186,7 @@ def test_cli_build(tmp_path):
 def test_example_recipe_is_valid():
     from pathlib import Path
 
-    recipe = load_recipe(Path(__file__).parents[1] / "configs" / "data-mix.yaml")
+    recipe = load_recipe("data-mix")  # a shipped recipe, by name: its manifests are relative to the current folder
     assert recipe.datasets[-1].role == "eval" and recipe.leakage.methods == ["exact", "phash"]
     assert all(Path(ds.manifest).is_absolute() for ds in recipe.datasets)
+    assert recipe.datasets[0].manifest == str(Path.cwd() / "manifests" / "gldv2.clean.csv")

@@ -1,4 +1,5 @@
-"""The shipped recipes in configs/ load as typed dataclasses and say what their comments claim."""
+"""The shipped recipes (src/guie/recipes/, package data) load as typed dataclasses, by name too, and say what their
+comments claim."""
 import re
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import pytest
 from guie.data.builder import load_recipe
 from guie.train.recipe import load_run_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "guie" / "recipes"
 RUN_RECIPES = ["emoji-lite0-cpu.yaml", "guie-1st-place-vit-h-14.yaml", "guie-2nd-place-vit-h-14.yaml"]
 
 
@@ -133,3 +134,24 @@ stages: [{{name: head, datasets: [gen], steps: 1}}]
     with pytest.raises(Exception, match="no-such-manifest"):
         train(cfg, progress=False)
     assert (tmp_path / "run").is_dir()
+
+
+def test_recipes_load_by_name_and_the_cli_lists_every_shipped_one(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from guie.cli import app
+    from guie.typed_yaml import ConfigError, find_recipe, shipped_recipes
+
+    monkeypatch.chdir(tmp_path)  # names work from any folder
+    assert set(shipped_recipes()) == {p.stem for p in CONFIGS.glob("*.yaml")}
+    assert find_recipe("emoji-lite0-cpu") == find_recipe("emoji-lite0-cpu.yaml") == CONFIGS / "emoji-lite0-cpu.yaml"
+    assert load_run_config("emoji-lite0-cpu").name == "emoji-lite0-cpu"
+    (tmp_path / "emoji-lite0-cpu.yaml").write_text("name: mine\nstages: []\ndatasets: {}\n")
+    assert find_recipe("emoji-lite0-cpu.yaml") == Path("emoji-lite0-cpu.yaml")  # a file wins over a shipped name
+    with pytest.raises(ConfigError, match=r"^emoji-lite0: recipe not found \(no such file, and not one of the "
+                                          r"shipped recipes: .*emoji-lite0-cpu"):
+        find_recipe("emoji-lite0")
+    r = CliRunner().invoke(app, ["recipes"])
+    assert r.exit_code == 0, r.output
+    kinds = dict(line.split()[:2] for line in r.output.splitlines())
+    assert kinds == {name: ("data" if name == "data-mix" else "train") for name in shipped_recipes()}

@@ -4,9 +4,10 @@
 2. backbone features of all 7,428 images at 224 px, stored once in the feature cache (the slow part: ~3-6 min on
    2 cores the first time, seconds afterwards);
 3. zero-shot baselines on the test classes: raw pooled features, PCA-64 fitted on train-half images;
-4. the CPU training recipe `configs/emoji-lite0-cpu.yaml` run by the training engine on the train classes, validated
-   on the val classes: its head stage on the cached features (seconds per thousand steps); `--full` also runs its
-   backbone fine-tune stage (head and class centres locked; ~20 min more on 2 cores) and scores both models;
+4. the shipped CPU training recipe `emoji-lite0-cpu` (src/guie/recipes/) run by the training engine on the train
+   classes, validated on the val classes: its head stage on the cached features (seconds per thousand steps);
+   `--full` also runs its backbone fine-tune stage (head and class centres locked; ~20 min more on 2 cores) and
+   scores both models;
 5. test-class mP@5 of the trained 64-d model(s) next to the baselines, results.json and HTML reports with pictures.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .models.embedder import create_embedder, load_embedder
 from .models.heads import fit_pca
 from .utils import atomic_write_json, default_cache_dir, log
 
-DEMO_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "emoji-lite0-cpu.yaml"
+DEMO_RECIPE = "emoji-lite0-cpu"  # a shipped recipe (package data: found in a wheel install too)
 
 
 def l2n(x: np.ndarray) -> np.ndarray:
@@ -42,8 +43,6 @@ def run_demo(out_dir: str | Path = "outputs/demo", cache_dir: str | Path | None 
     t0 = time.time()
     cache_dir = Path(cache_dir or default_cache_dir())
     out_dir = Path(out_dir)
-    if not Path(recipe).is_file():
-        raise FileNotFoundError(f"demo recipe not found: {recipe}")
     overrides = [f"output_dir={out_dir / 'run'}", f"cache_dir={cache_dir}"]
     if device:
         overrides.append(f"device={device}")

@@ -111,11 +111,32 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
         raise ConfigError(f"{where}: {e}") from None
 
 
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # shipped recipes: package data, in the wheel too
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes guie ships (src/guie/recipes/*.yaml): name (file name without .yaml) -> path."""
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file: `name_or_path` itself when it is a file, else the shipped recipe of that name (with or
+    without .yaml, e.g. "emoji-lite0-cpu"). ConfigError naming both places when neither exists."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_recipes()
+    name = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if path.parent == Path(".") and name in shipped:
+        return shipped[name]
+    raise ConfigError(f"{name_or_path}: recipe not found (no such file, and not one of the shipped recipes: "
+                      f"{', '.join(shipped) or 'none'})")
+
+
 def load_yaml_config(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
-    """Read a YAML recipe into `cls`, applying `key.sub=value` overrides (values parsed as YAML)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: recipe file not found")
+    """Read a YAML recipe (a file, or a shipped recipe's name) into `cls`, applying `key.sub=value` overrides
+    (values parsed as YAML)."""
+    path = find_recipe(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

@@ -80,7 +80,7 @@ def register(app: typer.Typer) -> None:
 
     @data_app.command("build")
     def build_cmd(
-        recipe: Path = typer.Argument(..., help="YAML build recipe (see configs/data-mix.yaml)"),
+        recipe: str = typer.Argument(..., help="YAML build recipe: a file, or a shipped one's name (data-mix)"),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (overrides the recipe's)"),
         set_: Optional[List[str]] = typer.Option(None, "--set", help="override a recipe value: key.sub=value"),
         progress: bool = typer.Option(True, help="show progress bars"),

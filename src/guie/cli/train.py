@@ -13,7 +13,8 @@ def register(app: typer.Typer) -> None:
     """Add `guie train` to the top-level app."""
 
     @app.command()
-    def train(recipe: Path = typer.Argument(..., help="YAML training recipe (see configs/)"),
+    def train(recipe: str = typer.Argument(..., help="YAML training recipe: a file, or the name of a shipped one "
+                                                     "(guie recipes lists them, e.g. emoji-lite0-cpu)"),
               resume: bool = typer.Option(False, help="continue from the run folder's last checkpoint"),
               set_: Optional[List[str]] = typer.Option(None, "--set", help="override a recipe value: key.sub=value"),
               output_dir: Optional[Path] = typer.Option(None, help="run folder (default: runs/<name>)"),

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..typed_yaml import ConfigError, load_yaml_config, to_dict
+from ..typed_yaml import RECIPES_DIR, ConfigError, find_recipe, load_yaml_config, to_dict
 from ..utils import atomic_write_json, atomic_write_text, log
 from .manifest import read_manifest, select_rows, write_manifest
 
@@ -203,15 +203,17 @@ class BuildRecipe:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> BuildRecipe:
-    """Read and validate a build recipe; manifest paths are resolved relative to the recipe's folder."""
-    path = Path(path)
+    """Read and validate a build recipe (a file, or a shipped recipe's name); manifest paths are resolved relative
+    to the recipe's folder."""
+    path = find_recipe(path)
     recipe = load_yaml_config(BuildRecipe, path, overrides)
     if not recipe.datasets:
         raise ConfigError(f"{path}: 'datasets' is empty")
+    base = Path.cwd() if path.parent == RECIPES_DIR else path.parent  # a shipped recipe is a template
     for ds in recipe.datasets:
         p = Path(ds.manifest).expanduser()
         if not p.is_absolute():
-            ds.manifest = str((path.parent / p).resolve())
+            ds.manifest = str((base / p).resolve())
     if recipe.output is None:
         recipe.output = Path("data") / recipe.name
     bad = [m for m in recipe.leakage.methods if m not in ("exact", "phash")]

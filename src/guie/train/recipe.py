@@ -1,6 +1,7 @@
 """Training recipes: a run is a model, named datasets, a validation set and a list of stages.
 
-Written once in YAML (see configs/), loaded into these dataclasses; a resolved copy goes into every run folder.
+Written once in YAML (shipped ones in src/guie/recipes/, loadable by name), loaded into these dataclasses; a resolved
+copy goes into every run folder.
 """
 from __future__ import annotations
 
