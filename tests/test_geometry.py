@@ -29,6 +29,15 @@ HUGE = (2600, 1950)
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small resizes: one intra-op thread is fastest (a thread team only waits on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def noise(w: int, h: int, seed: int) -> np.ndarray:
     """Random pixels [h, w, 3]: every rounding difference between two resamplers shows on them."""
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
