@@ -214,3 +214,22 @@ def test_init_checkpoint_brings_its_class_centres(tmp_path, gen_manifest):
     after = torch.load(final, weights_only=False)["extra"]["centers"]["weight"]
     # reused (a fresh matrix would be random) and locked while the backbone trained
     assert torch.equal(before, after)
+
+
+def test_seeded_cpu_run_is_bit_reproducible_whatever_the_machines_thread_count(tmp_path, gen_manifest):
+    """Float sums depend on torch's intra-op thread count (1 vs 2 threads moved weights by ~7e-3 after 36 steps), so
+    a run is only reproducible on another machine with the thread count pinned: cpu_threads does that, and the
+    caller's own setting comes back afterwards."""
+    stages = HEAD_STAGE.format(steps=4) + BACKBONE_STAGE.format(steps=4)
+    states = []
+    for ambient in (2, 1):  # two machines' defaults
+        run_dir = tmp_path / f"ambient{ambient}"
+        run_dir.mkdir()
+        cfg = load_run_config(write_recipe(run_dir, gen_manifest, stages, extra="cpu_threads: 1"))
+        torch.set_num_threads(ambient)
+        Trainer(cfg, progress=False).run()
+        assert torch.get_num_threads() == ambient
+        states.append(_final_state(run_dir / "run"))
+    (sd_a, centres_a), (sd_b, centres_b) = states
+    assert torch.equal(centres_a, centres_b)
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)

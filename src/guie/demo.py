@@ -36,7 +36,23 @@ def l2n(x: np.ndarray) -> np.ndarray:
 
 def run_demo(out_dir: str | Path = "outputs/demo", cache_dir: str | Path | None = None, full: bool = False,
              recipe: str | Path = DEMO_RECIPE, device: str | None = None, progress: bool = True) -> dict:
-    """Run the demo; returns its results (also in out_dir/results.json, reports in out_dir/<method>/report.html)."""
+    """Run the demo; returns its results (also in out_dir/results.json, reports in out_dir/<method>/report.html).
+
+    On a CPU the whole demo (feature pass included) runs at the recipe's `cpu_threads`, so its figures repeat bit for
+    bit on other machines (same torch build and CPU instruction set).
+    """
+    import torch
+
+    from .runtime import intra_op_threads
+    from .train.recipe import load_run_config
+
+    on_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    with intra_op_threads(load_run_config(recipe).cpu_threads if on_cpu else None):
+        return _run_demo(out_dir, cache_dir, full, recipe, device, progress)
+
+
+def _run_demo(out_dir: str | Path, cache_dir: str | Path | None, full: bool, recipe: str | Path,
+              device: str | None, progress: bool) -> dict:
     from .train.engine import Trainer, stage_model_path
     from .train.recipe import load_run_config
 

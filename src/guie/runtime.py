@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .utils import log
@@ -47,7 +48,31 @@ def tune_cpu_allocator() -> bool:
 
 
 @contextmanager
-def single_intra_op_thread():
+def intra_op_threads(n: int | None) -> Iterator[None]:
+    """Run the block with torch's intra-op thread count pinned to `n` (None: as it is), then restore it.
+
+    Float reductions (matrix products, convolutions, their gradients) split their sums over the threads, so their
+    last bits depend on the thread count: a seeded CPU run repeats bit for bit on another machine only at the same
+    count (and torch build and CPU instruction set). Recipes pin it with `cpu_threads`.
+    """
+    if not n:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    if before == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
+def single_intra_op_thread() -> Iterator[None]:
     """Run the block with one torch intra-op thread, restoring the previous count after.
 
     For many tiny tensor ops between model steps (per-sample augmentations on 224-px images): each op would
@@ -55,14 +80,5 @@ def single_intra_op_thread():
     shared 2-core machine one v2 affine warp took 120-200 ms with two threads and 3 ms with one. Elementwise and
     warping ops give the same results whatever the thread count, so outputs do not change.
     """
-    import torch
-
-    n = torch.get_num_threads()
-    if n == 1:
+    with intra_op_threads(1):
         yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)

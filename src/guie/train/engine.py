@@ -36,7 +36,7 @@ from ..models.preprocess import draft_size
 from ..pipeline.augment import AugmentConfig, build_train_transform
 from ..pipeline.datasets import ImageFileDataset, SeededSampler, collate_skip_failed, sample_seed
 from ..pipeline.samplers import ClassBalancedSampler, ShuffleSampler
-from ..runtime import tune_cpu_allocator
+from ..runtime import intra_op_threads, tune_cpu_allocator
 from ..typed_yaml import to_dict
 from ..utils import atomic_save, atomic_write_text, default_cache_dir, log
 from .data import StageData, build_stage_data, load_validation_frame
@@ -307,6 +307,10 @@ class Trainer:
     # -------------------------------------------------------------------------------------------------- run
     def run(self) -> Path:
         """Run (or resume) every stage; returns run_dir/model.pt."""
+        with intra_op_threads(self.cfg.cpu_threads if self.device.type == "cpu" else None):
+            return self._run()
+
+    def _run(self) -> Path:
         self._write_resolved_config()
         state = self._load_last() if self.resume else None
         if self.resume and state is None and self.dist.is_main:

@@ -178,12 +178,17 @@ class RunConfig:
     checkpoint_every_steps: int = 500
     log_every_steps: int = 20
     num_workers: int | None = None
+    # torch's intra-op threads on a CPU, pinned for the whole run: float sums then run in the same order on every
+    # machine, so a seeded run is bit-reproducible (same torch build and CPU instruction set); None: all cores
+    cpu_threads: int | None = None
     device: str = "auto"
     cache_dir: Path | None = None      # feature caches / benchmark data (default $GUIE_CACHE)
 
     def __post_init__(self):
         if not self.stages:
             raise ValueError("a run needs at least one stage")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be >= 1 (or null for all cores), got {self.cpu_threads}")
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique, got {names}")
