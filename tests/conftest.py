@@ -51,6 +51,23 @@ def png_header_only(path: Path, width: int, height: int) -> Path:
     return path
 
 
+def png_one_bit(path: Path, width: int, height: int) -> Path:
+    """A real 1-bit PNG (diagonal stripes) written row by row, without ever holding width x height pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    row_bytes = (width + 7) // 8
+    z = zlib.compressobj(9)
+    idat = bytearray()
+    for y in range(height):
+        row = bytes([0]) + bytes([0xF0 if (y // 64) % 2 else 0x0F]) * row_bytes
+        idat += z.compress(row)
+    idat += z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", bytes(idat)) + chunk(b"IEND", b""))
+    return path
+
+
 def write_mode_images(root: Path) -> dict[str, Path]:
     """One small image per awkward kind; returns kind -> path. All are valid and must embed."""
     root.mkdir(parents=True, exist_ok=True)

@@ -3,19 +3,16 @@ ordinary and hostile sizes, and hostile images (extreme aspect ratios, huge decl
 from __future__ import annotations
 
 import os
-import struct
 import subprocess
 import sys
 import textwrap
-import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import photo
+from conftest import photo, png_one_bit
 from guie.export.module import MemberPipeline, TTAConfig
 from guie.imaging import geometry
 from guie.imaging.geometry import INTERPOLATIONS, RESIZE_MODES, resize_plan
@@ -41,23 +38,6 @@ def one_thread():
 def noise(w: int, h: int, seed: int) -> np.ndarray:
     """Random pixels [h, w, 3]: every rounding difference between two resamplers shows on them."""
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def png_one_bit(path: Path, width: int, height: int) -> Path:
-    """A real 1-bit PNG (diagonal stripes) written row by row, without ever holding width x height pixels."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    row_bytes = (width + 7) // 8
-    z = zlib.compressobj(9)
-    idat = bytearray()
-    for y in range(height):
-        row = bytes([0]) + bytes([0xF0 if (y // 64) % 2 else 0x0F]) * row_bytes
-        idat += z.compress(row)
-    idat += z.flush()
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", bytes(idat)) + chunk(b"IEND", b""))
-    return path
 
 
 @pytest.mark.parametrize("mode", RESIZE_MODES)
