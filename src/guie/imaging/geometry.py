@@ -1,7 +1,7 @@
 """The one resize geometry: how an image of any size becomes the model's S x S input, in bounded memory.
 
 Three paths turn pixels into model input: PIL on the CPU (`resize_pil`, behind `models.preprocess.resize_image`),
-the device decoder (`pipeline/data gpu_decode`) and the exported module (`export.module`). All three follow the plan
+the device decoder (`pipeline.gpu_decode`) and the exported module (`export.module`). All three follow the plan
 computed by `resize_plan`, and the two tensor paths resample with `resize_tensor`, which reproduces Pillow's own
 arithmetic (its filter coefficients, 22-bit fixed-point weights, rounding to 8 bits between the horizontal and the
 vertical pass, and its rule for which pass runs first). So the three give the same pixels, for every filter
