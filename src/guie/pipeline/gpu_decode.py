@@ -33,7 +33,7 @@ def _orient(x: torch.Tensor, code: int) -> torch.Tensor:
 
 
 ORIENT = range(1, 9)
-RESIZE_BATCH = 16  # images resized per call: bounds the float64 intermediates of resize_tensor
+RESIZE_ELEMENTS = 1 << 27  # source values resized per call (<= 64 images): bounds resize_tensor's float64 temporaries
 
 
 class EncodedImageDataset(Dataset):
@@ -83,8 +83,9 @@ def collate_encoded(batch):
 
 def resize_batch(x: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
     """uint8 [n,3,H,W] (one size) -> uint8 [n,3,S,S]: the model input `models.preprocess.resize_image` gives."""
-    parts = [resize_tensor(x[i:i + RESIZE_BATCH], cfg.image_size, cfg.resize_mode, *cfg.short_side, cfg.interpolation)
-             for i in range(0, x.shape[0], RESIZE_BATCH)]
+    step = max(1, min(64, RESIZE_ELEMENTS // max(1, x[0].numel())))
+    parts = [resize_tensor(x[i:i + step], cfg.image_size, cfg.resize_mode, *cfg.short_side, cfg.interpolation)
+             for i in range(0, x.shape[0], step)]
     return torch.cat(parts)
 
 
