@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/cpu_train.py [--steps 6] [--rounds 3] [--batch-size 32]
 
-The stage is the emoji recipe's backbone fine-tune (configs/emoji-lite0-cpu.yaml, stage `backbone`: EfficientNet-
+The stage is the emoji recipe's backbone fine-tune (shipped recipe emoji-lite0-cpu, stage `backbone`: EfficientNet-
 Lite0 at 224 px, head and class centres locked, AdamW, ArcFace, class-balanced sampling, its augmentations):
 (a) bare: the same embedder, ArcFace loss, trainable parts, train/eval modes and optimizer, on pre-loaded uint8
     batches (channels_last): zero_grad, forward, loss, backward, step; nothing else;
@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_MANIFEST, cpu_name  # noqa: E402
 
-RECIPE = Path(__file__).resolve().parent.parent / "configs" / "emoji-lite0-cpu.yaml"
+RECIPE = "emoji-lite0-cpu"  # a shipped recipe (src/guie/recipes/), loaded by name
 
 
 def emit(record: dict) -> None:
