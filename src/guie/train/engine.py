@@ -157,6 +157,8 @@ class Trainer:
         self.loss: nn.Module | None = None
         self.class_names: np.ndarray | None = None
         self._val_cache: dict = {}
+        self.last_validation: dict[str, float] = {}  # per validation set, from the latest validate()
+        self._kept_centers: tuple[torch.Tensor, torch.Tensor] | None = None  # (row mask, values) held fixed
 
     # ----------------------------------------------------------------------------------------------- setup
     def _build_embedder(self) -> Embedder:
@@ -184,24 +186,55 @@ class Trainer:
             self.embedder.set_image_size(stage.image_size)
 
     def _setup_loss(self, stage: StageConfig, data: StageData) -> None:
-        same_space = self.class_names is not None and np.array_equal(self.class_names, data.class_names)
+        """The stage's margin loss (class centres). The previous stage's loss (or the init checkpoint's centres) is
+        reused as is when the label space is unchanged; when it changed (datasets added or removed), a new matrix
+        is made in which the classes known before keep their centres and new classes start random, unless the
+        stage asks for `new_centers` (all random). `lock_kept_centers` then holds the kept rows fixed."""
         lc = stage.loss
-        if self.loss is None and self._init_centers is not None and not stage.new_centers:
-            init_names = np.asarray(self._init_centers["class_names"])
-            if np.array_equal(init_names, data.class_names):
-                self.loss = create_loss(self._init_centers["loss_name"], self.embedder.embed_dim, len(init_names),
-                                        sub_centers=self._init_centers["sub_centers"])
-                self.loss.load_state_dict(self._init_centers["centers"])
-                self.class_names, same_space = init_names, True
-                if self.dist.is_main:
-                    log.info("class centres from %s (%d classes)", self.cfg.model.init_checkpoint, len(init_names))
-        if (self.loss is None or stage.new_centers or not same_space
-                or self.loss.sub_centers != lc.sub_centers or type(self.loss) is not LOSSES.get(lc.name)):
+        prev, prev_names = self.loss, self.class_names
+        if prev is None and self._init_centers is not None and not stage.new_centers:
+            init = self._init_centers
+            prev = create_loss(init["loss_name"], self.embedder.embed_dim, len(init["class_names"]),
+                               sub_centers=init["sub_centers"])
+            prev.load_state_dict(init["centers"])
+            prev_names = np.asarray(init["class_names"], dtype=object)
+            if self.dist.is_main:
+                log.info("class centres from %s (%d classes)", self.cfg.model.init_checkpoint, len(prev_names))
+        same_space = prev_names is not None and np.array_equal(np.asarray(prev_names, dtype=str),
+                                                               data.class_names.astype(str))
+        self._kept_centers = None
+        if (prev is not None and same_space and not stage.new_centers and prev.sub_centers == lc.sub_centers
+                and type(prev) is LOSSES.get(lc.name)):
+            self.loss, self.class_names = prev, np.asarray(prev_names, dtype=object)
+        else:
             self.loss = create_loss(lc.name, self.embedder.embed_dim, data.num_classes, scale=lc.scale,
                                     margin=lc.margin, sub_centers=lc.sub_centers)
             self.class_names = data.class_names
+            kept = None
+            if prev is not None and not stage.new_centers and prev.sub_centers == lc.sub_centers:
+                kept = carry_centers(prev, prev_names, self.loss, data.class_names)
+            if kept is not None and self.dist.is_main:
+                log.info("class centres: %d kept from the previous stage%s, %d new", int(kept.sum()),
+                         " (locked)" if stage.lock_kept_centers else "", int((~kept).sum()))
+            if kept is not None and stage.lock_kept_centers and kept.any():
+                self._kept_centers = self._kept_rows(kept)
         self.loss.scale = lc.scale
         self.loss.to(self.device)
+        if self._kept_centers is not None:
+            self._kept_centers = tuple(t.to(self.device) for t in self._kept_centers)
+
+    def _kept_rows(self, kept_classes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row mask, row values) of the centre matrix for the given classes (all their sub-centres)."""
+        mask = torch.as_tensor(np.repeat(kept_classes, self.loss.sub_centers))
+        return mask, self.loss.weight.detach()[mask].clone()
+
+    def _restore_kept_centers(self) -> None:
+        """Put the locked kept centres back after an optimizer step (exact, whatever the optimizer's momentum or
+        weight decay did to them)."""
+        if self._kept_centers is not None:
+            mask, values = self._kept_centers
+            with torch.no_grad():
+                self.loss.weight[mask] = values
 
     def _margin_for_epoch(self, stage: StageConfig, epoch: int, data: StageData):
         lc = stage.loss
@@ -231,6 +264,7 @@ class Trainer:
                  "model": self.embedder.state_dict(), "loss": self.loss.state_dict(),
                  "loss_name": stage.loss.name, "sub_centers": self.loss.sub_centers,
                  "class_names": list(map(str, self.class_names)),
+                 "kept_centers_mask": None if self._kept_centers is None else self._kept_centers[0].cpu(),
                  "optimizer": opt.state_dict() if opt is not None else None,
                  "ema": ema.state_dict() if ema is not None else None, "rng": _rng_state(),
                  "config": to_dict(self.cfg)}
@@ -269,40 +303,55 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- validation
     @torch.no_grad()
     def validate(self, stage: StageConfig, use_features: bool) -> float | None:
-        """GUIE mP@5 on the validation set with the current (eval-mode) model; rank 0 computes."""
+        """GUIE mP@5 on the validation set(s) with the current (eval-mode) model: the mean over the named sets (each
+        set's score is kept in `last_validation`); rank 0 computes."""
         vcfg = self.cfg.validation
-        if vcfg is None or vcfg.manifest is None:
+        sets = vcfg.all_sets() if vcfg is not None else {}
+        if not sets:
             return None
         score = None
         if self.dist.is_main:
-            if "df" not in self._val_cache:
-                self._val_cache["df"] = load_validation_frame(vcfg, self.cfg.cache_dir)
-            df = self._val_cache["df"]
             self.embedder.eval()
-            if use_features:
-                feats, ok = cached_features(self.embedder, df["path"].tolist(),
-                                            self.cfg.cache_dir or default_cache_dir(),
-                                            batch_size=vcfg.batch_size, num_workers=self.cfg.num_workers,
-                                            device=self.device, progress=False)
-                emb = self.embedder.embed_features(torch.as_tensor(feats[ok], device=self.device)).cpu().numpy()
-            else:
-                res = embed_images(self.embedder, df["path"].tolist(), batch_size=vcfg.batch_size,
-                                   num_workers=self.cfg.num_workers, device=self.device, progress=False)
-                emb, ok = res.embeddings, res.ok
-            vdf = df[ok].reset_index(drop=True)
-            if vcfg.folds_by:
-                score = evaluate_folds(vdf, emb, by=vcfg.folds_by, missing="exclude").score
-            else:
-                qmask = vdf.index.isin(select_rows(vdf.reset_index(), vcfg.query_where, "validation query")["index"])
-                imask = vdf.index.isin(select_rows(vdf.reset_index(), vcfg.index_where, "validation index")["index"])
-                score = evaluate_query_index(vdf[qmask], emb[qmask], vdf[imask], emb[imask],
-                                             missing="exclude").score
+            scores = {name: self._validate_set(name, vset, vcfg.batch_size, use_features)
+                      for name, vset in sets.items()}
+            self.last_validation = scores
+            score = float(np.mean(list(scores.values())))
             _set_train_mode(self.embedder, stage)
         if self.dist.enabled:
             obj = [score]
             torch.distributed.broadcast_object_list(obj, src=0)
             score = obj[0]
         return score
+
+    def _val_fields(self, val: float | None) -> dict:
+        """Log fields of a validation result: the mean, and each set's score when there are several."""
+        if val is None:
+            return {}
+        fields = {"val_mP@5": val}
+        if len(self.last_validation) > 1:
+            fields["val_sets"] = " ".join(f"{k}={v:.4f}" for k, v in self.last_validation.items())
+            fields.update({f"val_mP@5/{k}": v for k, v in self.last_validation.items()})
+        return fields
+
+    def _validate_set(self, name: str, vset, batch_size: int, use_features: bool) -> float:
+        if name not in self._val_cache:
+            self._val_cache[name] = load_validation_frame(vset, self.cfg.cache_dir)
+        df = self._val_cache[name]
+        if use_features:
+            feats, ok = cached_features(self.embedder, df["path"].tolist(), self.cfg.cache_dir or default_cache_dir(),
+                                        batch_size=batch_size, num_workers=self.cfg.num_workers,
+                                        device=self.device, progress=False)
+            emb = self.embedder.embed_features(torch.as_tensor(feats[ok], device=self.device)).cpu().numpy()
+        else:
+            res = embed_images(self.embedder, df["path"].tolist(), batch_size=batch_size,
+                               num_workers=self.cfg.num_workers, device=self.device, progress=False)
+            emb, ok = res.embeddings, res.ok
+        vdf = df[ok].reset_index(drop=True)
+        if vset.folds_by:
+            return evaluate_folds(vdf, emb, by=vset.folds_by, missing="exclude").score
+        qmask = vdf.index.isin(select_rows(vdf.reset_index(), vset.query_where, f"validation {name} query")["index"])
+        imask = vdf.index.isin(select_rows(vdf.reset_index(), vset.index_where, f"validation {name} index")["index"])
+        return evaluate_query_index(vdf[qmask], emb[qmask], vdf[imask], emb[imask], missing="exclude").score
 
     # -------------------------------------------------------------------------------------------------- run
     def run(self) -> Path:
@@ -366,6 +415,8 @@ class Trainer:
                 raise RuntimeError(f"stage {stage.name!r}: the data's classes changed since the checkpoint")
             self.class_names = data.class_names
             self.loss.scale = stage.loss.scale
+            mask = state.get("kept_centers_mask")
+            self._kept_centers = None if mask is None else (mask, self.loss.weight.detach()[mask].clone())
         else:
             self._setup_loss(stage, data)
         # Always channels_last (faster on CPU and GPU); also keeps a resumed run numerically identical to an
@@ -456,6 +507,7 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
                                                stage.max_grad_norm)
             opt.step()
+            self._restore_kept_centers()
             if ema is not None:
                 ema.update_parameters(self.embedder)
             run.step += 1
@@ -476,7 +528,7 @@ class Trainer:
                 self.logger.log(self._global_step(run.index, step), stage=stage.name, step=step,
                                 epoch=round(run.micro / run.micro_per_epoch, 3), loss=mean_loss,
                                 lr=opt.param_groups[0]["lr"], margin=margin, images_per_s=round(rate, 1),
-                                **({"val_mP@5": val} if val is not None else {}))
+                                **self._val_fields(val))
                 bar.set_postfix(loss=f"{mean_loss:.3f}", **({"val": f"{val:.3f}"} if val is not None else {}))
                 t0, seen, loss_sum, loss_n = time.time(), 0, 0.0, 0
             if stop:
@@ -498,8 +550,7 @@ class Trainer:
         val = self.validate(stage, run.use_features)
         self.embedder.eval()
         self.logger.log(self._global_step(index, run.step), stage=stage.name, step=run.step,
-                        epoch=round(run.micro / run.micro_per_epoch, 3),
-                        **({"val_mP@5": val} if val is not None else {}))
+                        epoch=round(run.micro / run.micro_per_epoch, 3), **self._val_fields(val))
         self._checkpoint(index, stage, run.step, run.micro, None, None, done=True,
                          tag=f"stage-{index:02d}-{stage.name}")
         self._save_model(stage_model_path(self.run_dir, index, stage.name), None, stage.name)
@@ -507,7 +558,11 @@ class Trainer:
         self.logger.plot(f"{cfg.name}")
         if dist.is_main:
             msg = f"stage {stage.name!r} done in {time.time() - run.t_stage:.0f} s"
-            log.info(msg + (f", validation mP@5 {val:.4f}" if val is not None else ""))
+            if val is not None:
+                msg += f", validation mP@5 {val:.4f}"
+                if len(self.last_validation) > 1:
+                    msg += " (" + ", ".join(f"{k} {v:.4f}" for k, v in self.last_validation.items()) + ")"
+            log.info(msg)
         barrier(dist)
 
     def _global_step(self, stage_index: int, step: int) -> int:
@@ -561,6 +616,26 @@ class Trainer:
                 images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 yield images, targets_all[idx].to(self.device, non_blocking=True)
             epoch, skip = epoch + 1, 0
+
+
+def carry_centers(old_loss: nn.Module, old_names, new_loss: nn.Module, new_names) -> np.ndarray | None:
+    """Copy the centres of classes present in both label spaces (matched by namespaced label) from old_loss into
+    new_loss, sub-centres included. Returns the boolean mask of new classes that got an old centre, or None when
+    the two spaces share no class (or their sub-centre counts differ)."""
+    if old_loss.sub_centers != new_loss.sub_centers or old_loss.embed_dim != new_loss.embed_dim:
+        return None
+    index = {str(n): i for i, n in enumerate(old_names)}
+    pairs = [(j, index[str(n)]) for j, n in enumerate(new_names) if str(n) in index]
+    if not pairs:
+        return None
+    k = new_loss.sub_centers
+    new_rows = torch.as_tensor([j * k + s for j, _ in pairs for s in range(k)])
+    old_rows = torch.as_tensor([i * k + s for _, i in pairs for s in range(k)])
+    with torch.no_grad():
+        new_loss.weight[new_rows] = old_loss.weight.detach().to(new_loss.weight.device)[old_rows]
+    kept = np.zeros(len(new_names), dtype=bool)
+    kept[[j for j, _ in pairs]] = True
+    return kept
 
 
 def _ema_embedder(embedder: Embedder, ema) -> Embedder:

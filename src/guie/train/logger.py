@@ -11,7 +11,7 @@ from ..utils import atomic_write_bytes
 class RunLogger:
     """Append-only CSV of training metrics plus TensorBoard; `plot()` renders training.png."""
 
-    FIELDS = ["stage", "step", "epoch", "loss", "lr", "margin", "images_per_s", "val_mP@5"]
+    FIELDS = ["stage", "step", "epoch", "loss", "lr", "margin", "images_per_s", "val_mP@5", "val_sets"]
 
     def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True):
         self.enabled, self.path = enabled, run_dir / "metrics.csv"

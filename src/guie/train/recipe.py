@@ -46,8 +46,9 @@ class ModelConfig:
 class DatasetConfig:
     """One source of training images, with its own label namespace and balancing."""
 
-    manifest: str                                  # CSV/Parquet/folder/shard index; "emoji" = the built-in benchmark
-    where: dict[str, Any] = field(default_factory=dict)  # column -> value or list of values to keep
+    manifest: str                                  # CSV/Parquet/folder/shard index, or a built-in benchmark:
+                                                   # emoji | glyphs | icons
+    where: dict[str, Any] = field(default_factory=dict)      # column -> value or list of values to keep
     namespace: str | None = None                   # label prefix (default: the dataset's name)
     domain: str | None = None                      # overrides the manifest's domain column
     min_images: int = 2                            # drop classes with fewer images
@@ -101,7 +102,10 @@ class StageConfig:
     name: str
     datasets: list[str]
     train: list[str] = field(default_factory=lambda: ["head", "centers"])
-    new_centers: bool = False         # a fresh class-centre matrix (always when the label space changes)
+    new_centers: bool = False         # a fresh class-centre matrix for every class; otherwise classes the previous
+                                      # stage (or init checkpoint) knew keep their centres, new ones start random
+    lock_kept_centers: bool = False   # train only the new classes' centres: the kept ones stay exactly as they were
+                                      # (the 1st place's "add a dataset with its own centres while the old stay")
     image_size: int | None = None     # change resolution (ViT position embeddings are resampled)
     epochs: float | None = None       # length in epochs, or
     steps: int | None = None          # in optimizer steps
@@ -152,16 +156,34 @@ class StageConfig:
 
 
 @dataclass
-class ValidationConfig:
-    """Periodic GUIE mP@5 on held-out data (never the test classes)."""
+class ValidationSet:
+    """One held-out evaluation set (never the test classes): a manifest and how to split it into queries/index."""
 
-    manifest: str | None = None
+    manifest: str | None = None       # a manifest, or a built-in benchmark: emoji | glyphs | icons
     where: dict[str, Any] = field(default_factory=dict)
-    folds_by: str | None = None       # leave-one-group-out folds (emoji: vendor), or
-    query_where: dict[str, Any] = field(default_factory=dict)  # explicit query/index subsets of the manifest
+    folds_by: str | None = None       # leave-one-group-out folds (emoji: vendor, glyphs: font, icons: theme), or
+    query_where: dict[str, Any] = field(default_factory=dict)   # explicit query/index subsets of the manifest
     index_where: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ValidationConfig(ValidationSet):
+    """Periodic GUIE mP@5 on held-out data: one set (the fields above), or several named `sets` (one per domain),
+    whose mean is the validation score (each set's score is logged too)."""
+
+    sets: dict[str, ValidationSet] = field(default_factory=dict)
     every_steps: int = 0              # 0: only at stage ends
     batch_size: int = 64
+
+    def __post_init__(self):
+        if self.sets and self.manifest:
+            raise ValueError("validation: give either one manifest or named sets, not both")
+
+    def all_sets(self) -> dict[str, ValidationSet]:
+        """The named sets, or the single set as {"val": ...}; empty when nothing is configured."""
+        if self.sets:
+            return dict(self.sets)
+        return {"val": self} if self.manifest else {}
 
 
 @dataclass
@@ -219,4 +241,5 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
 
 
 __all__ = ["ConfigError", "DatasetConfig", "LossConfig", "ModelConfig", "OptimizerConfig", "RunConfig",
-           "SamplerConfig", "ScheduleConfig", "StageConfig", "ValidationConfig", "load_run_config", "PARTS"]
+           "SamplerConfig", "ScheduleConfig", "StageConfig", "ValidationConfig", "ValidationSet", "load_run_config",
+           "PARTS"]

@@ -1,0 +1,104 @@
+"""Multi-domain training: adding a dataset keeps (and can lock) the known classes' centres, several validation sets."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from guie.losses import create_loss
+from guie.train.config import load_run_config
+from guie.train.engine import Trainer, carry_centers, stage_model_path
+from train_fixtures import make_labelled_images, tiny_recipe
+
+TWO_DATASETS = """
+datasets:
+  a: {{manifest: {m}, where: {{split: train}}}}
+  b: {{manifest: {m}, where: {{split: val}}}}
+"""
+STAGES = """  - name: head-a
+    datasets: [a]
+    train: [head, centers]
+    steps: 12
+    batch_size: 16
+    lr: {{head: 0.05, centers: 0.05}}
+  - name: add-b
+    datasets: [a, b]
+    train: [head, centers]
+    lock_kept_centers: {lock}
+    steps: 12
+    batch_size: 16
+    lr: {{head: 0.05, centers: 0.05}}
+"""
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return make_labelled_images(tmp_path_factory.mktemp("gen"), n_classes=16, per_class=4)
+
+
+def _recipe(tmp_path, manifest, lock: bool, validation: str | None = None):
+    text = tiny_recipe(manifest, tmp_path / "run", tmp_path / "cache", STAGES.format(lock=str(lock).lower()))
+    text = text.replace(f"datasets:\n  gen: {{manifest: {manifest}, where: {{split: [train, val]}}}}\n",
+                        TWO_DATASETS.format(m=manifest))
+    if validation is not None:
+        text = text.replace(f"validation: {{manifest: {manifest}, where: {{split: test}}, folds_by: vendor}}",
+                            validation)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return load_run_config(path)
+
+
+def _centres(path):
+    extra = torch.load(path, weights_only=False)["extra"]
+    return dict(zip(extra["class_names"], extra["centers"]["weight"]))
+
+
+@pytest.mark.parametrize("lock", [True, False])
+def test_added_dataset_keeps_the_known_centres(tmp_path, manifest, lock):
+    cfg = _recipe(tmp_path, manifest, lock)
+    final = Trainer(cfg, progress=False).run()
+    before = _centres(stage_model_path(cfg.run_dir, 0, "head-a"))
+    after = _centres(final)
+    assert set(before) < set(after)
+    assert {n.split("/")[0] for n in set(after) - set(before)} == {"b"}
+    moved = [not torch.equal(before[n], after[n]) for n in before]
+    if lock:
+        assert not any(moved)        # the old classes' centres stayed exactly where stage 1 put them
+    else:
+        assert all(moved)            # trained on, from where stage 1 left them (see the carry test below)
+
+
+def test_carry_centers_copies_rows_by_label_with_sub_centres():
+    old = create_loss("arcface", 4, 3, sub_centers=2)
+    new = create_loss("cosface", 4, 4, sub_centers=2)
+    fresh = new.weight.detach().clone()
+    kept = carry_centers(old, ["x/1", "x/2", "x/3"], new, ["x/3", "y/9", "x/1", "y/8"])
+    assert kept.tolist() == [True, False, True, False]
+    w_old, w_new = old.weight.detach().view(3, 2, 4), new.weight.detach().view(4, 2, 4)
+    torch.testing.assert_close(w_new[0], w_old[2])
+    torch.testing.assert_close(w_new[2], w_old[0])
+    torch.testing.assert_close(w_new[1], fresh.view(4, 2, 4)[1])   # new classes keep their random start
+    assert carry_centers(old, ["x/1", "x/2", "x/3"], new, ["z/1", "z/2"]) is None
+    assert carry_centers(old, ["x/1", "x/2", "x/3"], create_loss("arcface", 4, 3), ["x/1", "x/2", "x/3"]) is None
+
+
+def test_several_validation_sets_are_scored_and_averaged(tmp_path, manifest):
+    validation = (f"validation:\n  sets:\n    test: {{manifest: {manifest}, where: {{split: test}}, folds_by: vendor}}"
+                  f"\n    val: {{manifest: {manifest}, where: {{split: val}}, folds_by: vendor}}")
+    cfg = _recipe(tmp_path, manifest, True, validation)
+    trainer = Trainer(cfg, progress=False)
+    trainer.run()
+    assert set(trainer.last_validation) == {"test", "val"}
+    metrics = pd.read_csv(cfg.run_dir / "metrics.csv")
+    last = metrics.dropna(subset=["val_mP@5"]).iloc[-1]
+    parts = dict(item.split("=") for item in last["val_sets"].split())
+    assert set(parts) == {"test", "val"}
+    assert last["val_mP@5"] == pytest.approx(np.mean([float(v) for v in parts.values()]), abs=1e-4)
+
+
+def test_validation_takes_one_manifest_or_named_sets(tmp_path, manifest):
+    both = (f"validation:\n  manifest: {manifest}\n  folds_by: vendor\n  sets:\n"
+            f"    val: {{manifest: {manifest}, folds_by: vendor}}")
+    with pytest.raises(ValueError, match="either one manifest or named sets"):
+        _recipe(tmp_path, manifest, True, both)
