@@ -8,8 +8,9 @@ its images are that character rendered by each font family of `GLYPH_FONTS` that
 Rendering (`GlyphRenderer`): every font is scaled so that its capital H is `cap_height` of the image tall, the
 baseline sits at `baseline` of the height and the ink is centred horizontally, so size and vertical position stay
 meaningful (o vs O, comma vs apostrophe); a glyph that would leave the canvas is shrunk about its baseline.
-A font is skipped for a character when its cmap does not map it, when it renders no ink, or when the render equals
-the font's .notdef (tofu) glyph; Pillow's basic layout does no font fallback, so nothing else can stand in.
+A font is skipped for a character when its cmap does not map it, when it renders no ink, or when the render matches
+the font's .notdef (tofu) glyph (drawn from an unmapped code point; FreeType may place it a pixel apart, hence a
+tolerance); Pillow's basic layout does no font fallback, so nothing else can stand in.
 
 Benchmark hygiene (`guie.data.crossstyle`): fonts that copy an earlier font (FreeSans of Nimbus Sans, Arimo of
 Liberation Sans, ...) are dropped, single copied glyphs too; characters that most fonts draw identically to an
@@ -32,7 +33,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from ..utils import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir, log
-from .crossstyle import compare_array, drop_style_copies, find_confusable_classes
+from .crossstyle import compare_array, drop_style_copies, find_confusable_classes, ink_difference
 from .debian import fetch_debian_packages, package_version
 from .emoji import class_split
 
@@ -97,6 +98,7 @@ FONT_SUFFIXES = (".ttf", ".otf")
 MIN_FONTS = 6              # a class needs this many fonts (n_q >= 5 for most queries)
 COPY_MAX_DIFF = 0.04       # ink_difference below which a glyph copies another font's (clones: 0.03 median)
 CONFUSABLE_MAX_DIFF = 0.04
+NOTDEF_MAX_DIFF = 0.2      # a render this close to the font's .notdef is tofu (real glyphs here: >= 0.31)
 
 
 def script_of(char: str) -> str:
@@ -183,8 +185,9 @@ class GlyphRenderer:
         image = self._draw(char)
         if np.asarray(image).min() > 127:  # no ink
             return None
-        if self._notdef is not None and np.abs(compare_array(image) - compare_array(self._notdef)).mean() < 0.002:
-            return None
+        if self._notdef is not None:
+            if ink_difference(compare_array(image), compare_array(self._notdef)) < NOTDEF_MAX_DIFF:
+                return None
         return image
 
 

@@ -1,0 +1,59 @@
+"""Score models on the built-in cross-style benchmarks (emoji, glyphs, icons): the transfer table.
+
+Each benchmark is evaluated leave-one-style-out on one split's classes (test by default: classes never trained on
+and never used to choose settings). Backbone features come from the feature cache, so scoring another head on the
+same backbone costs seconds, and a model is only run over images it has not seen before.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..data.benchmarks import BENCHMARKS, benchmark_manifest, get_benchmark
+from ..data.manifest import read_manifest
+from ..features import cached_features
+from ..models.embedder import Embedder, resolve_embedder
+from ..utils import default_cache_dir
+from .protocol import Evaluation, evaluate_folds
+
+
+def benchmark_frame(name: str, split: str = "test", cache_dir: str | Path | None = None) -> pd.DataFrame:
+    """The rows of one split of a built-in benchmark (built on first use)."""
+    df = read_manifest(benchmark_manifest(name, cache_dir), require_labels=True)
+    if split != "all":
+        df = df[df["split"] == split]
+    if df.empty:
+        raise ValueError(f"benchmark {name!r} has no rows with split={split!r}")
+    return df.reset_index(drop=True)
+
+
+@torch.no_grad()
+def score_on_benchmark(model: str | Path | Embedder, name: str, split: str = "test",
+                       cache_dir: str | Path | None = None, device=None, progress: bool = True) -> Evaluation:
+    """GUIE mP@5 of `model` (checkpoint, Embedder, or backbone name = raw features) on one benchmark split."""
+    embedder = resolve_embedder(model)
+    bench = get_benchmark(name)
+    df = benchmark_frame(name, split, cache_dir)
+    feats, ok = cached_features(embedder, df["path"].tolist(), cache_dir or default_cache_dir(), device=device,
+                                progress=progress)
+    emb = embedder.eval().embed_features(torch.as_tensor(feats[ok])).numpy()
+    return evaluate_folds(df[ok].reset_index(drop=True), emb, by=bench.folds_by)
+
+
+def transfer_table(models: dict[str, str | Path | Embedder], benchmarks: Sequence[str] = tuple(BENCHMARKS),
+                   split: str = "test", cache_dir: str | Path | None = None, device=None,
+                   progress: bool = True) -> pd.DataFrame:
+    """mP@5 of every model (rows, by display name) on every benchmark (columns), plus their mean."""
+    rows = []
+    for label, model in models.items():
+        embedder = resolve_embedder(model)
+        row = {"model": label, "dim": embedder.embed_dim}
+        for name in benchmarks:
+            row[name] = score_on_benchmark(embedder, name, split, cache_dir, device, progress).score
+        row["mean"] = float(np.mean([row[b] for b in benchmarks]))
+        rows.append(row)
+    return pd.DataFrame(rows)
