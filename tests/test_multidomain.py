@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from guie.losses import create_loss
-from guie.train.config import load_run_config
 from guie.train.engine import Trainer, carry_centers, stage_model_path
+from guie.train.recipe import load_run_config
 from train_fixtures import make_labelled_images, tiny_recipe
 
 TWO_DATASETS = """

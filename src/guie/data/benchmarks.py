@@ -11,9 +11,9 @@ queries = one style's images, index = the other styles' images of the same class
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 
 @dataclass(frozen=True)

@@ -30,11 +30,11 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from ..imaging.io import to_rgb
 from ..utils import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir, log
 from .crossstyle import compare_array, drop_style_copies, find_confusable_classes
 from .debian import fetch_debian_packages, package_version
 from .emoji import class_split
-from .images import to_rgb
 
 ICONS_VERSION = "1"  # bump when the theme list, name list or selection rules change
 

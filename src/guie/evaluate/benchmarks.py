@@ -6,8 +6,8 @@ same backbone costs seconds, and a model is only run over images it has not seen
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -15,7 +15,7 @@ import torch
 
 from ..data.benchmarks import BENCHMARKS, benchmark_manifest, get_benchmark
 from ..data.manifest import read_manifest
-from ..features import cached_features
+from ..embedding.feature_store import cached_features
 from ..models.embedder import Embedder, resolve_embedder
 from ..utils import default_cache_dir
 from .protocol import Evaluation, evaluate_folds

@@ -5,12 +5,12 @@
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from ..features import cached_features
+from ..embedding.feature_store import cached_features
 from ..models.embedder import Embedder, create_embedder, resolve_embedder
 from ..models.heads import MAX_EMBED_DIM, fit_pca
 from ..utils import default_cache_dir, log
