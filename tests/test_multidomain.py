@@ -1,14 +1,18 @@
 """Multi-domain training: adding a dataset keeps (and can lock) the known classes' centres, several validation sets."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from guie.data.builder import load_recipe
 from guie.losses import create_loss
+from guie.train.data import load_training_dataset
 from guie.train.engine import Trainer, carry_centers, stage_model_path
-from guie.train.recipe import load_run_config
+from guie.train.recipe import DatasetConfig, load_run_config
 from train_fixtures import make_labelled_images, tiny_recipe
 
 TWO_DATASETS = """
@@ -102,3 +106,32 @@ def test_validation_takes_one_manifest_or_named_sets(tmp_path, manifest):
             f"    val: {{manifest: {manifest}, folds_by: vendor}}")
     with pytest.raises(ValueError, match="either one manifest or named sets"):
         _recipe(tmp_path, manifest, True, both)
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_multi_domain_recipes_add_one_dataset_per_stage_then_the_backbone():
+    build = load_recipe(CONFIGS / "data-multi-domain.yaml")
+    assert [(d.name, d.manifest, d.role) for d in build.datasets] == [
+        ("emoji", "emoji", "train"), ("glyphs", "glyphs", "train"), ("icons", "icons", "train")]
+    cfg = load_run_config(CONFIGS / "multi-domain-lite2-cpu.yaml")
+    assert [s.datasets for s in cfg.stages] == [["emoji"], ["emoji", "glyphs"], ["emoji", "glyphs", "icons"],
+                                                ["emoji", "glyphs", "icons"]]
+    assert [s.lock_kept_centers for s in cfg.stages[1:3]] == [True, True]
+    assert cfg.stages[-1].train == ["backbone"]
+    assert {k: (v.manifest, v.folds_by) for k, v in cfg.validation.sets.items()} == {
+        "emoji": ("emoji", "vendor"), "glyphs": ("glyphs", "font"), "icons": ("icons", "theme")}
+    assert all(d.namespace == "" and d.where == {"dataset": name} for name, d in cfg.datasets.items())
+    specialist = load_run_config(CONFIGS / "specialist-lite2-cpu.yaml")
+    assert [s.train for s in specialist.stages] == [["head", "centers"], ["backbone"]]
+
+
+def test_empty_namespace_keeps_built_labels(tmp_path, manifest):
+    df = pd.read_csv(manifest)
+    df["label"] = "built/" + df["label"]
+    df["path"] = [str(manifest.parent / p) for p in df["path"]]
+    df.to_csv(tmp_path / "built.csv", index=False)
+    kept = load_training_dataset("x", DatasetConfig(manifest=str(tmp_path / "built.csv"), namespace=""), None, 0)
+    prefixed = load_training_dataset("x", DatasetConfig(manifest=str(tmp_path / "built.csv")), None, 0)
+    assert kept["label"].str.startswith("built/").all() and prefixed["label"].str.startswith("x/built/").all()

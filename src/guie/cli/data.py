@@ -15,6 +15,16 @@ def _table(rows: list[dict], columns: list[str], title: str) -> str:
     return format_table(rows, columns, title=title)
 
 
+def _report_benchmark(manifest: Path, style: str, styles: str) -> None:
+    """One line on a built benchmark: images, classes, styles, classes per split."""
+    from ..data.manifest import read_manifest
+
+    df = read_manifest(manifest)
+    counts = df.drop_duplicates("label")["split"].value_counts().to_dict()
+    typer.echo(f"{manifest}: {len(df)} images, {df['label'].nunique()} classes x {df[style].nunique()} {styles}; "
+               f"classes per split {counts}")
+
+
 def register(app: typer.Typer) -> None:
     """Add the `guie data` group to the top-level app."""
     data_app = typer.Typer(no_args_is_help=True, help="Datasets: benchmarks, importers, checks, shards.")
@@ -33,6 +43,36 @@ def register(app: typer.Typer) -> None:
         counts = df.drop_duplicates("label")["split"].value_counts().to_dict()
         typer.echo(f"{manifest}: {len(df)} images, {df['label'].nunique()} classes x {df['vendor'].nunique()} "
                    f"vendors; classes per split {counts}")
+
+    @data_app.command("glyphs")
+    def data_glyphs(cache: Optional[Path] = typer.Option(None, help="cache folder (default $GUIE_CACHE or "
+                                                                    "~/.cache/guie)"),
+                    size: int = typer.Option(64, help="image side in pixels"),
+                    force: bool = typer.Option(False, help="render and write the manifest again")):
+        """Fetch Debian's font packages with apt-get and render the glyph benchmark (one class per character,
+        one image per font family; see docs/data.md)."""
+        from ..data.glyphs import build_glyph_benchmark
+
+        try:
+            manifest = build_glyph_benchmark(cache, size=size, force=force)
+        except (RuntimeError, FileNotFoundError, ValueError) as e:
+            fail(str(e))
+        _report_benchmark(manifest, "font", "font families")
+
+    @data_app.command("icons")
+    def data_icons(cache: Optional[Path] = typer.Option(None, help="cache folder (default $GUIE_CACHE or "
+                                                                   "~/.cache/guie)"),
+                   size: int = typer.Option(64, help="image side in pixels"),
+                   force: bool = typer.Option(False, help="render and write the manifest again")):
+        """Fetch Debian's icon-theme packages with apt-get and render the icon benchmark (one class per freedesktop
+        standard icon name, one image per theme; see docs/data.md)."""
+        from ..data.icons import build_icon_benchmark
+
+        try:
+            manifest = build_icon_benchmark(cache, size=size, force=force)
+        except (RuntimeError, FileNotFoundError, ValueError) as e:
+            fail(str(e))
+        _report_benchmark(manifest, "theme", "themes")
 
     @data_app.command("import")
     def import_cmd(

@@ -64,3 +64,33 @@ def register(app: typer.Typer) -> None:
             report = write_report(ev, out, title=f"guie evaluate: {embeddings or query}")
             typer.echo(f"report: {report}")
         typer.echo(json.dumps({f"mP@{k}": round(ev.score, 6)}))
+
+    @app.command()
+    def benchmark(models: List[str] = typer.Argument(..., help="checkpoints (.pt) or backbone names (raw features)"),
+                  benchmarks: str = typer.Option("emoji,glyphs,icons", help="comma-separated built-in benchmarks"),
+                  split: str = typer.Option("test", help="classes to score: test | val | train | all"),
+                  names: Optional[str] = typer.Option(None, help="comma-separated row names (default: the paths)"),
+                  cache: Optional[Path] = typer.Option(None, help="benchmark and feature cache folder"),
+                  out: Optional[Path] = typer.Option(None, help="write the table as JSON here"),
+                  device: str = typer.Option("auto"),
+                  progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar")):
+        """The transfer table: mP@5 of each model on each built-in benchmark (leave-one-style-out, one split's
+        classes); benchmarks are built on first use."""
+        from ..data.manifest import ManifestError
+        from ..evaluate.benchmarks import transfer_table
+        from ..evaluate.report import format_table
+        from ..utils import atomic_write_json
+
+        bench = [b.strip() for b in benchmarks.split(",") if b.strip()]
+        labels = [n.strip() for n in names.split(",")] if names else list(models)
+        if len(labels) != len(models):
+            fail(f"--names gives {len(labels)} names for {len(models)} models")
+        try:
+            table = transfer_table(dict(zip(labels, models)), bench, split, cache,
+                                   None if device == "auto" else device, progress)
+        except (ManifestError, ValueError, FileNotFoundError, RuntimeError) as e:
+            fail(str(e))
+        rows = table.to_dict(orient="records")
+        typer.echo(format_table(rows, ["model", "dim", *bench, "mean"], title=f"mP@5 on {split} classes"))
+        if out:
+            atomic_write_json({"split": split, "rows": rows}, out)

@@ -156,7 +156,8 @@ class SourceConfig:
     """One input manifest of a build."""
 
     name: str                                   # label namespace and `dataset` column
-    manifest: str                               # CSV/Parquet/folder/shard folder (relative to the recipe file)
+    manifest: str                               # CSV/Parquet/folder/shard folder (relative to the recipe file),
+                                                # or a built-in benchmark: emoji, glyphs, icons
     domain: str | None = None                   # overrides the manifest's domain column
     where: dict[str, Any] = field(default_factory=dict)   # column -> value or list of values to keep
     min_images: int = 2                         # drop classes with fewer images (before splitting)
@@ -209,10 +210,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> BuildRe
     recipe = load_yaml_config(BuildRecipe, path, overrides)
     if not recipe.datasets:
         raise ConfigError(f"{path}: 'datasets' is empty")
+    from .benchmarks import BENCHMARKS
+
     base = Path.cwd() if path.parent == RECIPES_DIR else path.parent  # a shipped recipe is a template
     for ds in recipe.datasets:
         p = Path(ds.manifest).expanduser()
-        if not p.is_absolute():
+        if ds.manifest not in BENCHMARKS and not p.is_absolute():
             ds.manifest = str((base / p).resolve())
     if recipe.output is None:
         recipe.output = Path("data") / recipe.name
@@ -240,8 +243,12 @@ class BuildResult:
 
 
 def load_source(ds: SourceConfig, seed: int) -> pd.DataFrame:
-    """One recipe source: read, filter rows, namespace, drop small classes, optionally subsample classes."""
-    df = read_manifest(ds.manifest, require_labels=True)
+    """One recipe source: read, filter rows, namespace, drop small classes, optionally subsample classes.
+    A built-in benchmark's name (emoji, glyphs, icons) as manifest means that benchmark, built on first use."""
+    from .benchmarks import BENCHMARKS, benchmark_manifest
+
+    source = benchmark_manifest(ds.manifest) if ds.manifest in BENCHMARKS else ds.manifest
+    df = read_manifest(source, require_labels=True)
     df = select_rows(df, ds.where, f"dataset {ds.name!r}", allow_empty=True)
     df = merge_manifests([(df, ds.name, ds.domain)])
     df = filter_min_images(df, ds.min_images)

@@ -30,7 +30,8 @@ def load_training_dataset(name: str, cfg: DatasetConfig, cache_dir: Path | None,
     df = select_rows(df, cfg.where, f"dataset {name!r}")
     if cfg.domain is not None or "domain" not in df.columns:
         df["domain"] = cfg.domain or name
-    df = builder.namespace_labels(df, cfg.namespace or name)
+    if cfg.namespace != "":  # "": the labels are namespaced already (a `guie data build` output)
+        df = builder.namespace_labels(df, cfg.namespace or name)
     df = builder.filter_min_images(df, cfg.min_images)
     if cfg.max_per_class:
         df = builder.cap_per_class(df, cfg.max_per_class, seed)

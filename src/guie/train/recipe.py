@@ -49,7 +49,8 @@ class DatasetConfig:
     manifest: str                                  # CSV/Parquet/folder/shard index, or a built-in benchmark:
                                                    # emoji | glyphs | icons
     where: dict[str, Any] = field(default_factory=dict)      # column -> value or list of values to keep
-    namespace: str | None = None                   # label prefix (default: the dataset's name)
+    namespace: str | None = None                   # label prefix (default: the dataset's name; "" keeps the labels
+                                                   # as they are, e.g. a `guie data build` output, namespaced)
     domain: str | None = None                      # overrides the manifest's domain column
     min_images: int = 2                            # drop classes with fewer images
     max_per_class: int | None = None               # cap (2nd place: 100)
