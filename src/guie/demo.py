@@ -127,3 +127,108 @@ def _run_demo(out_dir: str | Path, cache_dir: str | Path | None, full: bool, rec
     atomic_write_json(result, out_dir / "results.json")
     print(f"reports: {out_dir}/*/report.html   model: {final}   ({result['seconds']} s)")
     return result
+
+
+UNIVERSAL_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "multi-domain-lite2-cpu.yaml"
+UNIVERSAL_BUILD = Path(__file__).resolve().parents[2] / "configs" / "data-multi-domain.yaml"
+
+
+def run_universal_demo(out_dir: str | Path = "outputs/demo-full", cache_dir: str | Path | None = None,
+                       recipe: str | Path = UNIVERSAL_RECIPE, build_recipe: str | Path = UNIVERSAL_BUILD,
+                       device: str | None = None, progress: bool = True) -> dict:
+    """`guie demo --full`: the transfer table's headline rows from a cold cache, on every built-in benchmark.
+
+    1. build the benchmarks (emoji with npm, glyphs and icons with apt-get; once) and the namespaced training mix
+       (`guie data build` of `build_recipe`);
+    2. backbone features of every benchmark image, once (the recipe's backbone and multi-level pooling);
+    3. zero-shot rows on each benchmark's test classes: raw pooled features, and PCA-64 fitted on the train-half
+       images of all benchmarks together;
+    4. the multi-domain recipe (datasets added stage by stage, then the backbone with head and centres locked),
+       scored after its last head stage and at its end.
+    Returns the rows (also out_dir/results.json) with the time each step took.
+    """
+    import torch
+
+    from .data.benchmarks import BENCHMARKS, benchmark_manifest, get_benchmark
+    from .data.builder import build_dataset, load_recipe
+    from .train.engine import Trainer, stage_model_path
+    from .train.recipe import load_run_config
+
+    t0, times = time.time(), {}
+    cache_dir = Path(cache_dir or default_cache_dir())
+    out_dir = Path(out_dir)
+    for path in (recipe, build_recipe):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"demo recipe not found: {path}")
+    names = list(BENCHMARKS)
+    frames = {name: read_manifest(benchmark_manifest(name, cache_dir)) for name in names}
+    build = load_recipe(build_recipe, [f"output={out_dir / 'data'}"])
+    build.plot = False
+    built = build_dataset(build, progress=progress, cache_dir=cache_dir)
+    times["data"] = round(time.time() - t0, 1)
+
+    overrides = [f"output_dir={out_dir / 'run'}", f"cache_dir={cache_dir}"] + [
+        f"datasets.{name}.manifest={built.files['train']}" for name in load_run_config(recipe).datasets]
+    if device:
+        overrides.append(f"device={device}")
+    cfg = load_run_config(recipe, overrides)
+    m = cfg.model
+    backbone = create_embedder(m.backbone, None, pretrained=m.pretrained, image_size=m.image_size,
+                               preprocess=m.preprocess or None, **m.backbone_kwargs).eval()
+    t = time.time()
+    feats = {}
+    for name, df in frames.items():
+        f, ok = cached_features(backbone, df["path"].tolist(), cache_dir, device=device, progress=progress)
+        frames[name], feats[name] = df[ok].reset_index(drop=True), f[ok]
+    times["features"] = round(time.time() - t, 1)
+    n_raw = backbone.backbone.model.num_features
+    test = {name: (df["split"] == "test").to_numpy() for name, df in frames.items()}
+    rows = []
+
+    def score(method: str, embed) -> None:
+        row = {"method": method}
+        for name, df in frames.items():
+            emb = embed(name, feats[name][test[name]])
+            row[name] = evaluate_folds(df[test[name]].reset_index(drop=True), emb,
+                                       by=get_benchmark(name).folds_by).score
+            row["dim"] = emb.shape[1]
+        row["mean"] = float(np.mean([row[n] for n in names]))
+        rows.append(row)
+
+    score(f"zero-shot raw features ({m.backbone})", lambda n, f: l2n(f[:, :n_raw]))
+    half = np.concatenate([feats[n][frames[n]["split"].isin(["train", "val"]).to_numpy(), :n_raw] for n in names])
+    mean, comps = fit_pca(half, 64)
+    score("PCA-64 (fit on the train halves)", lambda n, f: l2n((f[:, :n_raw] - mean) @ comps.T))
+
+    t = time.time()
+    final = Trainer(cfg, progress=progress).run()
+    times["training"] = round(time.time() - t, 1)
+    heads = [i for i, s in enumerate(cfg.stages) if "backbone" not in s.train]
+    if heads and heads[-1] != len(cfg.stages) - 1:
+        stage = cfg.stages[heads[-1]]
+        head_model = load_embedder(stage_model_path(cfg.run_dir, heads[-1], stage.name))
+        with torch.no_grad():
+            score(f"all benchmarks, head stages ({cfg.name} up to '{stage.name}')",
+                  lambda n, f: head_model.embed_features(torch.as_tensor(f)).numpy())
+    model = load_embedder(final)
+    t = time.time()
+    with torch.no_grad():
+        def embed_final(name, _):
+            paths = frames[name][test[name]]["path"].tolist()
+            f, ok = cached_features(model, paths, cache_dir, device=device, progress=progress)
+            if not ok.all():
+                raise RuntimeError(f"{name}: {int((~ok).sum())} test images became unreadable")
+            return model.embed_features(torch.as_tensor(f)).numpy()
+
+        score(f"all benchmarks, iterative recipe ({cfg.name}, all stages)", embed_final)
+    times["scoring"] = round(time.time() - t, 1)
+
+    styles = ", ".join(f"{n}: {get_benchmark(n).style}" for n in names)
+    title = (f"mP@5 on the test classes, leave-one-style-out ({styles}), "
+             f"{m.backbone} @ {backbone.preprocess.image_size}px")
+    print(format_table(rows, ["method", "dim", *names, "mean"], title=title))
+    times["total"] = round(time.time() - t0, 1)
+    result = {"rows": rows, "model": str(final), "recipe": str(recipe), "seconds": times}
+    atomic_write_json(result, out_dir / "results.json")
+    print(f"model: {final}   times (s): {times}")
+    return result

@@ -1,4 +1,5 @@
-"""`guie demo`: the emoji benchmark end to end on the default backbone."""
+"""`guie demo`: the emoji benchmark end to end on the default backbone; `--universal`: the transfer table's headline
+rows on every built-in benchmark."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,19 +14,29 @@ def register(app: typer.Typer) -> None:
     """Add `guie demo` to the top-level app."""
 
     @app.command()
-    def demo(out: Path = typer.Option(Path("outputs/demo"), help="where reports and the trained model go"),
+    def demo(out: Optional[Path] = typer.Option(None, help="where reports, results.json and the trained model go "
+                                                           "(default outputs/demo, or outputs/demo-universal)"),
              cache: Optional[Path] = typer.Option(None, help="cache folder (default $GUIE_CACHE or ~/.cache/guie)"),
-             full: bool = typer.Option(False, help="run every stage of the recipe (the default one adds backbone "
-                                                    "fine-tuning: ~20 min more on a 2-core CPU)"),
+             full: bool = typer.Option(False, help="run every stage of the recipe (emoji: adds backbone fine-tuning, "
+                                                    "~15 min more on a 2-core CPU; --universal: hours)"),
+             universal: bool = typer.Option(False, help="the universal demo: emoji, glyph and icon benchmarks, "
+                                                         "zero-shot and PCA-64 rows, the multi-domain recipe"),
              recipe: Optional[str] = typer.Option(None, help="training recipe: a file or a shipped recipe's name "
-                                                             "(default emoji-lite0-cpu)"),
+                                                             "(default emoji-lite0-cpu, with --universal "
+                                                             "multi-domain-lite0-cpu)"),
              device: str = typer.Option("auto"), progress: bool = typer.Option(True)):
-        """The emoji benchmark end to end on the default backbone: zero-shot, PCA-64, and a trained 64-d model."""
-        from ..demo import DEMO_RECIPE, run_demo
+        """The emoji benchmark end to end on the default backbone: zero-shot, PCA-64, and a trained 64-d model
+        (--universal: every built-in benchmark and the multi-domain recipe)."""
+        from ..demo import DEMO_RECIPE, UNIVERSAL_RECIPE, run_demo, run_universal_demo
         from ..typed_yaml import ConfigError
 
+        dev = None if device == "auto" else device
         try:
-            run_demo(out, cache, full=full, recipe=recipe or DEMO_RECIPE,
-                     device=None if device == "auto" else device, progress=progress)
-        except (FileNotFoundError, ConfigError) as e:
+            if universal:
+                run_universal_demo(out or Path("outputs/demo-universal"), cache, full=full,
+                                   recipe=recipe or UNIVERSAL_RECIPE, device=dev, progress=progress)
+            else:
+                run_demo(out or Path("outputs/demo"), cache, full=full, recipe=recipe or DEMO_RECIPE, device=dev,
+                         progress=progress)
+        except (FileNotFoundError, ConfigError, RuntimeError, ValueError) as e:
             fail(str(e))

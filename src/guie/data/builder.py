@@ -242,12 +242,12 @@ class BuildResult:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def load_source(ds: SourceConfig, seed: int) -> pd.DataFrame:
+def load_source(ds: SourceConfig, seed: int, cache_dir: str | Path | None = None) -> pd.DataFrame:
     """One recipe source: read, filter rows, namespace, drop small classes, optionally subsample classes.
     A built-in benchmark's name (emoji, glyphs, icons) as manifest means that benchmark, built on first use."""
     from .benchmarks import BENCHMARKS, benchmark_manifest
 
-    source = benchmark_manifest(ds.manifest) if ds.manifest in BENCHMARKS else ds.manifest
+    source = benchmark_manifest(ds.manifest, cache_dir) if ds.manifest in BENCHMARKS else ds.manifest
     df = read_manifest(source, require_labels=True)
     df = select_rows(df, ds.where, f"dataset {ds.name!r}", allow_empty=True)
     df = merge_manifests([(df, ds.name, ds.domain)])
@@ -303,11 +303,12 @@ def plot_summary(summary: pd.DataFrame, out: Path) -> Path:
     return out
 
 
-def build_dataset(recipe: BuildRecipe, progress: bool = True) -> BuildResult:
+def build_dataset(recipe: BuildRecipe, progress: bool = True, cache_dir: str | Path | None = None) -> BuildResult:
     """Run a recipe: load and namespace every source, split classes, remove leaked evaluation images, split
-    queries/index, cap and upsample training classes, and write everything to `recipe.output`."""
+    queries/index, cap and upsample training classes, and write everything to `recipe.output`. `cache_dir`: where
+    built-in benchmarks named as sources live (default $GUIE_CACHE)."""
     seed = recipe.seed
-    sources = [load_source(ds, seed) for ds in recipe.datasets]
+    sources = [load_source(ds, seed, cache_dir) for ds in recipe.datasets]
     train_parts, val_parts = [], []
     for ds, df in zip(recipe.datasets, sources):
         if ds.role == "train":
