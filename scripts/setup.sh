@@ -9,6 +9,11 @@ PY=${PYTHON:-python3}
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! { command -v chromium && command -v chromedriver; } >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
+# System library: libcairo2, which CairoSVG needs to draw the icon benchmark's SVG themes. (The glyph and icon
+# benchmarks fetch Debian packages at run time with apt-get + dpkg-deb, present on Debian/Ubuntu.)
+if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] && ! ldconfig -p | grep -q 'libcairo\.so\.2'; then
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends libcairo2 >/dev/null
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
