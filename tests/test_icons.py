@@ -89,6 +89,16 @@ def test_icon_set_drops_copies_and_shared_files(themes, tmp_path):
     assert all((tmp_path / "out" / p).is_file() for p in df["path"])
 
 
+def test_builders_refuse_odd_sizes_before_fetching(tmp_path):
+    from guie.data.glyphs import build_glyph_benchmark
+    from guie.data.icons import build_icon_benchmark
+
+    for build in (build_glyph_benchmark, build_icon_benchmark):
+        with pytest.raises(ValueError, match="image size 8: must be between 16 and 512"):
+            build(tmp_path, size=8)
+    assert not any(tmp_path.iterdir())
+
+
 def test_standard_names_and_benchmark_registry():
     names = [n for ns in STANDARD_ICON_NAMES.values() for n in ns]
     assert len(names) == len(set(names)) > 250

@@ -21,6 +21,13 @@ import numpy as np
 from PIL import Image
 
 COMPARE_SIZE = 32  # images are compared as 32 x 32 grey arrays in [0, 1]
+IMAGE_SIZES = (16, 512)  # the side lengths a benchmark may be rendered at
+
+
+def check_image_size(size: int) -> None:
+    """Refuse a rendering size outside IMAGE_SIZES (a one-line error naming the value)."""
+    if not IMAGE_SIZES[0] <= int(size) <= IMAGE_SIZES[1]:
+        raise ValueError(f"image size {size}: must be between {IMAGE_SIZES[0]} and {IMAGE_SIZES[1]} pixels")
 
 
 def compare_array(image: Image.Image) -> np.ndarray:

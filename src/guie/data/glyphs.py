@@ -33,7 +33,8 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from ..utils import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir, log
-from .crossstyle import compare_array, drop_style_copies, find_confusable_classes, ink_difference
+from .crossstyle import (check_image_size, compare_array, drop_style_copies, find_confusable_classes,
+                         ink_difference)
 from .debian import fetch_debian_packages, package_version
 from .emoji import class_split
 
@@ -196,7 +197,7 @@ def _slug(text: str) -> str:
 
 
 def render_glyph_set(fonts: dict[str, Path], chars: str, out_dir: Path, size: int = 64,
-                     min_fonts: int = MIN_FONTS) -> tuple[pd.DataFrame, dict]:
+                     min_fonts: int = MIN_FONTS, overwrite: bool = False) -> tuple[pd.DataFrame, dict]:
     """Render every (font, character) pair that passes the checks into out_dir/<font>/<U+XXXX>.png and apply the
     benchmark hygiene rules; returns (rows without split, report). `fonts`: family -> font file, in priority order."""
     arrays, images = {}, {}
@@ -217,7 +218,7 @@ def render_glyph_set(fonts: dict[str, Path], chars: str, out_dir: Path, size: in
             continue
         rel = f"{_slug(family)}/{glyph_label(char)}.png"
         target = out_dir / rel
-        if not target.exists():
+        if overwrite or not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             buf = _png_bytes(images[(char, family)])
             atomic_write_bytes(buf, target)
@@ -245,6 +246,7 @@ def build_glyph_benchmark(cache_dir: str | Path | None = None, size: int = 64,
 
     Manifest columns: path, label (U+XXXX), char, name, domain (script group), font, package, split.
     """
+    check_image_size(size)
     cache = Path(cache_dir or default_cache_dir())
     root = cache / "glyphs" / f"v{GLYPHS_VERSION}-{size}px"
     manifest = root / "manifest.csv"
@@ -255,7 +257,7 @@ def build_glyph_benchmark(cache_dir: str | Path | None = None, size: int = 64,
     pkg_dirs = fetch_debian_packages(packages, cache / "debian")
     files = {f.family: find_font_file(pkg_dirs[f.package], f.family, f.style) for f in fonts}
     log.info("rendering %d characters x %d fonts at %d px", len(chars), len(files), size)
-    df, report = render_glyph_set(files, chars, root, size=size, min_fonts=min_fonts)
+    df, report = render_glyph_set(files, chars, root, size=size, min_fonts=min_fonts, overwrite=force)
     package_of = {f.family: f.package for f in fonts}
     df["package"] = df["font"].map(package_of)
     split = class_split(sorted(df["label"].unique()))

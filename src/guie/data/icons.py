@@ -32,7 +32,7 @@ from PIL import Image
 
 from ..imaging.io import to_rgb
 from ..utils import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir, log
-from .crossstyle import compare_array, drop_style_copies, find_confusable_classes
+from .crossstyle import check_image_size, compare_array, drop_style_copies, find_confusable_classes
 from .debian import fetch_debian_packages, package_version
 from .emoji import class_split
 
@@ -199,7 +199,7 @@ def load_icon(path: str | Path, size: int = 64) -> Image.Image:
 
 
 def render_icon_set(themes: dict[str, Path], names: list[str], out_dir: Path, size: int = 64,
-                    min_themes: int = MIN_THEMES) -> tuple[pd.DataFrame, dict]:
+                    min_themes: int = MIN_THEMES, overwrite: bool = False) -> tuple[pd.DataFrame, dict]:
     """Render each theme's standard icons into out_dir/<theme>/<name>.png and apply the benchmark hygiene rules;
     returns (rows without split, report). `themes`: theme name -> theme folder, in priority order."""
     arrays, images, failed, shared = {}, {}, [], 0
@@ -238,7 +238,7 @@ def render_icon_set(themes: dict[str, Path], names: list[str], out_dir: Path, si
             continue
         rel = f"{theme}/{name}.png"
         target = out_dir / rel
-        if not target.exists():
+        if overwrite or not target.exists():
             buf = io.BytesIO()
             images[(name, theme)].save(buf, format="PNG", optimize=True)
             atomic_write_bytes(buf.getvalue(), target)
@@ -258,6 +258,7 @@ def build_icon_benchmark(cache_dir: str | Path | None = None, size: int = 64,
 
     Manifest columns: path, label (icon name), domain (spec context), theme, package, split.
     """
+    check_image_size(size)
     cache = Path(cache_dir or default_cache_dir())
     root = cache / "icons" / f"v{ICONS_VERSION}-{size}px"
     manifest = root / "manifest.csv"
@@ -268,7 +269,7 @@ def build_icon_benchmark(cache_dir: str | Path | None = None, size: int = 64,
     folders = {t.theme: pkg_dirs[t.package] / "usr" / "share" / "icons" / t.theme for t in themes}
     names = [n for ns in STANDARD_ICON_NAMES.values() for n in ns]
     log.info("rendering %d standard icon names x %d themes at %d px", len(names), len(folders), size)
-    df, report = render_icon_set(folders, names, root, size=size, min_themes=min_themes)
+    df, report = render_icon_set(folders, names, root, size=size, min_themes=min_themes, overwrite=force)
     df["package"] = df["theme"].map({t.theme: t.package for t in themes})
     split = class_split(sorted(df["label"].unique()))
     df["split"] = df["label"].map(split)
