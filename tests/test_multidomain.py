@@ -115,7 +115,7 @@ def test_multi_domain_recipes_add_one_dataset_per_stage_then_the_backbone():
     build = load_recipe(CONFIGS / "data-multi-domain.yaml")
     assert [(d.name, d.manifest, d.role) for d in build.datasets] == [
         ("emoji", "emoji", "train"), ("glyphs", "glyphs", "train"), ("icons", "icons", "train")]
-    cfg = load_run_config(CONFIGS / "multi-domain-lite2-cpu.yaml")
+    cfg = load_run_config(CONFIGS / "multi-domain-lite0-cpu.yaml")
     assert [s.datasets for s in cfg.stages] == [["emoji"], ["emoji", "glyphs"], ["emoji", "glyphs", "icons"],
                                                 ["emoji", "glyphs", "icons"]]
     assert [s.lock_kept_centers for s in cfg.stages[1:3]] == [True, True]
@@ -123,7 +123,7 @@ def test_multi_domain_recipes_add_one_dataset_per_stage_then_the_backbone():
     assert {k: (v.manifest, v.folds_by) for k, v in cfg.validation.sets.items()} == {
         "emoji": ("emoji", "vendor"), "glyphs": ("glyphs", "font"), "icons": ("icons", "theme")}
     assert all(d.namespace == "" and d.where == {"dataset": name} for name, d in cfg.datasets.items())
-    specialist = load_run_config(CONFIGS / "specialist-lite2-cpu.yaml")
+    specialist = load_run_config(CONFIGS / "specialist-lite0-cpu.yaml")
     assert [s.train for s in specialist.stages] == [["head", "centers"], ["backbone"]]
 
 

@@ -129,7 +129,7 @@ def _run_demo(out_dir: str | Path, cache_dir: str | Path | None, full: bool, rec
     return result
 
 
-UNIVERSAL_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "multi-domain-lite2-cpu.yaml"
+UNIVERSAL_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "multi-domain-lite0-cpu.yaml"
 UNIVERSAL_BUILD = Path(__file__).resolve().parents[2] / "configs" / "data-multi-domain.yaml"
 
 
