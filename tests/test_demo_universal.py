@@ -1,5 +1,6 @@
-"""`guie demo --full` end to end on stand-in benchmarks (generated images; no npm, no apt): the training mix is
-built, the zero-shot rows, the head-stage model and the final model are scored on every benchmark's test classes."""
+"""`guie demo --universal --full` end to end on stand-in benchmarks (generated images; no npm, no apt): the training
+mix is built, the zero-shot rows, the head-stage model and the final model are scored on every benchmark's test
+classes."""
 import json
 
 import pytest
@@ -25,11 +26,11 @@ validation:
     one: {manifest: one, where: {split: val}, folds_by: vendor}
     two: {manifest: two, where: {split: val}, folds_by: vendor}
 stages:
-  - %s
-  - %s
+  - HEAD_ONE
+  - ADD_TWO
   - {name: backbone, datasets: [one, two], train: [backbone], steps: 2, batch_size: 8, lr: {backbone: 1.0e-5},
      loss: {name: arcface, scale: 16, margin: 0.2}}
-""" % (HEAD % ("head-one", "[one]"), HEAD % ("add-two", "[one, two]"))
+""".replace("HEAD_ONE", HEAD % ("head-one", "[one]")).replace("ADD_TWO", HEAD % ("add-two", "[one, two]"))
 BUILD = """
 name: mix
 datasets:
@@ -53,7 +54,7 @@ def stand_ins(tmp_path, monkeypatch):
 def test_universal_demo_scores_every_row_on_every_benchmark(stand_ins):
     out = stand_ins / "out"
     result = run_universal_demo(out, stand_ins / "cache", recipe=stand_ins / "recipe.yaml",
-                                build_recipe=stand_ins / "build.yaml", progress=False)
+                                build_recipe=stand_ins / "build.yaml", full=True, progress=False)
     methods = [r["method"] for r in result["rows"]]
     assert methods[0].startswith("zero-shot raw") and methods[1].startswith("PCA-64")
     assert "up to 'add-two'" in methods[2] and "all stages" in methods[3]

@@ -1,8 +1,6 @@
 """Multi-domain training: adding a dataset keeps (and can lock) the known classes' centres, several validation sets."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -108,14 +106,11 @@ def test_validation_takes_one_manifest_or_named_sets(tmp_path, manifest):
         _recipe(tmp_path, manifest, True, both)
 
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
 def test_multi_domain_recipes_add_one_dataset_per_stage_then_the_backbone():
-    build = load_recipe(CONFIGS / "data-multi-domain.yaml")
+    build = load_recipe("data-multi-domain")
     assert [(d.name, d.manifest, d.role) for d in build.datasets] == [
         ("emoji", "emoji", "train"), ("glyphs", "glyphs", "train"), ("icons", "icons", "train")]
-    cfg = load_run_config(CONFIGS / "multi-domain-lite0-cpu.yaml")
+    cfg = load_run_config("multi-domain-lite0-cpu")
     assert [s.datasets for s in cfg.stages] == [["emoji"], ["emoji", "glyphs"], ["emoji", "glyphs", "icons"],
                                                 ["emoji", "glyphs", "icons"]]
     assert [s.lock_kept_centers for s in cfg.stages[1:3]] == [True, True]
@@ -123,7 +118,7 @@ def test_multi_domain_recipes_add_one_dataset_per_stage_then_the_backbone():
     assert {k: (v.manifest, v.folds_by) for k, v in cfg.validation.sets.items()} == {
         "emoji": ("emoji", "vendor"), "glyphs": ("glyphs", "font"), "icons": ("icons", "theme")}
     assert all(d.namespace == "" and d.where == {"dataset": name} for name, d in cfg.datasets.items())
-    specialist = load_run_config(CONFIGS / "specialist-lite0-cpu.yaml")
+    specialist = load_run_config("specialist-lite0-cpu")
     assert [s.train for s in specialist.stages] == [["head", "centers"], ["backbone"]]
 
 

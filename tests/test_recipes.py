@@ -9,7 +9,8 @@ from guie.data.builder import load_recipe
 from guie.train.recipe import load_run_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "guie" / "recipes"
-RUN_RECIPES = ["emoji-lite0-cpu.yaml", "guie-1st-place-vit-h-14.yaml", "guie-2nd-place-vit-h-14.yaml"]
+RUN_RECIPES = ["emoji-lite0-cpu.yaml", "guie-1st-place-vit-h-14.yaml", "guie-2nd-place-vit-h-14.yaml",
+               "multi-domain-lite0-cpu.yaml", "specialist-lite0-cpu.yaml"]
 
 
 @pytest.mark.parametrize("name", RUN_RECIPES)
@@ -154,4 +155,4 @@ def test_recipes_load_by_name_and_the_cli_lists_every_shipped_one(tmp_path, monk
     r = CliRunner().invoke(app, ["recipes"])
     assert r.exit_code == 0, r.output
     kinds = dict(line.split()[:2] for line in r.output.splitlines())
-    assert kinds == {name: ("data" if name == "data-mix" else "train") for name in shipped_recipes()}
+    assert kinds == {name: ("data" if name.startswith("data-") else "train") for name in shipped_recipes()}

@@ -33,8 +33,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from ..utils import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir, log
-from .crossstyle import (check_image_size, compare_array, drop_style_copies, find_confusable_classes,
-                         ink_difference)
+from .crossstyle import check_image_size, compare_array, drop_style_copies, find_confusable_classes, ink_difference
 from .debian import fetch_debian_packages, package_version
 from .emoji import class_split
 
