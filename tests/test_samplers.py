@@ -85,6 +85,16 @@ def test_domain_balance():
     # groups stay whole and a domain's 2 classes are not doubled inside a batch when avoidable
     idx = np.array(list(by_domain)).reshape(-1, 8, 2)
     assert (lab[idx][..., 0] == lab[idx][..., 1]).all()
+    # weighted: "small" gets 1/(3+1) of the class slots; weights need domains and name known domains only
+    weighted = ClassBalancedSampler(lab, batch_size=16, m_per_class=2, domains=dom, domain_weights={"big": 3},
+                                    num_samples=16 * 200, seed=3)
+    assert 0.2 < (dom[np.array(list(weighted))] == "small").mean() < 0.3
+    with pytest.raises(ValueError, match=r"unknown domain\(s\) \['tiny'\]; the data has \['big', 'small'\]"):
+        ClassBalancedSampler(lab, batch_size=16, domains=dom, domain_weights={"tiny": 2})
+    with pytest.raises(ValueError, match="need domains"):
+        ClassBalancedSampler(lab, batch_size=16, domain_weights={"big": 2})
+    with pytest.raises(ValueError, match="finite, >= 0"):
+        ClassBalancedSampler(lab, batch_size=16, domains=dom, domain_weights={"big": -1})
 
 
 @pytest.mark.parametrize("kind", ["balanced", "shuffle"])

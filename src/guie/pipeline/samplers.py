@@ -176,8 +176,9 @@ class ClassBalancedSampler(_GlobalBatchSampler):
     `batch_size // m_per_class` classes (consecutive), as a margin or pair loss wants positives in every batch.
 
     Classes are drawn in successive random passes over all classes (every class equally often per epoch); with
-    `domains` (one value per item), each class slot first picks a domain uniformly, then the domain's next class,
-    so small domains are not drowned by big ones. A class's images are used in a freshly shuffled cycle each
+    `domains` (one value per item), each class slot first picks a domain (uniformly, or in proportion to
+    `domain_weights`: domain value -> weight, 1 for the others), then the domain's next class, so small domains are
+    not drowned by big ones. A class's images are used in a freshly shuffled cycle each
     epoch, so a class drawn j times contributes j*m different images before any repeats; classes with fewer than
     m images repeat images within their group (sampling with replacement, every image at least once).
     Under DDP, give each rank a whole number of classes (local batch divisible by m) to keep groups together.
@@ -189,8 +190,9 @@ class ClassBalancedSampler(_GlobalBatchSampler):
     _salt = 2
 
     def __init__(self, labels: Sequence | np.ndarray, batch_size: int, m_per_class: int = 2, *,
-                 domains: Sequence | np.ndarray | None = None, num_samples: int | None = None,
-                 num_replicas: int | None = None, rank: int | None = None, seed: int = 0):
+                 domains: Sequence | np.ndarray | None = None, domain_weights: dict | None = None,
+                 num_samples: int | None = None, num_replicas: int | None = None, rank: int | None = None,
+                 seed: int = 0):
         labels = np.asarray(labels)
         if labels.ndim != 1 or len(labels) == 0:
             raise ValueError(f"ClassBalancedSampler: labels must be a non-empty 1-D sequence, got shape "
@@ -208,15 +210,27 @@ class ClassBalancedSampler(_GlobalBatchSampler):
         self._counts = np.bincount(self._cls, minlength=self.num_classes)
         self._starts = np.concatenate([[0], np.cumsum(self._counts)[:-1]])
         if domains is None:
+            if domain_weights:
+                raise ValueError("domain_weights need domains (sampler balance: domain)")
             self._domain_classes = [np.arange(self.num_classes)]
+            self._domain_p = np.ones(1)
         else:
             domains = np.asarray(domains)
             if domains.shape != labels.shape:
                 raise ValueError(f"domains must have one value per item ({len(labels)}), got shape {domains.shape}")
-            _, dom = np.unique(domains, return_inverse=True)
+            names, dom = np.unique(domains, return_inverse=True)
             # a class found in several domains is listed in each (its images are pooled)
             pairs = np.unique(np.stack([dom, self._cls], 1), axis=0)
             self._domain_classes = [pairs[pairs[:, 0] == d, 1] for d in range(int(dom.max()) + 1)]
+            weights = dict(domain_weights or {})
+            unknown = sorted(set(map(str, weights)) - set(map(str, names)))
+            if unknown:
+                raise ValueError(f"domain_weights name unknown domain(s) {unknown}; the data has "
+                                 f"{sorted(map(str, names))}")
+            w = np.array([float(weights.get(str(n), 1.0)) for n in names])
+            if not (np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
+                raise ValueError(f"domain_weights must be finite, >= 0 and not all 0, got {weights}")
+            self._domain_p = w / w.sum()
 
     @property
     def num_domains(self) -> int:
@@ -229,14 +243,13 @@ class ClassBalancedSampler(_GlobalBatchSampler):
         order = np.argsort(self._cls + rng.random(n), kind="stable")
         next_pos = np.zeros(self.num_classes, dtype=np.int64)
         streams = [_ClassStream(c, rng) for c in self._domain_classes]
-        uniform = np.full(len(streams), 1.0 / len(streams))
         offsets = np.arange(m)
         out = np.empty((self.batches_per_epoch, P, m), dtype=np.int64)
         for b in range(self.batches_per_epoch):
             if len(streams) == 1:
                 cls = streams[0].take(P)
             else:
-                slots = rng.multinomial(P, uniform)
+                slots = rng.multinomial(P, self._domain_p)
                 cls = rng.permutation(np.concatenate([s.take(int(k)) for s, k in zip(streams, slots) if k]))
             # k-th occurrence of a class in this batch takes the k-th next group of m images of its cycle
             srt = np.argsort(cls, kind="stable")

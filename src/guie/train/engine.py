@@ -248,7 +248,9 @@ class Trainer:
         if stage.sampler.name == "class_balanced":
             domains = df["domain"].to_numpy() if stage.sampler.balance == "domain" else None
             return ClassBalancedSampler(df["target"].to_numpy(), batch_size=stage.batch_size,
-                                        m_per_class=stage.sampler.m_per_class, domains=domains, **common)
+                                        m_per_class=stage.sampler.m_per_class, domains=domains,
+                                        domain_weights=stage.sampler.domain_weights,
+                                        **common)
         if stage.sampler.name == "shuffle":
             return ShuffleSampler(len(df), batch_size=stage.batch_size, **common)
         raise ValueError(f"stage {stage.name!r}: sampler {stage.sampler.name!r}: choose shuffle or class_balanced")

@@ -94,6 +94,8 @@ class SamplerConfig:
     name: str = "shuffle"             # shuffle | class_balanced
     m_per_class: int = 2
     balance: str = "class"            # class | domain (class_balanced only)
+    domain_weights: dict[str, float] = field(default_factory=dict)  # balance: domain: a domain's share of class
+                                                                    # slots (default 1 each: uniform)
 
 
 @dataclass
