@@ -113,7 +113,8 @@ def test_multi_domain_recipes_add_one_dataset_per_stage_then_the_backbone():
     cfg = load_run_config("multi-domain-lite0-cpu")
     assert [s.datasets for s in cfg.stages] == [["emoji"], ["emoji", "glyphs"], ["emoji", "glyphs", "icons"],
                                                 ["emoji", "glyphs", "icons"]]
-    assert [s.lock_kept_centers for s in cfg.stages[1:3]] == [True, True]
+    assert [(s.sampler.balance, s.sampler.domain_weights) for s in cfg.stages[1:3]] == [("domain", {"emoji": 3})] * 2
+    assert {name: d.domain for name, d in cfg.datasets.items()} == {n: n for n in ("emoji", "glyphs", "icons")}
     assert cfg.stages[-1].train == ["backbone"]
     assert {k: (v.manifest, v.folds_by) for k, v in cfg.validation.sets.items()} == {
         "emoji": ("emoji", "vendor"), "glyphs": ("glyphs", "font"), "icons": ("icons", "theme")}
