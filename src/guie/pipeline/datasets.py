@@ -18,6 +18,15 @@ from ..models.preprocess import ImageTransform
 from ..runtime import single_intra_op_thread
 
 
+def seed_sample_rng(seed: int) -> None:
+    """Seed torch's CPU generator, the one the augmentations draw from, before one sample is transformed.
+
+    `torch.manual_seed` would also queue a lazy seed for every accelerator backend, formatting a Python stack trace
+    each time (1-2 ms per call, 15-50 ms per training batch of 32 on a CPU); the CPU stream it sets is the same.
+    """
+    torch.default_generator.manual_seed(seed)
+
+
 class ImageFileDataset(Dataset):
     """key -> (index, uint8 tensor or None, error message or None); key = index or (index, seed).
 
@@ -41,7 +50,7 @@ class ImageFileDataset(Dataset):
     def __getitem__(self, key):
         i, seed = key if isinstance(key, tuple) else (key, None)
         if seed is not None:
-            torch.manual_seed(seed)
+            seed_sample_rng(seed)
         try:
             image = load_image(self.paths[i], draft_size=self.draft_size)
             return i, self.transform(image), None
@@ -65,7 +74,7 @@ class ImageFileDataset(Dataset):
             out = []
             for (i, seed), (_, x, err) in zip(keys, prepared):
                 if err is None:
-                    torch.manual_seed(seed)
+                    seed_sample_rng(seed)
                     try:
                         x = self.transform.finish(x)
                     except Exception as e:
