@@ -25,6 +25,9 @@ def main() -> None:
     """Entry point of the `guie` console script."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs which SIMD build it picked
+    from ..runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()  # before any thread allocates: the arena limit binds only threads that start later
     app()
 
 
