@@ -63,27 +63,52 @@ def images(n: int, tmp: Path) -> list[Path]:
     return out
 
 
-def bare_rates(model_path: Path, files: list[Path], seconds: float = 5.0) -> dict[int, float]:
-    """Images/s of the engine's forward on preprocessed batches, per batch size (a timed loop each)."""
+def bare_rates(model_path: Path, files: list[Path], seconds: float = 5.0) -> dict[str, float]:
+    """Images/s of the engine's forward on preprocessed batches at batch 8 and 32 (a timed loop each): one forward
+    on all intra-op threads ("8", "32"), and one single-threaded forward per thread running side by side
+    ("8x1t", "32x1t": how the server runs them on CPU, `serving_workers`)."""
     import torch
 
     from guie.embedding.engine import pixel_forward
     from guie.imaging.io import load_image
     from guie.models import load_embedder
+    from guie.runtime import intra_op_threads
 
     embedder = load_embedder(model_path).eval()
     forward = pixel_forward(embedder)
     pixels = torch.stack([embedder.transform(load_image(p)) for p in files[:32]])
+    threads = torch.get_num_threads()
+
+    def timed(batch: torch.Tensor, workers: int) -> float:
+        forward(batch)  # warm-up
+        counts, stop_at = [0] * workers, time.perf_counter() + seconds
+
+        def loop(w: int) -> None:
+            while time.perf_counter() < stop_at:
+                forward(batch)
+                counts[w] += len(batch)
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(loop, range(workers)))
+        return sum(counts) / (time.perf_counter() - t0)
+
     rates = {}
     for b in (8, 32):
-        batch = pixels[:b]
-        forward(batch)  # warm-up
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            forward(batch)
-            n += b
-        rates[b] = n / (time.perf_counter() - t0)
+        rates[str(b)] = timed(pixels[:b], 1)
+    if threads > 1:
+        with intra_op_threads(1):
+            for b in (8, 32):
+                rates[f"{b}x1t"] = timed(pixels[:b], threads)
     return rates
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far."""
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
 
 
 def multipart(data: bytes, name: str, k: int = 5) -> tuple[bytes, str]:
@@ -136,6 +161,7 @@ def main() -> None:
     ap.add_argument("--index-size", type=int, default=400)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--batch-wait-ms", type=float, default=5.0)
+    ap.add_argument("--workers", type=int, default=0, help="the server's --workers (0: its default)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -166,12 +192,13 @@ def main() -> None:
         del embedder
 
         before = bare_rates(model_path, files)  # measured again after the served phase: the load may change
-        emit({"phase": "bare (before)", **{str(k): round(v, 1) for k, v in before.items()}})
+        emit({"phase": "bare (before)", **{k: round(v, 1) for k, v in before.items()}})
 
         port = free_port()
         url = f"http://127.0.0.1:{port}/"
         server = subprocess.Popen([sys.executable, "-m", "guie.cli", "serve", "bench", "--port", str(port),
-                                   "--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms)],
+                                   "--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms),
+                                   "--workers", str(args.workers)],
                                   env={**os.environ, "GUIE_API_KEY": KEY}, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.time() + 120
@@ -213,21 +240,26 @@ def main() -> None:
                     i += args.clients
                 conn.close()
 
-            t0 = time.perf_counter()
+            t0, server_cpu0, client_cpu0 = time.perf_counter(), cpu_seconds(server.pid), cpu_seconds(os.getpid())
             with ThreadPoolExecutor(args.clients) as pool:
                 list(pool.map(throughput_client, range(args.clients)))
-            served = sum(done) / (time.perf_counter() - t0)
+            wall = time.perf_counter() - t0
+            served = sum(done) / wall
+            server_cores = (cpu_seconds(server.pid) - server_cpu0) / wall
+            client_cores = (cpu_seconds(os.getpid()) - client_cpu0) / wall
             health = httpx.get(url + "health", headers={"X-API-Key": KEY}).json()
             after = bare_rates(model_path, files)
-            emit({"phase": "bare (after)", **{str(k): round(v, 1) for k, v in after.items()}})
+            emit({"phase": "bare (after)", **{k: round(v, 1) for k, v in after.items()}})
             bare = {b: (before[b] + after[b]) / 2 for b in before}
             best = max(bare.values())
-            report["bare_img_per_s"] = {str(k): round(v, 1) for k, v in bare.items()}
+            report["bare_img_per_s"] = {k: round(v, 1) for k, v in bare.items()}
             report["served_img_per_s"] = round(served, 1)
             report["ratio_to_best_bare"] = round(served / best, 3)
-            report["ratio_to_bare_at_8"] = round(served / bare[8], 3)
+            report["ratio_to_bare_at_8"] = round(served / bare["8"], 3)
+            report["cpu_cores"] = {"server": round(server_cores, 2), "clients": round(client_cores, 2)}
             emit({"phase": "served", "img_per_s": round(served, 1), "ratio_to_best_bare": report["ratio_to_best_bare"],
-                  "ratio_to_bare_at_8": report["ratio_to_bare_at_8"], "batching": health.get("batching")})
+                  "ratio_to_bare_at_8": report["ratio_to_bare_at_8"], "cpu_cores": report["cpu_cores"],
+                  "batching": health.get("batching")})
 
             # 3. load test
             from PIL import Image

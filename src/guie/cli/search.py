@@ -185,13 +185,15 @@ def register(app: typer.Typer) -> None:
               max_batch: int = typer.Option(32, help="images per forward (dynamic batching)"),
               batch_wait_ms: float = typer.Option(5.0, help="how long a forward waits for more requests"),
               queue: int = typer.Option(128, help="images waiting for a forward; beyond: 503"),
+              workers: int = typer.Option(0, help="forwards run at once (0: on CPU one single-threaded forward "
+                                                  "per core, up to 4; on a GPU one)"),
               cors_origin: Optional[List[str]] = typer.Option(None, help="allow this browser origin (repeatable); "
                                                                          "CORS is off by default")):
         """Serve the index over HTTP with its search page at / (FastAPI; see docs/search.md)."""
         import uvicorn
 
         from ..search.app import ServerSettings, create_app
-        from ..search.encoder import EngineEncoder, load_index_model
+        from ..search.encoder import EngineEncoder, load_index_model, serving_workers
 
         settings = ServerSettings(api_key=api_key, host=host, max_upload_bytes=int(max_upload_mb * 2**20),
                                   max_files=max_files, max_pixels=max_pixels, max_k=max_k,
@@ -200,7 +202,7 @@ def register(app: typer.Typer) -> None:
             settings.check()
             index = _open(name)
             encoder = EngineEncoder(load_index_model(index), max_batch=max_batch, max_wait_ms=batch_wait_ms,
-                                    max_queue=queue)
+                                    max_queue=queue, workers=serving_workers(workers or None))
             web = create_app(index, encoder, settings, on_close=lambda: (encoder.close(), index.close()))
         except _errors() as e:
             fail(str(e))

@@ -50,11 +50,31 @@ def embed_query_files(embedder, paths: Sequence[str | Path]) -> np.ndarray:
     return embed_decoded(embedder, [load_image(p) for p in paths])
 
 
+def serving_workers(workers: int | None = None, device: str | None = None) -> int:
+    """How many forwards the server runs at once, and the process's torch intra-op threads set to match.
+
+    On CPU the default is one forward per intra-op thread (at most 4), each forward then single-threaded
+    (`torch.set_num_threads`, process-wide): a forward split over the cores stalls whenever a request takes one of
+    them (`guie.embedding.batching`). `workers` given: that many, sharing the threads. On CUDA: one forward.
+    Call it once, from the serving process, before the model runs."""
+    import torch
+
+    from ..utils import resolve_device
+
+    if resolve_device(device).type != "cpu":
+        return max(1, workers or 1)
+    threads = torch.get_num_threads()
+    workers = max(1, workers or min(threads, 4))
+    torch.set_num_threads(max(1, threads // workers))
+    return workers
+
+
 class EngineEncoder:
-    """The server's `QueryEncoder`: the model's preprocessing plus a `DynamicBatcher` over the engine's forward."""
+    """The server's `QueryEncoder`: the model's preprocessing plus a `DynamicBatcher` over the engine's forward,
+    run by `workers` threads (see `serving_workers` for the choice on CPU)."""
 
     def __init__(self, embedder, max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 128,
-                 device: str | None = None):
+                 device: str | None = None, workers: int = 1):
         from ..embedding.batching import DynamicBatcher
         from ..embedding.engine import pixel_forward
         from ..embedding.files import model_fingerprint
@@ -63,7 +83,7 @@ class EngineEncoder:
         self.fingerprint = model_fingerprint(embedder, embedder.preprocess, False)
         self.transform = embedder.transform
         self.batcher = DynamicBatcher(pixel_forward(embedder, device), max_batch=max_batch, max_wait_ms=max_wait_ms,
-                                      max_queue=max_queue)
+                                      max_queue=max_queue, workers=workers)
 
     def submit(self, images):
         """Queue uint8 images [n, 3, S, S]; a Future of their embeddings."""
