@@ -29,8 +29,8 @@ class PixelEncoder:
     def transform(self, image):
         return torch.from_numpy(np.asarray(image.resize((4, 4)), dtype=np.uint8).copy()).permute(2, 0, 1)
 
-    def submit(self, images):
-        return self.batcher.submit(images)
+    def submit(self, images, prepare=None, finish=None):
+        return self.batcher.submit(images, prepare, finish)
 
 
 
@@ -160,7 +160,7 @@ def test_a_full_queue_answers_503(served):
 
     full = PixelEncoder()
 
-    def refuse(images):
+    def refuse(images, prepare=None, finish=None):
         raise Overloaded("busy: 128 images already queued")
 
     full.submit = refuse

@@ -51,8 +51,10 @@ class QueryEncoder(Protocol):
     def transform(self, image) -> "object":
         """PIL image -> the model's uint8 [3, S, S] input."""
 
-    def submit(self, images) -> Future:
-        """Queue uint8 [n, 3, S, S] images; the Future resolves to float32 [n, d]. Raises Overloaded when full."""
+    def submit(self, images, prepare=None, finish=None) -> Future:
+        """Queue uint8 [n, 3, S, S] images; the Future resolves to float32 [n, d]. Raises Overloaded when full.
+        With `prepare`, `images` is a count and `prepare()` makes the images in the encoder's worker; with
+        `finish`, the Future resolves to `finish(embeddings)` run there (`DynamicBatcher.submit`)."""
 
 
 @dataclass
@@ -129,6 +131,30 @@ class BodyLimit:
                 await _plain_413(send, self.limit)
 
 
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
+                    (b"content-security-policy",
+                     b"default-src 'self'; img-src 'self' blob: data:; frame-ancestors 'none'")]
+
+
+class SecurityHeaders:
+    """ASGI middleware adding `SECURITY_HEADERS` to every response (plain ASGI: Starlette's `BaseHTTPMiddleware`
+    runs each request through an extra task and stream, a measurable share of a small request's CPU)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 async def _plain_413(send, limit: int) -> None:
     body = json.dumps({"detail": f"request body larger than {limit:,} bytes"}).encode()
     await send({"type": "http.response.start", "status": 413,
@@ -188,14 +214,7 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST",
                            "DELETE"], allow_headers=["X-API-Key", "Authorization"])
 
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next):
-        response = await call_next(request)
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Referrer-Policy"] = "no-referrer"
-        response.headers["Content-Security-Policy"] = (
-            "default-src 'self'; img-src 'self' blob: data:; frame-ancestors 'none'")
-        return response
+    app.add_middleware(SecurityHeaders)
 
     def presented_key(request: Request) -> str | None:
         key = request.headers.get("x-api-key")
@@ -259,9 +278,9 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
             formats.append(_image_format(data))
         return torch.stack(pixels), formats
 
-    async def embed(images) -> np.ndarray:
+    async def embed(images, prepare=None, finish=None):
         try:
-            future = encoder.submit(images)
+            future = encoder.submit(images, prepare, finish)
         except Overloaded as e:
             raise HTTPException(503, str(e), headers={"Retry-After": "1"}) from None
         return await asyncio.wrap_future(future)
@@ -320,22 +339,21 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
             item = form.get("item")
             if bool(uploads) == (item is not None):
                 raise HTTPException(400, "send image files (field 'files') or one indexed item (field 'item')")
+            def run_search(vectors):
+                index.refresh()
+                return index.search(vectors, k, where=where)
+
             if item is not None:
                 item_id = form_int(form, "item", 0, 0, 2**62)
                 _, vectors = await run_in_threadpool(index.vectors, [item_id])
                 if not len(vectors):
                     raise HTTPException(404, f"no item {item_id}")
                 queries = [f"item {item_id}"]
+                hits = await run_in_threadpool(run_search, vectors)
             else:
-                images, _ = await run_in_threadpool(decode, uploads)
-                vectors = await embed(images)
+                # Decoded, embedded and searched in the encoder's worker: one thread hand-off per request.
+                hits = await embed(len(uploads), lambda: decode(uploads)[0], run_search)
                 queries = [name for name, _ in uploads]
-
-            def run_search():
-                index.refresh()
-                return index.search(vectors, k, where=where)
-
-            hits = await run_in_threadpool(run_search)
         return {"index": index.name, "k": k, "results": [
             {"query": q, "hits": [hit_json(h) for h in row]} for q, row in zip(queries, hits)]}
 

@@ -85,9 +85,10 @@ class EngineEncoder:
         self.batcher = DynamicBatcher(pixel_forward(embedder, device), max_batch=max_batch, max_wait_ms=max_wait_ms,
                                       max_queue=max_queue, workers=workers)
 
-    def submit(self, images):
-        """Queue uint8 images [n, 3, S, S]; a Future of their embeddings."""
-        return self.batcher.submit(images)
+    def submit(self, images, prepare=None, finish=None):
+        """Queue uint8 images [n, 3, S, S] (or their count, with `prepare` making them in the batcher's worker);
+        a Future of their embeddings, or of `finish(embeddings)` (`DynamicBatcher.submit`)."""
+        return self.batcher.submit(images, prepare, finish)
 
     @property
     def stats(self) -> dict:
