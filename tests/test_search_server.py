@@ -29,8 +29,11 @@ class PixelEncoder:
     def transform(self, image):
         return torch.from_numpy(np.asarray(image.resize((4, 4)), dtype=np.uint8).copy()).permute(2, 0, 1)
 
-    def submit(self, images, prepare=None, finish=None):
-        return self.batcher.submit(images, prepare, finish)
+    def expect(self):
+        return self.batcher.expect()
+
+    def submit(self, images, prepare=None, finish=None, ticket=None):
+        return self.batcher.submit(images, prepare, finish, ticket)
 
 
 
@@ -82,6 +85,7 @@ def test_search_by_upload_and_by_item_with_thumbnails_and_no_paths(served):
     assert r.status_code == 200, r.text
     res = r.json()["results"][0]
     assert res["query"] == "upload 1 (b_.png)"  # the client's name is never echoed raw
+    assert r.headers["referrer-policy"] == "no-referrer" and r.headers["x-content-type-options"] == "nosniff"
     assert [h["id"] for h in res["hits"]][0] == 5 and res["hits"][0]["distance"] == pytest.approx(0, abs=1e-6)
     assert res["hits"][0]["metadata"] == {"vendor": "b"} and "path" not in r.text and "p5.png" not in r.text
     filtered = c.post("/search", data={"item": "5", "k": "12", "where": "vendor=a"}).json()["results"][0]["hits"]
@@ -145,6 +149,8 @@ def test_uploads_are_capped_in_bytes_files_and_pixels(served, tmp_path):
     multipart = {"content-type": "multipart/form-data; boundary=zz"}
     r = c.post("/search", content=b"x" * 200_000, headers=multipart)
     assert r.status_code == 413 and "request body larger" in r.text  # declared length: refused before reading
+    assert r.headers["x-content-type-options"] == "nosniff" and "frame-ancestors 'none'" in r.headers[
+        "content-security-policy"]  # security headers on refusals too
     r = c.post("/search", content=iter([b"x" * 50_000] * 4), headers=multipart)
     assert r.status_code == 413 and "request body larger" in r.text  # chunked: refused once the count passes
     bomb = png_header_only(tmp_path / "bomb.png", 1000, 1000).read_bytes()
@@ -160,7 +166,7 @@ def test_a_full_queue_answers_503(served):
 
     full = PixelEncoder()
 
-    def refuse(images, prepare=None, finish=None):
+    def refuse(images, prepare=None, finish=None, ticket=None):
         raise Overloaded("busy: 128 images already queued")
 
     full.submit = refuse
@@ -196,3 +202,55 @@ def test_dynamic_batcher_merges_concurrent_requests_and_bounds_its_queue():
         boom.embed(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), timeout=5)
     batcher.close()
     boom.close()
+
+
+def test_dynamic_batcher_workers_run_forwards_side_by_side_and_isolate_request_failures():
+    both_running = threading.Barrier(2, timeout=5)
+
+    def forward(x):
+        both_running.wait()  # passes only when two forwards run at once
+        return x.float().flatten(1).numpy()
+
+    batcher = DynamicBatcher(forward, max_batch=1, max_wait_ms=0, max_queue=4, workers=2)
+    pair = [batcher.submit(torch.full((1, 3, 1, 1), i, dtype=torch.uint8)) for i in range(2)]
+    assert [float(f.result(5)[0, 0]) for f in pair] == [0.0, 1.0]
+    batcher.close()
+
+    def bad_picture():
+        raise ValueError("upload 2: not an image")
+
+    merged = DynamicBatcher(lambda x: x.float().flatten(1).numpy(), max_batch=8, max_wait_ms=300, max_queue=8)
+    ok = merged.submit(2, prepare=lambda: torch.ones(2, 3, 1, 1, dtype=torch.uint8), finish=lambda rows: rows.sum())
+    bad = merged.submit(1, prepare=bad_picture)
+    wrong = merged.submit(1, finish=lambda rows: 1 / 0, prepare=lambda: torch.zeros(1, 3, 1, 1, dtype=torch.uint8))
+    assert ok.result(5) == 6.0  # prepared and finished in the worker; the others' failures did not reach it
+    with pytest.raises(ValueError, match="upload 2"):
+        bad.result(5)
+    with pytest.raises(ZeroDivisionError):
+        wrong.result(5)
+    assert merged.stats.forwards == 1 and merged.stats.images == 3
+    merged.close()
+
+
+def test_dynamic_batcher_waits_for_announced_requests_only():
+    sizes = []
+
+    def forward(x):
+        sizes.append(len(x))
+        return x.float().flatten(1).numpy()
+
+    batcher = DynamicBatcher(forward, max_batch=8, max_wait_ms=3000, max_queue=8)
+    with batcher.expect() as late:
+        with batcher.expect() as early:
+            first = batcher.submit(torch.zeros(1, 3, 1, 1, dtype=torch.uint8), ticket=early)
+        time.sleep(0.2)  # `late` is still announced: the forward waits for it
+        assert not first.done()
+        second = batcher.submit(torch.ones(1, 3, 1, 1, dtype=torch.uint8), ticket=late)
+    assert first.result(5).shape == second.result(5).shape == (1, 3) and sizes == [2]
+    t0 = time.monotonic()
+    batcher.submit(torch.zeros(1, 3, 1, 1, dtype=torch.uint8)).result(5)  # nothing announced: no waiting
+    assert time.monotonic() - t0 < 1.5 and sizes == [2, 1]
+    with batcher.expect():
+        pass  # a request announced but refused before submitting releases its announcement
+    assert batcher.submit(torch.zeros(1, 3, 1, 1, dtype=torch.uint8)).result(5).shape == (1, 3)
+    batcher.close()

@@ -21,7 +21,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -40,6 +41,13 @@ class _Job:
     prepare: Callable[[], torch.Tensor] | None = None
     finish: Callable[[np.ndarray], object] | None = None
     future: Future = field(default_factory=Future)
+
+
+@dataclass
+class Ticket:
+    """An announced request (`DynamicBatcher.expect`) that has not submitted yet."""
+
+    pending: bool = True
 
 
 @dataclass
@@ -70,26 +78,52 @@ class DynamicBatcher:
         self._cond = threading.Condition()
         self._closed = False
         self._gathering = False  # a worker is waiting for its batch to fill
+        self._expected = 0  # requests announced with `expect` that have not submitted yet
+        self._announcing = False  # a caller uses `expect`: gathering waits only while something is expected
         self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}" if workers > 1 else name, daemon=True)
                          for i in range(int(workers))]
         for thread in self._threads:
             thread.start()
 
+    @contextmanager
+    def expect(self) -> Iterator["Ticket"]:
+        """Announce a request that is still being received and will `submit` soon (passing the yielded ticket).
+
+        A worker gathering a batch then waits for announced requests too (at most `max_wait_ms` after the first
+        queued one), and once any caller announces, it stops waiting as soon as nothing more is announced: under
+        load the batches take every request that has arrived, and a lone request does not wait at all."""
+        ticket = Ticket()
+        with self._cond:
+            self._announcing = True
+            self._expected += 1
+        try:
+            yield ticket
+        finally:
+            self._redeem(ticket)
+
+    def _redeem(self, ticket: "Ticket | None") -> None:
+        with self._cond:
+            if ticket is not None and ticket.pending:
+                ticket.pending = False
+                self._expected -= 1
+                self._cond.notify_all()
+
     def submit(self, images: torch.Tensor | int, prepare: Callable[[], torch.Tensor] | None = None,
-               finish: Callable[[np.ndarray], object] | None = None) -> Future:
+               finish: Callable[[np.ndarray], object] | None = None, ticket: "Ticket | None" = None) -> Future:
         """Queue a request's images (uint8 [n, 3, S, S]); the Future resolves to their float32 [n, d] embeddings.
 
         With `prepare`, `images` is just their count n and a worker calls `prepare()` for the tensor right before
         the forward; with `finish`, the Future resolves to `finish(embeddings)`, also run by the worker. A server
         uses them to decode and to search in the worker, with no extra thread hand-off per request. An exception
-        in either fails this request only.
+        in either fails this request only. `ticket`: from `expect`, when the request was announced.
 
         Raises Overloaded when the queue cannot take them."""
         n = int(images) if prepare is not None else int(images.shape[0])
         if n < 1:
             raise ValueError("no images to embed")
         job = _Job(n, None if prepare is not None else images, prepare, finish)
-        with self._cond:
+        with self._cond:  # (re-entrant: `_redeem` takes it too) the ticket ends as the job is queued, atomically
+            self._redeem(ticket)
             if self._closed:
                 raise Overloaded("the server is shutting down")
             if self._queued + n > self.max_queue:
@@ -119,7 +153,7 @@ class DynamicBatcher:
             self._gathering = True
             deadline = time.monotonic() + self.max_wait
             # Wait for more work until the batch is full or the first job has waited max_wait.
-            while self._queued < self.max_batch and not self._closed:
+            while self._queued < self.max_batch and not self._closed and (self._expected or not self._announcing):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break

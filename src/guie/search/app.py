@@ -51,10 +51,14 @@ class QueryEncoder(Protocol):
     def transform(self, image) -> "object":
         """PIL image -> the model's uint8 [3, S, S] input."""
 
-    def submit(self, images, prepare=None, finish=None) -> Future:
+    def expect(self) -> "object":
+        """A context manager announcing a request still being received; it yields the ticket for `submit`."""
+
+    def submit(self, images, prepare=None, finish=None, ticket=None) -> Future:
         """Queue uint8 [n, 3, S, S] images; the Future resolves to float32 [n, d]. Raises Overloaded when full.
         With `prepare`, `images` is a count and `prepare()` makes the images in the encoder's worker; with
-        `finish`, the Future resolves to `finish(embeddings)` run there (`DynamicBatcher.submit`)."""
+        `finish`, the Future resolves to `finish(embeddings)` run there (`DynamicBatcher.submit`); `ticket` from
+        `expect` when the request was announced."""
 
 
 @dataclass
@@ -278,9 +282,9 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
             formats.append(_image_format(data))
         return torch.stack(pixels), formats
 
-    async def embed(images, prepare=None, finish=None):
+    async def embed(images, prepare=None, finish=None, ticket=None):
         try:
-            future = encoder.submit(images, prepare, finish)
+            future = encoder.submit(images, prepare, finish, ticket)
         except Overloaded as e:
             raise HTTPException(503, str(e), headers={"Retry-After": "1"}) from None
         return await asyncio.wrap_future(future)
@@ -328,7 +332,8 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
     async def search(request: Request):
         """Nearest indexed images of each uploaded image (`files`) or of an indexed item (`item`)."""
         require_read(request)
-        with Admission():
+        # Announced to the batcher while the body arrives: a forward being gathered waits for this request.
+        with Admission(), encoder.expect() as ticket:
             form = await request.form(max_files=settings.max_files, max_fields=32, max_part_size=64 * 1024)
             try:
                 k = form_int(form, "k", 5, 1, settings.max_k)
@@ -339,23 +344,25 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
             item = form.get("item")
             if bool(uploads) == (item is not None):
                 raise HTTPException(400, "send image files (field 'files') or one indexed item (field 'item')")
-            def run_search(vectors):
+
+            def answer(vectors, queries) -> bytes:
                 index.refresh()
-                return index.search(vectors, k, where=where)
+                hits = index.search(vectors, k, where=where)
+                return _json_bytes({"index": index.name, "k": k, "results": [
+                    {"query": q, "hits": [hit_json(h) for h in row]} for q, row in zip(queries, hits)]})
 
             if item is not None:
                 item_id = form_int(form, "item", 0, 0, 2**62)
                 _, vectors = await run_in_threadpool(index.vectors, [item_id])
                 if not len(vectors):
                     raise HTTPException(404, f"no item {item_id}")
-                queries = [f"item {item_id}"]
-                hits = await run_in_threadpool(run_search, vectors)
+                body = await run_in_threadpool(answer, vectors, [f"item {item_id}"])
             else:
-                # Decoded, embedded and searched in the encoder's worker: one thread hand-off per request.
-                hits = await embed(len(uploads), lambda: decode(uploads)[0], run_search)
+                # Decoded, embedded, searched and encoded as JSON in the encoder's worker: the event loop only
+                # parses and answers, and each request crosses threads once.
                 queries = [name for name, _ in uploads]
-        return {"index": index.name, "k": k, "results": [
-            {"query": q, "hits": [hit_json(h) for h in row]} for q, row in zip(queries, hits)]}
+                body = await embed(len(uploads), lambda: decode(uploads)[0], lambda v: answer(v, queries), ticket)
+        return Response(body, media_type="application/json")
 
     def get_item(item_id: int) -> dict:
         item = index.items([item_id]).get(item_id)
@@ -440,6 +447,11 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
         return JSONResponse({"detail": str(exc)}, status_code=400)
 
     return app
+
+
+def _json_bytes(content) -> bytes:
+    """`content` as JSON the way FastAPI's JSONResponse writes it (compact, UTF-8, NaN refused)."""
+    return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
 def _image_format(data: bytes) -> str:

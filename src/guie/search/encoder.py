@@ -85,10 +85,14 @@ class EngineEncoder:
         self.batcher = DynamicBatcher(pixel_forward(embedder, device), max_batch=max_batch, max_wait_ms=max_wait_ms,
                                       max_queue=max_queue, workers=workers)
 
-    def submit(self, images, prepare=None, finish=None):
+    def expect(self):
+        """Announce a request still being received (`DynamicBatcher.expect`); yields the ticket for `submit`."""
+        return self.batcher.expect()
+
+    def submit(self, images, prepare=None, finish=None, ticket=None):
         """Queue uint8 images [n, 3, S, S] (or their count, with `prepare` making them in the batcher's worker);
         a Future of their embeddings, or of `finish(embeddings)` (`DynamicBatcher.submit`)."""
-        return self.batcher.submit(images, prepare, finish)
+        return self.batcher.submit(images, prepare, finish, ticket)
 
     @property
     def stats(self) -> dict:
