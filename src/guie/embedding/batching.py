@@ -22,8 +22,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -86,7 +86,7 @@ class DynamicBatcher:
             thread.start()
 
     @contextmanager
-    def expect(self) -> Iterator["Ticket"]:
+    def expect(self) -> Iterator[Ticket]:
         """Announce a request that is still being received and will `submit` soon (passing the yielded ticket).
 
         A worker gathering a batch then waits for announced requests too (at most `max_wait_ms` after the first
@@ -101,7 +101,7 @@ class DynamicBatcher:
         finally:
             self._redeem(ticket)
 
-    def _redeem(self, ticket: "Ticket | None") -> None:
+    def _redeem(self, ticket: Ticket | None) -> None:
         with self._cond:
             if ticket is not None and ticket.pending:
                 ticket.pending = False
@@ -109,7 +109,7 @@ class DynamicBatcher:
                 self._cond.notify_all()
 
     def submit(self, images: torch.Tensor | int, prepare: Callable[[], torch.Tensor] | None = None,
-               finish: Callable[[np.ndarray], object] | None = None, ticket: "Ticket | None" = None) -> Future:
+               finish: Callable[[np.ndarray], object] | None = None, ticket: Ticket | None = None) -> Future:
         """Queue a request's images (uint8 [n, 3, S, S]); the Future resolves to their float32 [n, d] embeddings.
 
         With `prepare`, `images` is just their count n and a worker calls `prepare()` for the tensor right before

@@ -28,7 +28,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
