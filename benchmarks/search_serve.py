@@ -5,10 +5,12 @@ load test (searches + writes) with latency percentiles and the server's RSS per 
         [--rounds 4] [--seconds 20] [--json out.json]
 
 1. bare: the default embedder (efficientnet_lite0 + a 64-d head, 224 px) on preprocessed uint8 batches in this
-   process, through the same engine forward the server uses (`pixel_forward`), at batch 8 and 32: images/s,
-   measured before and after phase 2 (while the server idles) and averaged.
+   process, through the same engine forward the server uses (`pixel_forward`), at batch 8 and 32, as one caller
+   on all intra-op threads and as one single-threaded forward per thread side by side (how the server runs it on
+   CPU): images/s, measured before and after phase 2 (while the server idles) and averaged.
 2. served: `guie serve` in its own process (dynamic batching on), `--clients` threads each posting one emoji image
-   per POST /search (k=5), back to back, for `--seconds`: images/s, and its ratio to the bare rates.
+   per POST /search (k=5), back to back, for `--seconds`: images/s, its ratio to the best bare rate and to bare at
+   batch 8, and the CPU (cores) the server and the clients used meanwhile.
 3. load test: `--rounds` rounds of `--clients` clients x `--searches` searches, each client also adding one new
    image (POST /items) and deleting it (DELETE) per round: status counts (no 5xx expected), p50/p95 latency, the
    server's peak RSS per round (sampled every 50 ms).
