@@ -1,5 +1,7 @@
-"""Losses: ArcFace / CosFace with sub-centres and per-class margins, plus margin schedules."""
+"""Losses: ArcFace / CosFace with sub-centres and per-class margins, margin schedules, relational distillation."""
+from .distill import RelationalDistillLoss
 from .margin import LOSSES, ArcFaceLoss, CosFaceLoss, MarginLoss, create_loss
 from .schedules import MarginSchedule, dynamic_margins
 
-__all__ = ["LOSSES", "ArcFaceLoss", "CosFaceLoss", "MarginLoss", "create_loss", "MarginSchedule", "dynamic_margins"]
+__all__ = ["LOSSES", "ArcFaceLoss", "CosFaceLoss", "MarginLoss", "create_loss", "MarginSchedule", "dynamic_margins",
+           "RelationalDistillLoss"]

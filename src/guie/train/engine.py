@@ -30,7 +30,7 @@ from ..distributed import DistInfo, barrier, init_distributed, mean_across_ranks
 from ..embedding.engine import embed_images, embed_num_workers
 from ..embedding.feature_store import cached_features
 from ..evaluate.protocol import evaluate_folds, evaluate_query_index
-from ..losses import LOSSES, MarginSchedule, create_loss
+from ..losses import LOSSES, MarginSchedule, RelationalDistillLoss, create_loss
 from ..models.embedder import Embedder, create_embedder, load_embedder, save_embedder
 from ..models.preprocess import draft_size
 from ..pipeline.augment import AugmentConfig, build_train_transform
@@ -60,13 +60,20 @@ class TrainingInterrupted(RuntimeError):
 class TrainModule(nn.Module):
     """embedder head (+ backbone unless features are given) + margin loss: the module DDP wraps."""
 
-    def __init__(self, embedder: Embedder, loss: nn.Module):
+    def __init__(self, embedder: Embedder, loss: nn.Module, distill: nn.Module | None = None,
+                 distill_weight: float = 0.0):
         super().__init__()
         self.embedder, self.loss = embedder, loss
+        self.distill, self.distill_weight = distill, distill_weight
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, features_given: bool) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, features_given: bool,
+                teacher: torch.Tensor | None = None, groups: torch.Tensor | None = None) -> torch.Tensor:
         feats = inputs if features_given else self.embedder.forward_features(inputs)
-        return self.loss(self.embedder.head(feats.float()), targets)
+        emb = self.embedder.head(feats.float())
+        loss = self.loss(emb, targets)
+        if self.distill is not None and teacher is not None:
+            loss = loss + self.distill_weight * self.distill(emb, teacher, groups)
+        return loss
 
 
 def _set_trainable(embedder: Embedder, loss: nn.Module, parts: list[str]) -> None:
@@ -447,7 +454,8 @@ class Trainer:
         groups = param_groups(self.embedder, self.loss, stage.lr, stage.train, stage.layer_decay,
                               stage.optimizer.weight_decay)
         opt = create_optimizer(groups, stage.optimizer)
-        module: nn.Module = TrainModule(self.embedder, self.loss)
+        distill = RelationalDistillLoss(stage.distill.temperature) if stage.distill.weight else None
+        module: nn.Module = TrainModule(self.embedder, self.loss, distill, stage.distill.weight)
         if dist.enabled:
             module = nn.parallel.DistributedDataParallel(
                 module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -470,7 +478,8 @@ class Trainer:
 
         if use_features:
             feats = stage_feature_cache(self, stage, data)  # [V, N, F] float16 on CPU
-            batches = self._feature_batches(sampler, data, feats, local_batch, micro, micro_per_epoch)
+            teach = teacher_embeddings(self.embedder, stage, data, feats) if stage.distill.weight else None
+            batches = self._feature_batches(sampler, data, feats, local_batch, micro, micro_per_epoch, teach)
         else:
             batches = self._image_batches(sampler, stage, data, local_batch, micro, micro_per_epoch)
         precision = stage.precision if stage.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
@@ -496,10 +505,10 @@ class Trainer:
                 if epoch != last_epoch:
                     self.loss.set_margin(self._margin_for_epoch(stage, epoch, run.data))
                     last_epoch = epoch
-                inputs, targets = next(run.batches)
+                inputs, targets, *teacher = next(run.batches)
                 sync = a == run.accum - 1 or not dist.enabled
                 with (nullcontext() if sync else run.module.no_sync()), run.autocast:
-                    loss = run.module(inputs, targets, run.use_features) / run.accum
+                    loss = run.module(inputs, targets, run.use_features, *teacher) / run.accum
                 loss.backward()
                 run.micro += 1
                 seen += len(targets)
@@ -572,8 +581,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ batch feeds
     def _feature_batches(self, sampler, data: StageData, feats: torch.Tensor, local_batch: int, micro: int,
-                         micro_per_epoch: int):
-        """Endless (inputs, targets) from cached features; one deterministic view per (epoch, sample)."""
+                         micro_per_epoch: int, teach: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Endless (inputs, targets) from cached features; one deterministic view per (epoch, sample). With
+        `teach` = (teacher embeddings [V, N, d], group per row [N]) each batch also carries its rows' of both."""
         targets_all = torch.as_tensor(data.df["target"].to_numpy().copy())
         n_views = feats.shape[0]
         epoch, skip = micro // micro_per_epoch, micro % micro_per_epoch
@@ -583,8 +593,13 @@ class Trainer:
             for b in range(skip, micro_per_epoch):
                 idx = idx_all[b * local_batch:(b + 1) * local_batch]
                 views = np.array([sample_seed(self.cfg.seed, epoch, int(i)) % n_views for i in idx])
-                x = feats[torch.as_tensor(views), torch.as_tensor(idx)].float().to(self.device)
-                yield x, targets_all[idx].to(self.device)
+                rows, cols = torch.as_tensor(views), torch.as_tensor(idx)
+                x = feats[rows, cols].float().to(self.device)
+                if teach is None:
+                    yield x, targets_all[idx].to(self.device)
+                else:
+                    yield (x, targets_all[idx].to(self.device), teach[0][rows, cols].to(self.device),
+                           teach[1][cols].to(self.device))
             epoch, skip = epoch + 1, 0
 
     def _image_batches(self, sampler, stage: StageConfig, data: StageData, local_batch: int, micro: int,
@@ -618,6 +633,39 @@ class Trainer:
                 images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 yield images, targets_all[idx].to(self.device, non_blocking=True)
             epoch, skip = epoch + 1, 0
+
+
+@torch.no_grad()
+def teacher_embeddings(student: Embedder, stage: StageConfig, data: StageData, feats: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distillation targets of a frozen-backbone stage: every cached feature row embedded by the teacher of its
+    row's domain ([V, N, d], float32, zero where no teacher) and each row's group (teacher index; -1: none).
+
+    A teacher must read the same features as the student (same backbone, its settings and preprocessing), since it
+    is applied to the student's feature cache; anything else is refused with the checkpoint named."""
+    domains = data.df["domain"].astype(str).to_numpy()
+    groups = torch.full((len(domains),), -1, dtype=torch.long)
+    out = None
+    for g, (domain, path) in enumerate(sorted(stage.distill.teachers.items())):
+        teacher = load_embedder(path).eval()
+        same = (teacher.spec.backbone == student.spec.backbone
+                and teacher.spec.backbone_kwargs == student.spec.backbone_kwargs
+                and teacher.preprocess == student.preprocess)
+        if not same:
+            raise ValueError(f"stage {stage.name!r}: distill teacher {path} ({teacher.spec.backbone}) does not "
+                             f"read the student's features ({student.spec.backbone}, same preprocessing needed)")
+        rows = torch.as_tensor(np.flatnonzero(domains == domain))
+        if len(rows) == 0:
+            raise ValueError(f"stage {stage.name!r}: distill teacher for domain {domain!r}, but the stage has no "
+                             f"rows of that domain (domains: {sorted(set(domains))})")
+        emb = torch.stack([teacher.embed_features(feats[v, rows].float()) for v in range(feats.shape[0])])
+        if out is None:
+            out = torch.zeros(feats.shape[0], feats.shape[1], emb.shape[-1])
+        elif emb.shape[-1] != out.shape[-1]:
+            raise ValueError(f"stage {stage.name!r}: distill teachers differ in dimension ({path}: {emb.shape[-1]})")
+        out[:, rows] = emb
+        groups[rows] = g
+    return out, groups
 
 
 def carry_centers(old_loss: nn.Module, old_names, new_loss: nn.Module, new_names) -> np.ndarray | None:

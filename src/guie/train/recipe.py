@@ -99,6 +99,16 @@ class SamplerConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Multi-teacher relational distillation for a frozen-backbone stage (guie.losses.distill): on each domain's
+    samples, the student's in-batch similarity distribution is pulled towards that domain's teacher's."""
+
+    teachers: dict[str, str] = field(default_factory=dict)  # domain -> guie checkpoint on the same backbone features
+    weight: float = 0.0               # loss = margin loss + weight * distillation loss (0: off)
+    temperature: float = 0.1          # softmax temperature over cosine similarities
+
+
+@dataclass
 class StageConfig:
     """One stage: which data, which parts train, how long and how fast."""
 
@@ -120,6 +130,7 @@ class StageConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     augment: dict[str, Any] = overrides_of(AugmentConfig)  # AugmentConfig fields (the others keep their defaults)
     dropout: float | None = None      # change the head's dropout for this stage
     feature_cache: str = "auto"       # auto (when the backbone is frozen) | on | off
@@ -152,6 +163,10 @@ class StageConfig:
         missing_lr = [p for p in self.train if p not in self.lr]
         if missing_lr:
             raise ValueError(f"stage {self.name!r}: no lr for trained part(s) {missing_lr}")
+        if self.distill.weight and not self.uses_feature_cache:
+            raise ValueError(f"stage {self.name!r}: distill needs a frozen backbone (the feature-cache path)")
+        if self.distill.weight and not self.distill.teachers:
+            raise ValueError(f"stage {self.name!r}: distill.weight > 0 needs distill.teachers (domain -> checkpoint)")
 
     @property
     def uses_feature_cache(self) -> bool:

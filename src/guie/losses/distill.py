@@ -1,0 +1,54 @@
+"""Relational distillation: keep a universal embedding's in-batch neighbourhoods close to a specialist's.
+
+One embedding for many domains loses a little on each domain against that domain's one-domain specialist. Multi-
+teacher distillation (the universal-embedding / UNIC recipe) adds, on domain D's samples, a loss that pulls the
+student's similarity structure towards the D specialist's. The loss here compares, for every anchor, the softmax over
+its cosine similarities to the other samples of the same group (domain) in the batch: KL(teacher || student). Only
+pairs inside one group count, because each group's teacher similarities live in that teacher's own space.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RelationalDistillLoss(nn.Module):
+    """KL divergence between the teacher's and the student's in-batch similarity distributions, per group.
+
+    For anchor i and the other samples j of its group (same `groups` value, j != i):
+    p_t(j | i) = softmax_j(cos(t_i, t_j) / T), p_s(j | i) = softmax_j(cos(s_i, s_j) / T), and the loss is the mean over
+    anchors of KL(p_t || p_s). Samples whose group is negative (no teacher) and anchors without a partner are
+    skipped; a batch with no valid anchor gives 0 (with a gradient path, so DDP sees every parameter used).
+    """
+
+    def __init__(self, temperature: float = 0.1):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"distillation temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, groups: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """student [B, d], teacher [B, d'] (any scale: both are L2-normalised here), groups [B] int (-1: none)."""
+        if student.shape[0] != teacher.shape[0]:
+            raise ValueError(f"student and teacher batches differ: {student.shape[0]} vs {teacher.shape[0]}")
+        n = student.shape[0]
+        if groups is None:
+            groups = torch.zeros(n, dtype=torch.long, device=student.device)
+        s = F.normalize(student.float(), dim=-1)
+        t = F.normalize(teacher.float().detach(), dim=-1)
+        valid = groups >= 0
+        pair = (groups[:, None] == groups[None, :]) & valid[:, None] & valid[None, :]
+        pair &= ~torch.eye(n, dtype=torch.bool, device=student.device)
+        anchors = pair.any(dim=1)
+        if not bool(anchors.any()):
+            return student.sum() * 0.0
+        neg = torch.finfo(torch.float32).min
+        logit_s = (s @ s.T / self.temperature).masked_fill(~pair, neg)[anchors]
+        logit_t = (t @ t.T / self.temperature).masked_fill(~pair, neg)[anchors]
+        mask = pair[anchors]
+        log_ps = F.log_softmax(logit_s, dim=1)
+        log_pt = F.log_softmax(logit_t, dim=1)
+        kl = (log_pt.exp() * (log_pt - log_ps)).masked_fill(~mask, 0.0).sum(dim=1)
+        return kl.mean()

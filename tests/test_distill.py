@@ -1,0 +1,112 @@
+"""Relational distillation (guie.losses.distill) against a naive per-anchor loop, and its recipe / engine wiring."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from guie.embedding.engine import embed_images
+from guie.losses import RelationalDistillLoss
+from guie.models.embedder import create_embedder, save_embedder
+from guie.train.engine import Trainer
+from guie.train.recipe import load_run_config
+from train_fixtures import make_labelled_images, tiny_recipe
+
+
+def naive_distill(student, teacher, groups, temperature):
+    """Per anchor: softmax over the cosine similarities to the other members of its group, KL(teacher || student)."""
+    s = [v / v.norm() for v in student]
+    t = [v / v.norm() for v in teacher]
+    losses = []
+    for i in range(len(s)):
+        if groups[i] < 0:
+            continue
+        others = [j for j in range(len(s)) if j != i and groups[j] == groups[i]]
+        if not others:
+            continue
+        zs = [float(s[i] @ s[j]) / temperature for j in others]
+        zt = [float(t[i] @ t[j]) / temperature for j in others]
+        ls = [z - math.log(sum(math.exp(x) for x in zs)) for z in zs]
+        lt = [z - math.log(sum(math.exp(x) for x in zt)) for z in zt]
+        losses.append(sum(math.exp(a) * (a - b) for a, b in zip(lt, ls)))
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+def test_distill_loss_matches_a_naive_loop(temperature):
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(10, 6, generator=g), torch.randn(10, 4, generator=g) * 3
+    groups = torch.tensor([0, 0, 1, 1, 1, -1, 0, 2, 1, 0])   # group 2 has one member: no partner, skipped
+    loss = RelationalDistillLoss(temperature)(student, teacher, groups)
+    assert loss.item() == pytest.approx(naive_distill(student, teacher, groups.tolist(), temperature), rel=1e-4)
+    ungrouped = RelationalDistillLoss(temperature)(student, teacher)
+    assert ungrouped.item() == pytest.approx(naive_distill(student, teacher, [0] * 10, temperature), rel=1e-4)
+
+
+def test_distill_loss_is_zero_for_the_same_geometry_and_trains_only_the_student():
+    g = torch.Generator().manual_seed(1)
+    teacher = torch.randn(8, 5, generator=g)
+    rotation, _ = torch.linalg.qr(torch.randn(5, 5, generator=g))
+    loss_fn = RelationalDistillLoss(0.1)
+    assert loss_fn(2.0 * teacher @ rotation, teacher).item() == pytest.approx(0.0, abs=1e-6)
+    student = torch.randn(8, 5, generator=g, requires_grad=True)
+    teacher.requires_grad_(True)
+    loss = loss_fn(student, teacher)
+    assert loss.item() > 0
+    loss.backward()
+    assert student.grad.abs().sum() > 0 and teacher.grad is None
+    lonely = loss_fn(student, teacher, torch.tensor([0, 1, 2, 3, -1, -1, 4, 5]))
+    assert lonely.item() == 0.0 and lonely.requires_grad
+    with pytest.raises(ValueError, match="temperature"):
+        RelationalDistillLoss(0.0)
+
+
+STAGES = """  - name: head
+    datasets: [gen]
+    train: [head, centers]
+    steps: 10
+    batch_size: 16
+    lr: {{head: 0.05, centers: 0.05}}
+    distill: {{teachers: {{{teachers}}}, weight: {weight}, temperature: 0.2}}
+"""
+
+
+def _distill_recipe(tmp_path, manifest, teachers: str, weight: float, name: str):
+    text = tiny_recipe(manifest, tmp_path / name, tmp_path / "cache", STAGES.format(teachers=teachers, weight=weight))
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    return load_run_config(path)
+
+
+def test_a_distilled_stage_trains_towards_its_teachers(tmp_path):
+    manifest = make_labelled_images(tmp_path / "gen", n_classes=12, per_class=4)
+    teacher = create_embedder("efficientnet_lite0", 16, image_size=32, preprocess={"crop_pct": 1.0}, seed=5)
+    save_embedder(teacher, tmp_path / "teacher.pt")
+    teachers = ", ".join(f"dom{d}: {tmp_path / 'teacher.pt'}" for d in range(3))
+    plain = Trainer(_distill_recipe(tmp_path, manifest, teachers, 0.0, "plain"), progress=False)
+    plain.run()
+    distilled = Trainer(_distill_recipe(tmp_path, manifest, teachers, 5.0, "distilled"), progress=False)
+    distilled.run()
+    df = pd.read_csv(manifest)
+    paths = [str(manifest.parent / p) for p in df.loc[df["split"].isin(["train", "val"]), "path"]]
+    target = embed_images(teacher, paths, batch_size=64, num_workers=0, progress=False).embeddings
+    gaps = [RelationalDistillLoss(0.2)(torch.as_tensor(embed_images(t.embedder, paths, batch_size=64, num_workers=0,
+                                                                      progress=False).embeddings),
+                                       torch.as_tensor(target)).item() for t in (plain, distilled)]
+    assert gaps[1] < gaps[0]     # the distilled head's neighbourhoods are closer to the teacher's
+
+
+def test_distill_refuses_a_teacher_on_other_features_and_a_trained_backbone(tmp_path):
+    manifest = make_labelled_images(tmp_path / "gen", n_classes=12, per_class=4)
+    other = create_embedder("efficientnet_lite0", 16, image_size=48, preprocess={"crop_pct": 1.0})
+    save_embedder(other, tmp_path / "other.pt")
+    cfg = _distill_recipe(tmp_path, manifest, f"dom0: {tmp_path / 'other.pt'}", 1.0, "bad")
+    with pytest.raises(ValueError, match="does not read the student's features"):
+        Trainer(cfg, progress=False).run()
+    text = STAGES.format(teachers=f"dom0: {tmp_path / 'other.pt'}", weight=1.0).replace(
+        "train: [head, centers]", "train: [backbone]").replace("head: 0.05, centers: 0.05", "backbone: 0.001")
+    (tmp_path / "bb.yaml").write_text(tiny_recipe(manifest, tmp_path / "bb", tmp_path / "cache", text))
+    with pytest.raises(ValueError, match="distill needs a frozen backbone"):
+        load_run_config(tmp_path / "bb.yaml")
