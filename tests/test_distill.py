@@ -110,3 +110,18 @@ def test_distill_refuses_a_teacher_on_other_features_and_a_trained_backbone(tmp_
     (tmp_path / "bb.yaml").write_text(tiny_recipe(manifest, tmp_path / "bb", tmp_path / "cache", text))
     with pytest.raises(ValueError, match="distill needs a frozen backbone"):
         load_run_config(tmp_path / "bb.yaml")
+
+
+def test_a_teacher_can_be_an_earlier_stage_of_the_same_run(tmp_path):
+    manifest = make_labelled_images(tmp_path / "gen", n_classes=12, per_class=4)
+    first = STAGES.format(teachers="", weight=0.0).replace("distill: {teachers: {}, weight: 0.0, temperature: 0.2}",
+                                                           "distill: {weight: 0.0}")
+    second = STAGES.format(teachers="dom0: 'stage:head', dom1: 'stage:head'", weight=1.0).replace("name: head",
+                                                                                                  "name: again")
+    (tmp_path / "two.yaml").write_text(tiny_recipe(manifest, tmp_path / "two", tmp_path / "cache", first + second))
+    cfg = load_run_config(tmp_path / "two.yaml")
+    assert Trainer(cfg, progress=False).run().exists()
+    (tmp_path / "bad.yaml").write_text(tiny_recipe(manifest, tmp_path / "bad", tmp_path / "cache",
+                                                   second.replace("stage:head", "stage:later")))
+    with pytest.raises(ValueError, match="no earlier stage named 'later'"):
+        Trainer(load_run_config(tmp_path / "bad.yaml"), progress=False).run()

@@ -243,6 +243,25 @@ class Trainer:
             with torch.no_grad():
                 self.loss.weight[mask] = values
 
+    def _teacher_paths(self, index: int, stage: StageConfig) -> dict[str, Path]:
+        """The stage's distillation teachers as checkpoint paths; `stage:<name>` means this run's model as it stood
+        after an earlier stage (e.g. the first stage's one-domain head, which is that domain's specialist)."""
+        names = [s.name for s in self.cfg.stages[:index]]
+        paths = {}
+        for domain, ref in stage.distill.teachers.items():
+            if str(ref).startswith("stage:"):
+                name = str(ref).removeprefix("stage:")
+                if name not in names:
+                    raise ValueError(f"stage {stage.name!r}: distill teacher {ref!r}: no earlier stage named {name!r} "
+                                     f"(earlier stages: {names})")
+                paths[domain] = stage_model_path(self.run_dir, names.index(name), name)
+            else:
+                paths[domain] = Path(ref).expanduser()
+            if not paths[domain].exists():
+                raise FileNotFoundError(f"stage {stage.name!r}: distill teacher for {domain!r} not found: "
+                                        f"{paths[domain]}")
+        return paths
+
     def _margin_for_epoch(self, stage: StageConfig, epoch: int, data: StageData):
         lc = stage.loss
         sched = MarginSchedule(start=lc.margin, step=lc.margin_step, max=lc.margin_max,
@@ -478,7 +497,8 @@ class Trainer:
 
         if use_features:
             feats = stage_feature_cache(self, stage, data)  # [V, N, F] float16 on CPU
-            teach = teacher_embeddings(self.embedder, stage, data, feats) if stage.distill.weight else None
+            teach = (teacher_embeddings(self.embedder, stage, data, feats, self._teacher_paths(index, stage))
+                     if stage.distill.weight else None)
             batches = self._feature_batches(sampler, data, feats, local_batch, micro, micro_per_epoch, teach)
         else:
             batches = self._image_batches(sampler, stage, data, local_batch, micro, micro_per_epoch)
@@ -636,17 +656,22 @@ class Trainer:
 
 
 @torch.no_grad()
-def teacher_embeddings(student: Embedder, stage: StageConfig, data: StageData, feats: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The distillation targets of a frozen-backbone stage: every cached feature row embedded by the teacher of its
-    row's domain ([V, N, d], float32, zero where no teacher) and each row's group (teacher index; -1: none).
+def teacher_embeddings(student: Embedder, stage: StageConfig, data: StageData, feats: torch.Tensor,
+                       teachers: dict[str, Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distillation targets of a frozen-backbone stage: every cached feature row embedded by the teacher
+    (`teachers`: domain -> checkpoint) of its row's domain ([V, N, d], float32, zero where no teacher), and each
+    row's group (teacher index; -1: none). Teachers of domains the stage has no rows of are skipped; a stage with no
+    teacher for any row is refused.
 
     A teacher must read the same features as the student (same backbone, its settings and preprocessing), since it
     is applied to the student's feature cache; anything else is refused with the checkpoint named."""
     domains = data.df["domain"].astype(str).to_numpy()
     groups = torch.full((len(domains),), -1, dtype=torch.long)
     out = None
-    for g, (domain, path) in enumerate(sorted(stage.distill.teachers.items())):
+    for g, (domain, path) in enumerate(sorted(teachers.items())):
+        rows = torch.as_tensor(np.flatnonzero(domains == domain))
+        if len(rows) == 0:
+            continue  # a teacher of a domain this stage does not train on (one teacher map serves every stage)
         teacher = load_embedder(path).eval()
         same = (teacher.spec.backbone == student.spec.backbone
                 and teacher.spec.backbone_kwargs == student.spec.backbone_kwargs
@@ -654,10 +679,6 @@ def teacher_embeddings(student: Embedder, stage: StageConfig, data: StageData, f
         if not same:
             raise ValueError(f"stage {stage.name!r}: distill teacher {path} ({teacher.spec.backbone}) does not "
                              f"read the student's features ({student.spec.backbone}, same preprocessing needed)")
-        rows = torch.as_tensor(np.flatnonzero(domains == domain))
-        if len(rows) == 0:
-            raise ValueError(f"stage {stage.name!r}: distill teacher for domain {domain!r}, but the stage has no "
-                             f"rows of that domain (domains: {sorted(set(domains))})")
         emb = torch.stack([teacher.embed_features(feats[v, rows].float()) for v in range(feats.shape[0])])
         if out is None:
             out = torch.zeros(feats.shape[0], feats.shape[1], emb.shape[-1])
@@ -665,6 +686,8 @@ def teacher_embeddings(student: Embedder, stage: StageConfig, data: StageData, f
             raise ValueError(f"stage {stage.name!r}: distill teachers differ in dimension ({path}: {emb.shape[-1]})")
         out[:, rows] = emb
         groups[rows] = g
+    if out is None:
+        raise ValueError(f"stage {stage.name!r}: no distill teacher for any of its domains {sorted(set(domains))}")
     return out, groups
 
 

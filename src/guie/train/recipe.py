@@ -103,7 +103,8 @@ class DistillConfig:
     """Multi-teacher relational distillation for a frozen-backbone stage (guie.losses.distill): on each domain's
     samples, the student's in-batch similarity distribution is pulled towards that domain's teacher's."""
 
-    teachers: dict[str, str] = field(default_factory=dict)  # domain -> guie checkpoint on the same backbone features
+    teachers: dict[str, str] = field(default_factory=dict)  # domain -> guie checkpoint on the same backbone features,
+                                                            # or "stage:<name>": this run's model after that stage
     weight: float = 0.0               # loss = margin loss + weight * distillation loss (0: off)
     temperature: float = 0.1          # softmax temperature over cosine similarities
 
