@@ -131,12 +131,13 @@ def _run_demo(out_dir: str | Path, cache_dir: str | Path | None, full: bool, rec
 
 UNIVERSAL_RECIPE = "multi-domain-lite0-cpu"  # shipped recipes (package data)
 UNIVERSAL_BUILD = "data-multi-domain"
+SPECIALIST_RECIPE = "specialist-lite0-cpu"
 
 
 def run_universal_demo(out_dir: str | Path = "outputs/demo-universal", cache_dir: str | Path | None = None,
                        full: bool = False, recipe: str | Path = UNIVERSAL_RECIPE,
                        build_recipe: str | Path = UNIVERSAL_BUILD, device: str | None = None,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, specialist_recipe: str | Path = SPECIALIST_RECIPE) -> dict:
     """`guie demo --universal`: the transfer table's headline rows from a cold cache, on every built-in benchmark.
 
     1. build the benchmarks (emoji with npm, glyphs and icons with apt-get; once) and the namespaced training mix
@@ -144,7 +145,9 @@ def run_universal_demo(out_dir: str | Path = "outputs/demo-universal", cache_dir
     2. backbone features of every benchmark image, once (the recipe's backbone and multi-level pooling);
     3. zero-shot rows on each benchmark's test classes: raw pooled features, and PCA-64 fitted on the train-half
        images of all benchmarks together;
-    4. the multi-domain recipe's head stages (datasets added stage by stage) on the cached features; `full` also
+    4. the one-benchmark specialists the recipe distils from (`specialist_recipe`'s head stage on each benchmark
+       named by a file-path teacher; "stage:" teachers come from the run itself), scored as rows;
+    5. the multi-domain recipe's head stages (datasets added stage by stage) on the cached features; `full` also
        runs its backbone stage (head and centres locked; 6,155 training images, about twice the emoji fine-tune; not
        timed) and scores both models.
     On a CPU everything runs at the recipe's `cpu_threads`. Returns the rows (also out_dir/results.json) with the
@@ -157,11 +160,52 @@ def run_universal_demo(out_dir: str | Path = "outputs/demo-universal", cache_dir
 
     on_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
     with intra_op_threads(load_run_config(recipe).cpu_threads if on_cpu else None):
-        return _run_universal_demo(out_dir, cache_dir, full, recipe, build_recipe, device, progress)
+        return _run_universal_demo(out_dir, cache_dir, full, recipe, build_recipe, device, progress,
+                                   specialist_recipe)
+
+
+def _head_scorer(model):
+    """(benchmark name, cached features) -> embeddings of `model`'s head (eval mode, no autograd)."""
+    import torch
+
+    model.eval()
+
+    def embed(name, feats):
+        with torch.no_grad():
+            return model.embed_features(torch.as_tensor(feats)).numpy()
+    return embed
+
+
+def _train_specialists(cfg, specialist_recipe: str | Path, out_dir: Path, cache_dir: Path, device: str | None,
+                       progress: bool) -> dict[str, Path]:
+    """Train the one-benchmark specialists that `cfg`'s stages distil from (teachers given as file paths; each
+    domain is a built-in benchmark) with the head stages of `specialist_recipe`, and point `cfg`'s teachers at
+    them. Returns benchmark -> specialist checkpoint."""
+    from .data.benchmarks import get_benchmark
+    from .train.engine import Trainer, stage_model_path
+    from .train.recipe import load_run_config
+
+    made: dict[str, Path] = {}
+    for stage in cfg.stages:
+        for domain, ref in list(stage.distill.teachers.items()):
+            if str(ref).startswith("stage:") or not stage.distill.weight:
+                continue
+            if domain not in made:
+                bench = get_benchmark(domain)
+                overrides = [f"output_dir={out_dir / domain}", f"cache_dir={cache_dir}",
+                             f"datasets.main.manifest={domain}", f"validation.manifest={domain}",
+                             f"validation.folds_by={bench.folds_by}"] + ([f"device={device}"] if device else [])
+                spec = load_run_config(specialist_recipe, overrides)
+                spec.stages = [s for s in spec.stages if "backbone" not in s.train]
+                Trainer(spec, progress=progress).run()
+                made[domain] = stage_model_path(spec.run_dir, len(spec.stages) - 1, spec.stages[-1].name)
+            stage.distill.teachers[domain] = str(made[domain])
+    return made
 
 
 def _run_universal_demo(out_dir: str | Path, cache_dir: str | Path | None, full: bool, recipe: str | Path,
-                        build_recipe: str | Path, device: str | None, progress: bool) -> dict:
+                        build_recipe: str | Path, device: str | None, progress: bool,
+                        specialist_recipe: str | Path) -> dict:
     import torch
 
     from .data.benchmarks import BENCHMARKS, benchmark_manifest, get_benchmark
@@ -215,8 +259,17 @@ def _run_universal_demo(out_dir: str | Path, cache_dir: str | Path | None, full:
     score("PCA-64 (fit on the train halves)", lambda n, f: l2n((f[:, :n_raw] - mean) @ comps.T))
 
     t = time.time()
+    specialists = _train_specialists(cfg, specialist_recipe, out_dir / "specialists", cache_dir, device, progress)
+    for name, path in specialists.items():
+        score(f"specialist: {name} only ({specialist_recipe}, head stage)", _head_scorer(load_embedder(path)))
     final = Trainer(cfg, progress=progress).run()
     times["training"] = round(time.time() - t, 1)
+    names_in_order = [s.name for s in cfg.stages]
+    for domain, ref in sorted({(d, r) for s in cfg.stages if s.distill.weight
+                               for d, r in s.distill.teachers.items() if str(r).startswith("stage:")}):
+        own = ref.removeprefix("stage:")
+        teacher = load_embedder(stage_model_path(cfg.run_dir, names_in_order.index(own), own))
+        score(f"specialist: {domain} only (the run's stage '{own}')", _head_scorer(teacher))
     heads = [i for i, s in enumerate(cfg.stages) if "backbone" not in s.train]
     if heads and heads[-1] != len(cfg.stages) - 1:
         stage = cfg.stages[heads[-1]]
