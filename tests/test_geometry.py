@@ -68,8 +68,8 @@ def test_scripted_export_resize_gives_the_same_pixels(mode, interpolation):
 
 
 def test_bounded_route_equals_the_literal_plan(monkeypatch):
-    """An extreme aspect ratio goes through the window-only tensor resampler; Pillow executing the plan literally
-    (resize the whole 300x1 image to 76,800 x 256, then crop) gives the very same pixels."""
+    """An extreme aspect ratio goes through the tensor resampler; Pillow computing the same window (of the 300x1
+    image resized to 76,800 x 256) gives the very same pixels."""
     cfg = PreprocessConfig(image_size=224, interpolation="bicubic")
     for w, h in ((300, 1), (1, 300), (900, 5)):
         image = Image.fromarray(photo(w, h, seed=w))
@@ -80,6 +80,27 @@ def test_bounded_route_equals_the_literal_plan(monkeypatch):
         literal = np.asarray(ImageTransform(cfg)(image))
         monkeypatch.undo()
         assert np.array_equal(bounded, literal), (w, h)
+
+
+def test_pil_resizes_only_the_crop_window_with_the_tensor_paths_arithmetic(monkeypatch):
+    """A 640x480 photo in crop mode: Pillow is asked for the 224x224 window only (not 341x256 then a crop), and the
+    tensor resampler reproduces its box arithmetic at full model size (the old full-axis centres differ here in
+    ~90 of 150,528 values)."""
+    calls = []
+    resize = Image.Image.resize
+
+    def spy(self, size, *args, **kwargs):
+        calls.append((tuple(size), kwargs.get("box")))
+        return resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    cfg = PreprocessConfig()
+    arr = noise(640, 480, seed=7)
+    pil = ImageTransform(cfg)(Image.fromarray(arr))
+    assert calls == [((224, 224), geometry.pil_box(640, 480, 341, 58, 224, 256, 16, 224))]
+    tensor = geometry.resize_tensor(torch.from_numpy(arr).permute(2, 0, 1)[None], 224, "crop", *cfg.short_side,
+                                    "bicubic")[0]
+    assert torch.equal(pil, tensor)
 
 
 def test_plan_keeps_todays_geometry_for_ordinary_images():
