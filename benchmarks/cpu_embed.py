@@ -8,8 +8,10 @@
 (c) before: `embed_images` with one DataLoader worker process (the previous default on 2 cores), for comparison;
 (d) for JPEGs, `embed_images` with the libjpeg-turbo fast path off (GUIE_FAST_JPEG=0: PIL decode and draft).
 Sources: `emoji` = real 64-px PNGs of the emoji benchmark (skipped if not built), `jpeg` = generated 640x480 JPEGs.
-Measurements alternate (bare, guie, before) for `--rounds` rounds and the ratios use the sums over rounds, so
-a load change on a shared machine affects both sides alike. Prints one JSON line per measurement and a summary.
+Both sides are warmed up first; measurements then alternate in ABBA order (bare, guie, ... then reversed) for
+`--rounds` rounds and the ratios use the sums over rounds, so a drift of the machine's speed affects both sides
+alike; the per-round ratios and their median are printed too (on a 2-core VM identical forwards vary by
++-20%). Prints one JSON line per measurement and a summary.
 glibc's allocator is tuned at the start (`guie.runtime.tune_cpu_allocator`, as `embed_images` does on CPU), so
 all three run under the same conditions; `--malloc-ab` instead measures what that tuning itself is worth: the bare
 forward in fresh processes with and without it (GUIE_MALLOC_TUNING=0/1), alternating.
@@ -203,14 +205,22 @@ def main() -> None:
         if not args.no_before:
             variants["before (1 worker)"] = lambda: embed_images(embedder, paths, batch_size=best, progress=False,
                                                                  num_workers=1)
+        variants["guie"]()  # warm-up of guie's side too (the bare forward was warmed above)
         totals = {k: {"wall_s": 0.0, "user_s": 0.0, "sys_s": 0.0} for k in variants}
+        pairs = []  # (bare, guie) wall seconds of one round
         for r in range(args.rounds):
-            for what, fn in variants.items():
-                m = timed(fn)
+            # ABBA: the order reverses every other round, so a steady drift of the machine's speed (other VMs on the
+            # host) weighs on both sides alike
+            order = list(variants) if r % 2 == 0 else list(variants)[::-1]
+            walls = {}
+            for what in order:
+                m = timed(variants[what])
+                walls[what] = m["wall_s"]
                 emit({"source": name, "round": r, "what": what, "images": len(paths), "batch_size": best,
                       "img_s": round(len(paths) / m["wall_s"], 2), **{k: round(v, 2) for k, v in m.items()}})
                 for k in m:
                     totals[what][k] += m[k]
+            pairs.append(walls["bare"] / walls["guie"])
         n = len(paths) * args.rounds
         row = {"source": name, "images": len(paths), "batch_size": best}
         for what, t in totals.items():
@@ -220,6 +230,8 @@ def main() -> None:
         row["guie / bare"] = round(totals["bare"]["wall_s"] / totals["guie"]["wall_s"], 3)
         # CPU seconds per image: the work guie adds, less sensitive than wall time to other jobs on a shared machine
         row["guie / bare (cpu time)"] = round(cpu["bare"] / cpu["guie"], 3)
+        row["guie / bare per round"] = [round(x, 3) for x in pairs]
+        row["guie / bare (median round)"] = round(float(np.median(pairs)), 3)
         if "guie, PIL decode" in totals:
             row["guie, PIL decode / bare"] = round(totals["bare"]["wall_s"] / totals["guie, PIL decode"]["wall_s"], 3)
         if "before (1 worker)" in totals:

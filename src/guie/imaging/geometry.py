@@ -25,6 +25,7 @@ Everything `resize_tensor` calls is TorchScript-compatible and uses integer arit
 """
 from __future__ import annotations
 
+import functools
 import math
 from fractions import Fraction
 
@@ -39,8 +40,10 @@ RESIZE_MODES = ("crop", "squash", "pad")
 MAX_RESIZED_PIXELS = 1 << 22
 
 
+@functools.lru_cache(maxsize=64)
 def short_side_ratio(image_size: int, crop_pct: float) -> tuple[int, int]:
-    """crop mode's short side, image_size / crop_pct, as an exact fraction (numerator, denominator)."""
+    """crop mode's short side, image_size / crop_pct, as an exact fraction (numerator, denominator); cached, as every
+    image's resize asks for it."""
     fr = Fraction(image_size / crop_pct).limit_denominator(10_000)
     return fr.numerator, fr.denominator
 
