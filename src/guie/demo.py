@@ -210,7 +210,7 @@ def _run_universal_demo(out_dir: str | Path, cache_dir: str | Path | None, full:
 
     from .data.benchmarks import BENCHMARKS, benchmark_manifest, get_benchmark
     from .data.builder import build_dataset, load_recipe
-    from .train.engine import Trainer, stage_model_path
+    from .train.engine import Trainer, distill_teacher_path, stage_model_path
     from .train.recipe import load_run_config
 
     t0, times = time.time(), {}
@@ -264,19 +264,15 @@ def _run_universal_demo(out_dir: str | Path, cache_dir: str | Path | None, full:
         score(f"specialist: {name} only ({specialist_recipe}, head stage)", _head_scorer(load_embedder(path)))
     final = Trainer(cfg, progress=progress).run()
     times["training"] = round(time.time() - t, 1)
-    names_in_order = [s.name for s in cfg.stages]
     for domain, ref in sorted({(d, r) for s in cfg.stages if s.distill.weight
                                for d, r in s.distill.teachers.items() if str(r).startswith("stage:")}):
-        own = ref.removeprefix("stage:")
-        teacher = load_embedder(stage_model_path(cfg.run_dir, names_in_order.index(own), own))
-        score(f"specialist: {domain} only (the run's stage '{own}')", _head_scorer(teacher))
+        teacher = load_embedder(distill_teacher_path(cfg.run_dir, cfg.stages, cfg.name, ref))
+        score(f"specialist: {domain} only (the run's stage '{ref.removeprefix('stage:')}')", _head_scorer(teacher))
     heads = [i for i, s in enumerate(cfg.stages) if "backbone" not in s.train]
     if heads and heads[-1] != len(cfg.stages) - 1:
         stage = cfg.stages[heads[-1]]
         head_model = load_embedder(stage_model_path(cfg.run_dir, heads[-1], stage.name))
-        with torch.no_grad():
-            score(f"all benchmarks, head stages ({cfg.name} up to '{stage.name}')",
-                  lambda n, f: head_model.embed_features(torch.as_tensor(f)).numpy())
+        score(f"all benchmarks, head stages ({cfg.name} up to '{stage.name}')", _head_scorer(head_model))
     model = load_embedder(final)
     t = time.time()
     fine_tuned = any("backbone" in s.train for s in cfg.stages)

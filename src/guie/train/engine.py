@@ -244,19 +244,10 @@ class Trainer:
                 self.loss.weight[mask] = values
 
     def _teacher_paths(self, index: int, stage: StageConfig) -> dict[str, Path]:
-        """The stage's distillation teachers as checkpoint paths; `stage:<name>` means this run's model as it stood
-        after an earlier stage (e.g. the first stage's one-domain head, which is that domain's specialist)."""
-        names = [s.name for s in self.cfg.stages[:index]]
+        """The stage's distillation teachers as existing checkpoint paths (`distill_teacher_path`)."""
         paths = {}
         for domain, ref in stage.distill.teachers.items():
-            if str(ref).startswith("stage:"):
-                name = str(ref).removeprefix("stage:")
-                if name not in names:
-                    raise ValueError(f"stage {stage.name!r}: distill teacher {ref!r}: no earlier stage named {name!r} "
-                                     f"(earlier stages: {names})")
-                paths[domain] = stage_model_path(self.run_dir, names.index(name), name)
-            else:
-                paths[domain] = Path(ref).expanduser()
+            paths[domain] = distill_teacher_path(self.run_dir, self.cfg.stages[:index], stage.name, ref)
             if not paths[domain].exists():
                 raise FileNotFoundError(f"stage {stage.name!r}: distill teacher for {domain!r} not found: "
                                         f"{paths[domain]}")
@@ -653,6 +644,20 @@ class Trainer:
                 images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 yield images, targets_all[idx].to(self.device, non_blocking=True)
             epoch, skip = epoch + 1, 0
+
+
+def distill_teacher_path(run_dir: Path, earlier_stages: list[StageConfig], stage_name: str, ref: str) -> Path:
+    """A distillation teacher reference as a checkpoint path: `stage:<name>` is this run's model as it stood after
+    that earlier stage (e.g. the first stage's one-domain head, which is that domain's specialist); anything else is
+    a checkpoint file."""
+    if not str(ref).startswith("stage:"):
+        return Path(ref).expanduser()
+    names = [s.name for s in earlier_stages]
+    name = str(ref).removeprefix("stage:")
+    if name not in names:
+        raise ValueError(f"stage {stage_name!r}: distill teacher {ref!r}: no earlier stage named {name!r} "
+                         f"(earlier stages: {names})")
+    return stage_model_path(run_dir, names.index(name), name)
 
 
 @torch.no_grad()
