@@ -347,8 +347,8 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
             def answer(vectors, queries) -> bytes:
                 index.refresh()
                 hits = index.search(vectors, k, where=where)
-                return _json_bytes({"index": index.name, "k": k, "results": [
-                    {"query": q, "hits": [hit_json(h) for h in row]} for q, row in zip(queries, hits)]})
+                return JSONResponse({"index": index.name, "k": k, "results": [
+                    {"query": q, "hits": [hit_json(h) for h in row]} for q, row in zip(queries, hits)]}).body
 
             if item is not None:
                 item_id = form_int(form, "item", 0, 0, 2**62)
@@ -446,11 +446,6 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
         return JSONResponse({"detail": str(exc)}, status_code=400)
 
     return app
-
-
-def _json_bytes(content) -> bytes:
-    """`content` as JSON the way FastAPI's JSONResponse writes it (compact, UTF-8, NaN refused)."""
-    return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
 def _image_format(data: bytes) -> str:
