@@ -12,13 +12,14 @@ from train_fixtures import make_labelled_images
 
 HEAD = ("{name: %s, datasets: %s, train: [head, centers], lock_kept_centers: true, steps: 20, batch_size: 32, "
         "lr: {head: 0.05, centers: 0.05}, loss: {name: arcface, scale: 16, margin: 0.2}}")
-RECIPE = """
-name: universal-tiny
-seed: 0
+COMMON = """seed: 0
 num_workers: 0
 model: {backbone: efficientnet_lite0, embed_dim: 16, dropout: 0.0, head_norm: batchnorm, image_size: 32,
         preprocess: {crop_pct: 1.0}, backbone_kwargs: {feature_levels: [3, 4]}}
-datasets:
+"""
+RECIPE = """
+name: universal-tiny
+""" + COMMON + """datasets:
   one: {manifest: unused, where: {dataset: one}, namespace: "", domain: one}
   two: {manifest: unused, where: {dataset: two}, namespace: "", domain: two}
 validation:
@@ -35,11 +36,7 @@ stages:
     + ", distill: {teachers: {one: 'stage:head-one', two: specialists/two.pt}, weight: 1.0}}")
 SPECIALIST = """
 name: specialist-tiny
-seed: 0
-num_workers: 0
-model: {backbone: efficientnet_lite0, embed_dim: 16, dropout: 0.0, head_norm: batchnorm, image_size: 32,
-        preprocess: {crop_pct: 1.0}, backbone_kwargs: {feature_levels: [3, 4]}}
-datasets: {main: {manifest: one, where: {split: train}}}
+""" + COMMON + """datasets: {main: {manifest: one, where: {split: train}}}
 validation: {manifest: one, where: {split: val}, folds_by: vendor}
 stages:
   - HEAD_MAIN
