@@ -166,6 +166,7 @@ class Trainer:
         self._val_cache: dict = {}
         self.last_validation: dict[str, float] = {}  # per validation set, from the latest validate()
         self._kept_centers: tuple[torch.Tensor, torch.Tensor] | None = None  # (row mask, values) held fixed
+        self._kept_index: tuple[torch.Tensor, torch.Tensor] | None = None  # (that mask, its row numbers)
 
     # ----------------------------------------------------------------------------------------------- setup
     def _build_embedder(self) -> Embedder:
@@ -240,8 +241,11 @@ class Trainer:
         weight decay did to them)."""
         if self._kept_centers is not None:
             mask, values = self._kept_centers
+            if self._kept_index is None or self._kept_index[0] is not mask:
+                # row numbers once per stage: a boolean-mask assignment would wait for the GPU at every step
+                self._kept_index = (mask, mask.nonzero().squeeze(1))
             with torch.no_grad():
-                self.loss.weight[mask] = values
+                self.loss.weight.index_copy_(0, self._kept_index[1], values)
 
     def _teacher_paths(self, index: int, stage: StageConfig) -> dict[str, Path]:
         """The stage's distillation teachers as existing checkpoint paths (`distill_teacher_path`)."""
@@ -523,7 +527,9 @@ class Trainer:
                 loss.backward()
                 run.micro += 1
                 seen += len(targets)
-                loss_sum += float(loss.detach()) * run.accum
+                # summed on the device: a float() here would wait for the GPU every step and leave it idle while
+                # the next step's kernels are launched
+                loss_sum = loss_sum + loss.detach().float() * run.accum
                 loss_n += 1
             if stage.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
@@ -543,7 +549,7 @@ class Trainer:
             val_due = (cfg.validation is not None and cfg.validation.every_steps
                        and step % cfg.validation.every_steps == 0)
             if step % cfg.log_every_steps == 0 or step == run.total_steps or val_due:
-                mean_loss = mean_across_ranks(loss_sum / max(1, loss_n), dist)
+                mean_loss = mean_across_ranks(float(loss_sum) / max(1, loss_n), dist)
                 rate = seen * dist.world_size / max(1e-9, time.time() - t0)
                 val = self.validate(stage, run.use_features) if (val_due and step != run.total_steps) else None
                 margin = self.loss.margins.mean().item()
