@@ -209,10 +209,23 @@ def guie_end_to_end(paths, model, device, batch_size: int, workers: int, decode:
             t_first, n_first = time.perf_counter(), n
     total = time.perf_counter() - t
     steady = (n - n_first) / max(1e-9, time.perf_counter() - t_first) if n > n_first else None
+    EMBEDDINGS[(decode, compile)] = out[:n]
     norms = np.linalg.norm(out[:n], axis=1) if n else np.ones(1)
     return {"img_s": round(n / total, 1), "steady_img_s": round(steady, 1) if steady else None, "images": n,
             "failed": failures, "seconds": round(total, 2), "first_batch_s": round(t_first - t, 2) if t_first else None,
             "peak_gib": peak_gib(device), "norms_ok": bool(np.allclose(norms, 1, atol=1e-3))}
+
+
+EMBEDDINGS: dict[tuple[str, bool], np.ndarray] = {}  # (decode, compile) -> the end-to-end run's embeddings
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> dict:
+    """How far two runs' embeddings of the same files are apart (unit vectors: max |diff|, min cosine)."""
+    n = min(len(a), len(b))
+    a, b = a[:n], b[:n]
+    return {"images": n, "max_abs_diff": round(float(np.abs(a - b).max()), 5),
+            "mean_abs_diff": round(float(np.abs(a - b).mean()), 6),
+            "min_cosine": round(float((a * b).sum(1).min()), 5)}
 
 
 def main() -> None:
@@ -298,6 +311,9 @@ def main() -> None:
         for dec in decoders:
             attempt(f"guie eager decode={dec}", lambda dec=dec: guie_end_to_end(paths, model, device, batch_size,
                                                                                 workers, dec, compile=False))
+        if ("cpu", False) in EMBEDDINGS and ("gpu", False) in EMBEDDINGS:
+            emit({"step": "agreement decode=cpu vs decode=gpu (eager)",
+                  **agreement(EMBEDDINGS["cpu", False], EMBEDDINGS["gpu", False])})
         if not args.no_compile:
             compiled = torch.compile(model, dynamic=False)
             attempt("bare compiled", lambda: bare_forward(compiled, device, batch_size, size, bare_batches,
@@ -307,6 +323,9 @@ def main() -> None:
                     attempt(f"guie compiled decode={dec}",
                             lambda dec=dec: guie_end_to_end(paths, model, device, batch_size, workers, dec,
                                                             compile=True), optional=True)
+        if ("cpu", False) in EMBEDDINGS and ("cpu", True) in EMBEDDINGS:
+            emit({"step": "agreement eager vs compiled (decode=cpu)",
+                  **agreement(EMBEDDINGS["cpu", False], EMBEDDINGS["cpu", True])})
     finally:
         summary = {"step": "summary", "model": name,
                    "batch_size": batch_size, "workers": workers, "images": n_images * max(1, args.repeat_files)}

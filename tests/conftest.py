@@ -4,6 +4,7 @@ Everything is generated here (no downloads, no cached datasets), so the core tes
 """
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -14,6 +15,9 @@ from PIL import Image
 
 from guie.data.emoji import DEFAULT_VERSION
 from guie.utils import default_cache_dir
+
+# The suite asserts CPU semantics (exact equalities, fp32) on any machine; tests/test_cuda.py asks for CUDA itself.
+os.environ.setdefault("GUIE_DEVICE", "cpu")
 
 # where `guie data emoji` puts the benchmark: $GUIE_CACHE (else ~/.cache/guie)/emoji/<version>/manifest.csv
 EMOJI_MANIFEST = default_cache_dir() / "emoji" / DEFAULT_VERSION / "manifest.csv"

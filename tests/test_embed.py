@@ -53,13 +53,21 @@ def test_decoders_and_worker_layouts_agree(tiny_embedder, mode_images, bad_files
     paths = [str(p) for p in mode_images.values()] + [str(bad_files["truncated"]), str(bad_files["bomb"])]
     e = tiny_embedder()
     ref = embed_images(e, paths, batch_size=5, progress=False, report_failure=_quiet)
-    for kw in ({"num_workers": 2}, {"num_workers": 0, "batch_size": 1}, {"decode": "gpu"}):
+    for kw in ({"num_workers": 2}, {"num_workers": 2, "batch_size": 4}, {"num_workers": 0, "batch_size": 1},
+               {"decode": "gpu"}, {"decode": "gpu", "num_workers": 2, "batch_size": 2}):
         kw = {"batch_size": 5, **kw}
         got = embed_images(e, paths, progress=False, report_failure=_quiet, **kw)
         assert (got.ok == ref.ok).all(), kw
         # decode="gpu" (on this CPU: torchvision's decoder and tensor resize) matches PIL closely, not bitwise
         tol = 2e-2 if kw.get("decode") == "gpu" else 1e-6
         np.testing.assert_allclose(got.embeddings, ref.embeddings, atol=tol, err_msg=str(kw))
+
+
+def test_loader_split_divides_the_model_batch_among_workers():
+    from guie.embedding.engine import loader_split
+
+    assert loader_split(256, 16) == 8 and loader_split(256, 3) == 2 and loader_split(64, 0) == 1
+    assert loader_split(5, 4) == 1 and loader_split(6, 4) == 3 and loader_split(1, 8) == 1
 
 
 def test_iter_embeddings_covers_every_position_in_order(tiny_embedder, mode_images, bad_files):

@@ -24,7 +24,7 @@ from .evaluate.protocol import evaluate_folds
 from .evaluate.report import format_table, write_report
 from .models.embedder import create_embedder, load_embedder
 from .models.heads import fit_pca
-from .utils import atomic_write_json, default_cache_dir, log
+from .utils import atomic_write_json, default_cache_dir, log, resolve_device
 
 DEMO_RECIPE = "emoji-lite0-cpu"  # a shipped recipe (package data: found in a wheel install too)
 
@@ -41,12 +41,11 @@ def run_demo(out_dir: str | Path = "outputs/demo", cache_dir: str | Path | None 
     On a CPU the whole demo (feature pass included) runs at the recipe's `cpu_threads`, so its figures repeat bit for
     bit on other machines (same torch build and CPU instruction set).
     """
-    import torch
 
     from .runtime import intra_op_threads
     from .train.recipe import load_run_config
 
-    on_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    on_cpu = resolve_device(device).type == "cpu"
     with intra_op_threads(load_run_config(recipe).cpu_threads if on_cpu else None):
         return _run_demo(out_dir, cache_dir, full, recipe, device, progress)
 
@@ -153,12 +152,11 @@ def run_universal_demo(out_dir: str | Path = "outputs/demo-universal", cache_dir
     On a CPU everything runs at the recipe's `cpu_threads`. Returns the rows (also out_dir/results.json) with the
     time each step took.
     """
-    import torch
 
     from .runtime import intra_op_threads
     from .train.recipe import load_run_config
 
-    on_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    on_cpu = resolve_device(device).type == "cpu"
     with intra_op_threads(load_run_config(recipe).cpu_threads if on_cpu else None):
         return _run_universal_demo(out_dir, cache_dir, full, recipe, build_recipe, device, progress,
                                    specialist_recipe)

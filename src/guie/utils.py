@@ -80,11 +80,16 @@ def _json_default(o):
 
 
 def resolve_device(device: str | None = None) -> torch.device:
-    """'auto'/None -> cuda if available else cpu."""
+    """'auto'/None -> $GUIE_DEVICE when set, else cuda if available, else cpu.
+
+    GUIE_DEVICE pins the default for every command and API call that is given no device (the test suite sets it to
+    cpu, so its exact-equality checks mean the same on a GPU machine)."""
     import torch
 
     if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = os.environ.get("GUIE_DEVICE") or "auto"
+        if device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
