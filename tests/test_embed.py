@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import platform
+import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -310,3 +312,90 @@ def test_images_in_memory_and_augmented_views_go_through_the_same_loop(tiny_embe
              for c, v in (("a", 0), ("a", 1), ("b", 1))]
     np.testing.assert_array_equal(views[1], views[2])          # recomputed in another store: the same view
     assert np.abs(views[0] - views[1]).max() > 1e-3             # flipped images give other features
+
+
+# --- parallel single-threaded forwards on CPU ------------------------------------------------------------------
+
+def _embed_recording_failures(e, paths, **kw):
+    reported = []
+    res = embed_images(e, paths, batch_size=2, progress=False, report_failure=reported.append, **kw)
+    return res, reported
+
+
+def test_parallel_forwards_equal_the_single_forward_in_order(tiny_embedder, mode_images, bad_files, monkeypatch):
+    """Two single-threaded forwards side by side give the single-threaded forward's vectors bit for bit, in file
+    order, with the same failures reported in the same order, also when a later batch finishes first; the forwards
+    run on the engine's threads with one intra-op thread each."""
+    from guie.runtime import intra_op_threads
+
+    paths = [str(p) for p in mode_images.values()]
+    paths[1:1] = [str(bad_files["truncated"]), str(bad_files["empty"])]
+    paths.append(str(bad_files["corrupt"]))
+    e = tiny_embedder()
+    with intra_op_threads(1):
+        ref, ref_reported = _embed_recording_failures(e, paths, forwards=1)
+
+    slow_path, real_load, real_forward, seen = paths[0], datasets_mod.load_image, e.forward, []
+
+    def load(path, *a, **kw):  # the first batch finishes last
+        if str(path) == slow_path:
+            time.sleep(0.3)
+        return real_load(path, *a, **kw)
+
+    def forward(images):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return real_forward(images)
+
+    monkeypatch.setattr(datasets_mod, "load_image", load)
+    monkeypatch.setattr(e, "forward", forward)
+    got, reported = _embed_recording_failures(e, paths, forwards=2)
+    assert got.ok.tolist() == ref.ok.tolist() and got.errors == ref.errors and reported == ref_reported
+    assert len(reported) == 3 and reported[0].startswith(str(bad_files["truncated"]))
+    np.testing.assert_array_equal(got.embeddings, ref.embeddings)
+    assert len(seen) == sum(ref.ok[i:i + 2].any() for i in range(0, len(paths), 2))  # no forward when all failed
+    assert all(name.startswith("guie-forward") and threads == 1 for name, threads in seen), seen
+    assert len({name for name, _ in seen}) == 2
+    monkeypatch.undo()
+    default = embed_images(e, paths, batch_size=2, progress=False, report_failure=_quiet, forwards=1)
+    np.testing.assert_allclose(got.embeddings, default.embeddings, atol=1e-6)  # one forward on all threads
+
+
+def test_parallel_forwards_restore_threads_and_fail_like_one_forward(tiny_embedder, mode_images, monkeypatch):
+    """The caller's intra-op thread count (and the one threads started later get) is restored after a run, after
+    an abandoned stream and after a failing forward, which reaches the caller as with one forward; parallel
+    forwards are refused where they cannot apply."""
+    from guie.runtime import intra_op_threads
+
+    def count_in_new_thread() -> int:
+        out = []
+        t = threading.Thread(target=lambda: out.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        return out[0]
+
+    e = tiny_embedder()
+    paths = [str(p) for p in mode_images.values()]
+    with intra_op_threads(3):
+        embed_images(e, paths, batch_size=2, progress=False, forwards=2)
+        assert torch.get_num_threads() == 3 and count_in_new_thread() == 3
+        stream = iter_embeddings(e, paths, batch_size=1, progress=False, forwards=2)
+        next(stream)
+        stream.close()
+        assert torch.get_num_threads() == 3 and count_in_new_thread() == 3
+
+        calls, real_forward = [], e.forward
+
+        def broken(images):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("forward failed")
+            return real_forward(images)
+
+        monkeypatch.setattr(e, "forward", broken)
+        for forwards in (1, 2):
+            calls.clear()
+            with pytest.raises(RuntimeError, match="forward failed"):
+                embed_images(e, paths, batch_size=2, progress=False, forwards=forwards)
+            assert torch.get_num_threads() == 3 and count_in_new_thread() == 3
+    with pytest.raises(ValueError, match="forwards=2"):
+        next(iter_embeddings(e, paths, progress=False, forwards=2, seeds=list(range(len(paths)))))

@@ -79,6 +79,23 @@ def intra_op_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def forward_workers(workers: int | None = None, cap: int = 4) -> tuple[int, int]:
+    """How to spend this process's torch intra-op threads on a model's CPU forwards: (forwards run side by side,
+    intra-op threads each).
+
+    By default one single-threaded forward per intra-op thread, at most `cap` (each forward holds its own
+    activations). A forward split over the cores with OpenMP stalls as a whole whenever anything else takes one of
+    its cores, since its threads meet at a barrier after every layer; independent single-threaded forwards only lose
+    the time actually taken from them (`guie.embedding.batching`, `guie.embedding.engine`). `workers` given: that
+    many forwards, sharing the threads.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    workers = max(1, workers or min(threads, cap))
+    return workers, max(1, threads // workers)
+
+
 @contextmanager
 def single_intra_op_thread() -> Iterator[None]:
     """Run the block with one torch intra-op thread, restoring the previous count after.

@@ -9,17 +9,24 @@ are reported one line each and counted, never silently dropped and never fatal.
 Where decoding runs matters more than anything else for throughput:
   * model on CUDA: DataLoader worker processes decode while the GPU computes (or, with decode="gpu", workers only
     read bytes and nvJPEG decodes on the GPU);
-  * model on CPU: the main process decodes each batch with a thread pool *between* forwards (PIL releases the GIL).
-    Worker processes would run *during* the forward and compete with its intra-op threads for the same cores; on a
-    2-core machine that cost a third of the throughput. glibc's allocator is also tuned once (`guie.runtime`): by
-    default it hands every activation back to the kernel, and faulting it in again each forward was the kernel
-    time that equalled user time.
+  * model on CPU: one single-threaded forward per intra-op thread runs side by side (`guie.runtime.forward_workers`,
+    threads of this process; torch releases the GIL inside its ops), and each of those threads decodes its own
+    next batch right before its forward, so decoding never oversubscribes the cores. One forward split over all
+    cores with OpenMP stalls as a whole whenever anything takes one of its cores (its threads meet at a barrier
+    after every layer), including the decoding between forwards; independent forwards only lose the time taken
+    from them. Batches are the same as with one forward and handed over in file order, so the output is that of
+    the single-threaded forward whatever the core count. Worker processes would run *during* the forwards and
+    compete with them for the same cores; on a 2-core machine that cost a third of the throughput. glibc's
+    allocator is also tuned once (`guie.runtime`): by default it hands every activation back to the kernel, and
+    faulting it in again each forward was the kernel time that equalled user time.
 """
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,7 +38,7 @@ from tqdm.auto import tqdm
 from ..models.embedder import Embedder
 from ..models.preprocess import ImageTransform, PreprocessConfig, draft_size
 from ..pipeline.datasets import ImageFileDataset, KeyListSampler, collate_skip_failed
-from ..runtime import tune_cpu_allocator
+from ..runtime import forward_workers, tune_cpu_allocator
 from ..utils import resolve_device
 
 DECODERS = ("cpu", "gpu")
@@ -58,8 +65,8 @@ class EmbeddedBatch:
 
 
 def embed_num_workers(device: str | torch.device | None = None) -> int:
-    """Decode workers for inference on `device`: 0 on CPU (the main process decodes between forwards with a thread
-    pool, see the module docstring), else one per core but one, up to 16."""
+    """Decode workers for inference on `device`: 0 on CPU (each forward thread decodes its own batches, see the
+    module docstring), else one per core but one, up to 16."""
     if resolve_device(device).type == "cpu":
         return 0
     return max(1, min(16, (os.cpu_count() or 1) - 1))
@@ -116,7 +123,7 @@ def iter_embeddings(embedder: Embedder, paths: Sequence[str], batch_size: int = 
                     preprocess: PreprocessConfig | None = None, decode: str = "cpu", compile: bool = False,
                     progress: bool = True, report_failure: Callable[[str], None] | None = None,
                     desc: str = "embed", transform: Callable | None = None,
-                    seeds: Sequence[int] | None = None) -> Iterator[EmbeddedBatch]:
+                    seeds: Sequence[int] | None = None, forwards: int | None = None) -> Iterator[EmbeddedBatch]:
     """Stream embeddings (or backbone features when features=True) of image files, batch by batch, in file order.
 
     Args:
@@ -130,28 +137,62 @@ def iter_embeddings(embedder: Embedder, paths: Sequence[str], batch_size: int = 
         transform: PIL image -> uint8 tensor replacing the evaluation transform (e.g. a training augmentation);
             `seeds` (one per path) seed torch's RNG before each image is transformed, so augmented views are
             reproducible.
-    The model is moved to `device`, put in eval mode and channels_last; its train/eval mode is restored after.
-    On CPU, glibc's allocator is tuned once for the process (`guie.runtime.tune_cpu_allocator`).
+        forwards: on CPU, forwards run side by side on threads, each on its share of torch's intra-op threads
+            (default `guie.runtime.forward_workers`: one single-threaded forward per thread; 1: one forward on all
+            threads, as on CUDA). With num_workers=0 each of those threads decodes its own batches. The vectors
+            are those of a forward with that share of threads (float sums depend on the thread count, see
+            `guie.runtime.intra_op_threads`). Not with compile, seeds or decode="gpu" (which run one forward).
+    The model is moved to `device`, put in eval mode and channels_last; its train/eval mode is restored after, and
+    so is torch's intra-op thread count. On CPU, glibc's allocator is tuned once for the process
+    (`guie.runtime.tune_cpu_allocator`); parallel forwards each hold a batch's activations.
     """
     device = resolve_device(device)
     preprocess = preprocess or embedder.preprocess
     num_workers = embed_num_workers(device) if num_workers is None else num_workers
     report_failure = report_failure or (lambda msg: print(f"skipped {msg}", file=sys.stderr))
     split = loader_split(batch_size, num_workers)
+    n_forwards, threads_each = _cpu_forwards(device, forwards, decode, compile, seeds)
     loader = make_loader(paths, preprocess, batch_size // split, num_workers, pin_memory=device.type == "cuda",
-                         decode=decode, transform=transform, seeds=seeds)
+                         decode=decode, transform=transform, seeds=seeds, threads=threads_each)
     was_training = embedder.training
     _prepare_model(embedder, device)
     fn = _model_fn(embedder, features)
     if compile:
         fn = torch.compile(fn, dynamic=False)
     cuda, pending = device.type == "cuda", None
+
+    def embed_batch(batch) -> tuple:
+        """One loader batch -> (indices, vectors or None, failures, CUDA event or None)."""
+        if decode == "gpu":
+            from ..pipeline.gpu_decode import decode_batch
+
+            idx, images, failed = decode_batch(*batch[:2], paths, preprocess, device)
+            failed = batch[2] + failed
+        else:
+            idx, images, failed = batch
+        out, event = None, None
+        if images is not None:
+            out = _forward(fn, images, device, batch_size if compile else 0)
+            if cuda:  # copy back without a sync: the GPU keeps working while the next batch is prepared
+                host = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
+                out, event = host.copy_(out, non_blocking=True), torch.cuda.Event()
+                event.record()
+        return idx, out, failed, event
+
+    if n_forwards == 1:
+        steps = map(embed_batch, _regroup(iter(loader), split, decode, device))
+    elif num_workers == 0:  # each forward thread decodes the batch it is about to embed
+        def fetch_and_embed(keys):
+            return embed_batch(loader.collate_fn(loader.dataset.__getitems__(keys)))
+
+        steps = _in_order(fetch_and_embed, loader.batch_sampler, n_forwards, threads_each)
+    else:  # decode processes feed the forward threads
+        steps = _in_order(embed_batch, _regroup(iter(loader), split, decode, device), n_forwards, threads_each)
     try:
         with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
-            batches = _regroup(iter(loader), split, decode, device)
             while True:
                 try:
-                    batch = next(batches)
+                    current = next(steps)
                 except StopIteration:
                     break
                 except BaseException:  # interrupted: hand over the finished batch first (it may complete a shard)
@@ -159,23 +200,8 @@ def iter_embeddings(embedder: Embedder, paths: Sequence[str], batch_size: int = 
                         finished, pending = pending, None
                         yield _collect(finished, bar)
                     raise
-                if decode == "gpu":
-                    from ..pipeline.gpu_decode import decode_batch
-
-                    idx, images, failed = decode_batch(*batch[:2], paths, preprocess, device)
-                    failed = batch[2] + failed
-                else:
-                    idx, images, failed = batch
-                for _, msg in failed:
+                for _, msg in current[2]:
                     report_failure(msg)
-                out, event = None, None
-                if images is not None:
-                    out = _forward(fn, images, device, batch_size if compile else 0)
-                    if cuda:  # copy back without a sync: the GPU keeps working while the next batch is prepared
-                        host = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
-                        out, event = host.copy_(out, non_blocking=True), torch.cuda.Event()
-                        event.record()
-                current = (idx, out, failed, event)
                 if pending is not None:
                     yield _collect(pending, bar)
                     pending = None
@@ -186,6 +212,8 @@ def iter_embeddings(embedder: Embedder, paths: Sequence[str], batch_size: int = 
             if pending is not None:
                 yield _collect(pending, bar)
     finally:
+        if hasattr(steps, "close"):
+            steps.close()  # parallel forwards: cancel what is queued, wait for the running ones, restore threads
         embedder.train(was_training)
 
 
@@ -217,6 +245,39 @@ def _regroup(batches: Iterator, split: int, decode: str, device: torch.device) -
             continue
         images = [b[1].to(device, non_blocking=True) for b in group if b[1] is not None]
         yield (torch.cat([b[0] for b in group]), torch.cat(images) if images else None, failed)
+def _cpu_forwards(device: torch.device, forwards: int | None, decode: str, compile: bool,
+                  seeds: Sequence[int] | None) -> tuple[int, int | None]:
+    """(forwards side by side, intra-op threads each, None: all) for `iter_embeddings`."""
+    if device.type == "cpu" and decode == "cpu" and not compile and seeds is None:
+        n, each = forward_workers(forwards)
+        return (n, each) if n > 1 else (1, None)
+    if forwards is not None and forwards > 1:
+        raise ValueError(f"forwards={forwards}: parallel forwards run on CPU only, without compile, seeds or "
+                         "decode='gpu'")
+    return 1, None
+
+
+def _in_order(fn: Callable, items: Iterable, workers: int, threads_each: int) -> Iterator:
+    """fn(item) for every item on `workers` threads with `threads_each` torch intra-op threads each, yielded in item
+    order; at most 2 x workers items are taken ahead (bounded memory). Closing it cancels the queued items, waits
+    for the running ones and restores torch's thread count (`torch.set_num_threads` also sets the count that
+    threads started later get)."""
+    before = torch.get_num_threads()
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="guie-forward", initializer=torch.set_num_threads,
+                              initargs=(threads_each,))
+    queued: deque = deque()
+    try:
+        for item in items:
+            queued.append(pool.submit(fn, item))
+            if len(queued) >= 2 * workers:
+                yield queued.popleft().result()
+        while queued:
+            yield queued.popleft().result()
+    finally:
+        for future in queued:
+            future.cancel()
+        pool.shutdown(wait=True)
+        torch.set_num_threads(before)
 
 
 def _forward(fn, images: torch.Tensor, device: torch.device, pad_to: int) -> torch.Tensor:
@@ -242,7 +303,8 @@ def _collect(pending, bar) -> EmbeddedBatch:
 def embed_images(embedder: Embedder, paths: Sequence[str], batch_size: int = 64, num_workers: int | None = None,
                  device: str | torch.device | None = None, features: bool = False, progress: bool = True,
                  preprocess: PreprocessConfig | None = None, report_failure: Callable[[str], None] | None = None,
-                 desc: str = "embed", decode: str = "cpu", compile: bool = False) -> EmbedResult:
+                 desc: str = "embed", decode: str = "cpu", compile: bool = False,
+                 forwards: int | None = None) -> EmbedResult:
     """Embed image files with `embedder` (or extract backbone features when features=True), in memory.
 
     Arguments as `iter_embeddings`. Returns the vectors of the decodable images in path order, the ok mask and the
@@ -253,7 +315,7 @@ def embed_images(embedder: Embedder, paths: Sequence[str], batch_size: int = 64,
     ok = np.zeros(n, dtype=bool)
     errors: list[str] = []
     for b in iter_embeddings(embedder, paths, batch_size, num_workers, device, features, preprocess, decode,
-                             compile, progress, report_failure, desc):
+                             compile, progress, report_failure, desc, forwards=forwards):
         errors += [msg for _, msg in b.failed]
         if len(b.indices):
             out[b.indices] = b.embeddings

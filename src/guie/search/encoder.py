@@ -54,18 +54,18 @@ def serving_workers(workers: int | None = None, device: str | None = None) -> in
     """How many forwards the server runs at once, and the process's torch intra-op threads set to match.
 
     On CPU the default is one forward per intra-op thread (at most 4), each forward then single-threaded
-    (`torch.set_num_threads`, process-wide): a forward split over the cores stalls whenever a request takes one of
-    them (`guie.embedding.batching`). `workers` given: that many, sharing the threads. On CUDA: one forward.
-    Call it once, from the serving process, before the model runs."""
+    (`guie.runtime.forward_workers`; `torch.set_num_threads`, process-wide): a forward split over the cores stalls
+    whenever a request takes one of them (`guie.embedding.batching`). `workers` given: that many, sharing the
+    threads. On CUDA: one forward. Call it once, from the serving process, before the model runs."""
     import torch
 
+    from ..runtime import forward_workers
     from ..utils import resolve_device
 
     if resolve_device(device).type != "cpu":
         return max(1, workers or 1)
-    threads = torch.get_num_threads()
-    workers = max(1, workers or min(threads, 4))
-    torch.set_num_threads(max(1, threads // workers))
+    workers, threads_each = forward_workers(workers)
+    torch.set_num_threads(threads_each)
     return workers
 
 
