@@ -12,6 +12,11 @@ heaps, and with mmap turned off glibc still maps (and unmaps after use) every bl
 a batch-32 forward in the search server's batching thread spent 0.31 s of kernel time per second of user time;
 with one arena it spends 0.01, as the main thread does. The arena limit only binds threads that allocate after it
 is set, so `guie`'s command line tunes the process before anything starts a thread.
+
+Freed memory at the top of the heap is never given back either. Two single-threaded forwards side by side (the
+engine's CPU default, `forward_workers`) peak ~0.9 GB higher than one (batch 32, 224 px); with the former 1 GiB
+trim threshold glibc returned that to the kernel after every run and the next one faulted it in again: 0.7 s of
+kernel time per 256 images, 15-20% of the throughput (`benchmarks/cpu_embed.py`).
 """
 from __future__ import annotations
 
@@ -28,12 +33,12 @@ _tuned: bool | None = None
 
 
 def tune_cpu_allocator() -> bool:
-    """Make glibc keep freed memory for reuse instead of returning it to the kernel (no mmap for large blocks,
-    1 GiB trim threshold, one arena for all threads). Process-wide, idempotent; a no-op off glibc or with
+    """Make glibc keep freed memory for reuse instead of returning it to the kernel (no mmap for large blocks, no
+    trimming of the heap, one arena for all threads). Process-wide, idempotent; a no-op off glibc or with
     GUIE_MALLOC_TUNING=0. Call it before threads start where possible (see the module docstring).
 
     Cost: the process keeps its peak heap (e.g. 1.5 instead of 1.3 GB RSS for a batch-32 224-px forward of
-    efficientnet_lite0). Returns whether the tuning is active.
+    efficientnet_lite0; a 2.2 GB heap after two such forwards side by side). Returns whether the tuning is active.
     """
     global _tuned
     if _tuned is not None:
@@ -44,8 +49,8 @@ def tune_cpu_allocator() -> bool:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        ok = all(libc.mallopt(opt, value) == 1 for opt, value in (
-            (_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, 32 << 20), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 1 << 30),
+        ok = all(libc.mallopt(opt, value) == 1 for opt, value in (  # trim threshold -1: SIZE_MAX to glibc, never
+            (_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, 32 << 20), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1),
             (_M_TOP_PAD, 256 << 20)))
     except (OSError, AttributeError):
         return False
