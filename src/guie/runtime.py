@@ -38,7 +38,7 @@ def tune_cpu_allocator() -> bool:
     GUIE_MALLOC_TUNING=0. Call it before threads start where possible (see the module docstring).
 
     Cost: the process keeps its peak heap (e.g. 1.5 instead of 1.3 GB RSS for a batch-32 224-px forward of
-    efficientnet_lite0; a 2.2 GB heap after two such forwards side by side). Returns whether the tuning is active.
+    efficientnet_lite0; 2.2 GB with two such forwards side by side). Returns whether the tuning is active.
     """
     global _tuned
     if _tuned is not None:
