@@ -14,11 +14,11 @@ Where decoding runs matters more than anything else for throughput:
     next batch right before its forward, so decoding never oversubscribes the cores. One forward split over all
     cores with OpenMP stalls as a whole whenever anything takes one of its cores (its threads meet at a barrier
     after every layer), including the decoding between forwards; independent forwards only lose the time taken
-    from them. Batches are the same as with one forward and handed over in file order, so the output is that of
-    the single-threaded forward whatever the core count. Worker processes would run *during* the forwards and
-    compete with them for the same cores; on a 2-core machine that cost a third of the throughput. glibc's
-    allocator is also tuned once (`guie.runtime`): by default it hands every activation back to the kernel, and
-    faulting it in again each forward was the kernel time that equalled user time.
+    from them. Batches are the same as with one forward and handed over in file order; up to 4 cores the vectors
+    are those of the single-threaded forward, whatever the core count. Worker processes would run *during* the
+    forwards and compete with them for the same cores; on a 2-core machine that cost a third of the throughput.
+    glibc's allocator is also tuned once (`guie.runtime`): by default it hands every activation back to the kernel,
+    and faulting it in again each forward was the kernel time that equalled user time.
 """
 from __future__ import annotations
 
