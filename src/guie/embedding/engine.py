@@ -245,6 +245,8 @@ def _regroup(batches: Iterator, split: int, decode: str, device: torch.device) -
             continue
         images = [b[1].to(device, non_blocking=True) for b in group if b[1] is not None]
         yield (torch.cat([b[0] for b in group]), torch.cat(images) if images else None, failed)
+
+
 def _cpu_forwards(device: torch.device, forwards: int | None, decode: str, compile: bool,
                   seeds: Sequence[int] | None) -> tuple[int, int | None]:
     """(forwards side by side, intra-op threads each, None: all) for `iter_embeddings`."""
