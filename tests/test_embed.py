@@ -348,7 +348,8 @@ def test_parallel_forwards_equal_the_single_forward_in_order(tiny_embedder, mode
 
     monkeypatch.setattr(datasets_mod, "load_image", load)
     monkeypatch.setattr(e, "forward", forward)
-    got, reported = _embed_recording_failures(e, paths, forwards=2)
+    with intra_op_threads(2):  # two forwards of one thread each, on any machine
+        got, reported = _embed_recording_failures(e, paths, forwards=2)
     assert got.ok.tolist() == ref.ok.tolist() and got.errors == ref.errors and reported == ref_reported
     assert len(reported) == 3 and reported[0].startswith(str(bad_files["truncated"]))
     np.testing.assert_array_equal(got.embeddings, ref.embeddings)
