@@ -102,6 +102,18 @@ def write_mode_images(root: Path) -> dict[str, Path]:
     return out
 
 
+def write_exif_orientations(root: Path, w: int, h: int, seed: int) -> list[str]:
+    """The same w x h JPEG saved once per EXIF orientation 1..8 (o1.jpg ... o8.jpg); returns the paths in order."""
+    paths = []
+    for code in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = code
+        p = root / f"o{code}.jpg"
+        Image.fromarray(photo(w, h, seed=seed)).save(p, exif=exif.tobytes(), quality=95)
+        paths.append(str(p))
+    return paths
+
+
 def write_bad_files(root: Path) -> dict[str, Path]:
     """Files with image names that cannot be decoded; returns kind -> path."""
     root.mkdir(parents=True, exist_ok=True)

@@ -7,9 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import photo
+from conftest import write_exif_orientations
 from guie.embedding.engine import embed_images, iter_embeddings
 from guie.imaging.io import load_image
 from guie.models.preprocess import ImageTransform, PreprocessConfig, draft_size
@@ -35,13 +34,7 @@ def test_cuda_embeddings_match_cpu_in_both_decoders(tiny_embedder, mode_images, 
 
 def test_nvjpeg_decode_matches_pil_for_every_exif_orientation(tmp_path):
     cfg = PreprocessConfig(image_size=64, resize_mode="crop")
-    paths = []
-    for code in range(1, 9):
-        exif = Image.Exif()
-        exif[0x0112] = code
-        p = tmp_path / f"o{code}.jpg"
-        Image.fromarray(photo(160, 96, seed=7)).save(p, exif=exif.tobytes(), quality=95)
-        paths.append(str(p))
+    paths = write_exif_orientations(tmp_path, 160, 96, seed=7)
     ds = EncodedImageDataset(paths, ImageTransform(cfg))
     idx, payloads, failed = collate_encoded([ds[i] for i in range(len(paths))])
     got_idx, images, more = decode_batch(idx, payloads, paths, cfg, torch.device("cuda"))

@@ -222,20 +222,12 @@ def test_read_embeddings_errors(tmp_path):
 
 def test_device_decode_applies_every_exif_orientation(tmp_path):
     """nvJPEG ignores EXIF, so decode='gpu' turns images itself; all 8 orientations must match PIL's."""
-    from PIL import Image
-
-    from conftest import photo
+    from conftest import write_exif_orientations
     from guie.models.preprocess import ImageTransform, PreprocessConfig
     from guie.pipeline.gpu_decode import EncodedImageDataset, collate_encoded, decode_batch
 
     cfg = PreprocessConfig(image_size=24, resize_mode="squash")
-    paths = []
-    for code in range(1, 9):
-        exif = Image.Exif()
-        exif[0x0112] = code
-        p = tmp_path / f"o{code}.jpg"
-        Image.fromarray(photo(40, 24, seed=9)).save(p, exif=exif.tobytes(), quality=95)
-        paths.append(str(p))
+    paths = write_exif_orientations(tmp_path, 40, 24, seed=9)
     ds = EncodedImageDataset(paths, ImageTransform(cfg))
     idx, payloads, failed = collate_encoded([ds[i] for i in range(8)])
     assert [p[0] for p in payloads] == ["jpeg"] * 8 and [p[2] for p in payloads] == list(range(1, 9))
