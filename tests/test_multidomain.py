@@ -59,7 +59,8 @@ def _centres(path):
 @pytest.mark.parametrize("lock", [True, False])
 def test_added_dataset_keeps_the_known_centres(tmp_path, manifest, lock):
     cfg = _recipe(tmp_path, manifest, lock)
-    final = Trainer(cfg, progress=False).run()
+    trainer = Trainer(cfg, progress=False)
+    final = trainer.run()
     before = _centres(stage_model_path(cfg.run_dir, 0, "head-a"))
     after = _centres(final)
     assert set(before) < set(after)
@@ -67,6 +68,12 @@ def test_added_dataset_keeps_the_known_centres(tmp_path, manifest, lock):
     moved = [not torch.equal(before[n], after[n]) for n in before]
     if lock:
         assert not any(moved)        # the old classes' centres stayed exactly where stage 1 put them
+        # the checkpoint stores the kept rows as a mask (those of stage 1's classes); resuming rebuilds the same rows
+        state = torch.load(trainer.ckpt_dir / "last.pt", weights_only=False)
+        rows_of = np.repeat(np.asarray(state["class_names"]), state["sub_centers"])
+        assert state["kept_centers_mask"].tolist() == [n in before for n in rows_of]
+        rows, values = trainer._kept_rows(state["kept_centers_mask"])
+        assert torch.equal(rows, trainer._kept_centers[0]) and torch.equal(values, trainer._kept_centers[1])
     else:
         assert all(moved)            # trained on, from where stage 1 left them (see the carry test below)
 

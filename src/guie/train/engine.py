@@ -165,8 +165,9 @@ class Trainer:
         self.class_names: np.ndarray | None = None
         self._val_cache: dict = {}
         self.last_validation: dict[str, float] = {}  # per validation set, from the latest validate()
-        self._kept_centers: tuple[torch.Tensor, torch.Tensor] | None = None  # (row mask, values) held fixed
-        self._kept_index: tuple[torch.Tensor, torch.Tensor] | None = None  # (that mask, its row numbers)
+        # (row numbers on the centres' device, their values) held fixed; an index, not a boolean mask, because
+        # assigning through a mask waits for the GPU at every step
+        self._kept_centers: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ----------------------------------------------------------------------------------------------- setup
     def _build_embedder(self) -> Embedder:
@@ -225,27 +226,31 @@ class Trainer:
                 log.info("class centres: %d kept from the previous stage%s, %d new", int(kept.sum()),
                          " (locked)" if stage.lock_kept_centers else "", int((~kept).sum()))
             if kept is not None and stage.lock_kept_centers and kept.any():
-                self._kept_centers = self._kept_rows(kept)
+                self._kept_centers = self._kept_rows(np.repeat(kept, self.loss.sub_centers))
         self.loss.scale = lc.scale
         self.loss.to(self.device)
         if self._kept_centers is not None:
             self._kept_centers = tuple(t.to(self.device) for t in self._kept_centers)
 
-    def _kept_rows(self, kept_classes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row mask, row values) of the centre matrix for the given classes (all their sub-centres)."""
-        mask = torch.as_tensor(np.repeat(kept_classes, self.loss.sub_centers))
-        return mask, self.loss.weight.detach()[mask].clone()
+    def _kept_rows(self, row_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row numbers, row values) of the centre matrix's rows where `row_mask` is true, on its device."""
+        weight = self.loss.weight.detach()
+        rows = torch.as_tensor(np.flatnonzero(np.asarray(row_mask)), device=weight.device)
+        return rows, weight[rows].clone()
+
+    def _kept_row_mask(self) -> torch.Tensor:
+        """The kept rows as the boolean row mask checkpoints store (CPU)."""
+        mask = torch.zeros(self.loss.weight.shape[0], dtype=torch.bool)
+        mask[self._kept_centers[0].cpu()] = True
+        return mask
 
     def _restore_kept_centers(self) -> None:
         """Put the locked kept centres back after an optimizer step (exact, whatever the optimizer's momentum or
         weight decay did to them)."""
         if self._kept_centers is not None:
-            mask, values = self._kept_centers
-            if self._kept_index is None or self._kept_index[0] is not mask:
-                # row numbers once per stage: a boolean-mask assignment would wait for the GPU at every step
-                self._kept_index = (mask, mask.nonzero().squeeze(1))
+            rows, values = self._kept_centers
             with torch.no_grad():
-                self.loss.weight.index_copy_(0, self._kept_index[1], values)
+                self.loss.weight.index_copy_(0, rows, values)
 
     def _teacher_paths(self, index: int, stage: StageConfig) -> dict[str, Path]:
         """The stage's distillation teachers as existing checkpoint paths (`distill_teacher_path`)."""
@@ -287,7 +292,7 @@ class Trainer:
                  "model": self.embedder.state_dict(), "loss": self.loss.state_dict(),
                  "loss_name": stage.loss.name, "sub_centers": self.loss.sub_centers,
                  "class_names": list(map(str, self.class_names)),
-                 "kept_centers_mask": None if self._kept_centers is None else self._kept_centers[0].cpu(),
+                 "kept_centers_mask": None if self._kept_centers is None else self._kept_row_mask(),
                  "optimizer": opt.state_dict() if opt is not None else None,
                  "ema": ema.state_dict() if ema is not None else None, "rng": _rng_state(),
                  "config": to_dict(self.cfg)}
@@ -439,7 +444,7 @@ class Trainer:
             self.class_names = data.class_names
             self.loss.scale = stage.loss.scale
             mask = state.get("kept_centers_mask")
-            self._kept_centers = None if mask is None else (mask, self.loss.weight.detach()[mask].clone())
+            self._kept_centers = None if mask is None else self._kept_rows(mask)
         else:
             self._setup_loss(stage, data)
         # Always channels_last (faster on CPU and GPU); also keeps a resumed run numerically identical to an
