@@ -41,7 +41,6 @@ def run_demo(out_dir: str | Path = "outputs/demo", cache_dir: str | Path | None 
     On a CPU the whole demo (feature pass included) runs at the recipe's `cpu_threads`, so its figures repeat bit for
     bit on other machines (same torch build and CPU instruction set).
     """
-
     from .runtime import intra_op_threads
     from .train.recipe import load_run_config
 
@@ -152,7 +151,6 @@ def run_universal_demo(out_dir: str | Path = "outputs/demo-universal", cache_dir
     On a CPU everything runs at the recipe's `cpu_threads`. Returns the rows (also out_dir/results.json) with the
     time each step took.
     """
-
     from .runtime import intra_op_threads
     from .train.recipe import load_run_config
 
