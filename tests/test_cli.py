@@ -188,8 +188,8 @@ def test_embed_dim_heads_are_seeded_so_runs_agree_and_resume(labelled_folder, tm
     import torch
 
     import guie.pipeline.datasets as datasets_mod
-    from guie.imaging.io import load_image
     from guie.models import create_embedder
+    from guie.pipeline.datasets import transform_file
 
     heads = [create_embedder("timm:test_efficientnet", pretrained=False, embed_dim=8, seed=s).head.proj.weight
              for s in (0, 0, 1)]
@@ -200,15 +200,15 @@ def test_embed_dim_heads_are_seeded_so_runs_agree_and_resume(labelled_folder, tm
     assert run("embed", labelled_folder, "-o", tmp_path / "a.parquet", *args).exit_code == 0
     paths = sorted(str(p) for p in labelled_folder.rglob("*.png"))
 
-    def interrupt(path, *args, **kwargs):
+    def interrupt(transform, path, *args, **kwargs):
         if str(path) == paths[6]:
             raise KeyboardInterrupt
-        return load_image(path, *args, **kwargs)
+        return transform_file(transform, path, *args, **kwargs)
 
-    monkeypatch.setattr(datasets_mod, "load_image", interrupt)
+    monkeypatch.setattr(datasets_mod, "transform_file", interrupt)
     assert run("embed", labelled_folder, "-o", tmp_path / "b.parquet", *args).exit_code != 0
     assert list((tmp_path / "b.parquet.parts").glob("part-*.parquet"))  # finished shards were kept
-    monkeypatch.setattr(datasets_mod, "load_image", load_image)
+    monkeypatch.setattr(datasets_mod, "transform_file", transform_file)
     r = run("embed", labelled_folder, "-o", tmp_path / "b.parquet", *args)
     assert r.exit_code == 0, r.output
     assert np.array_equal(read_embeddings(tmp_path / "b.parquet")[1], read_embeddings(tmp_path / "a.parquet")[1])

@@ -1,10 +1,12 @@
 """Batch embedding: pipeline equals the model, bad files skipped and counted, resumable sharded output."""
 from __future__ import annotations
 
+import io
 import os
 import platform
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,7 +17,7 @@ import guie.pipeline.datasets as datasets_mod
 from guie.embedding.engine import _forward, embed_images, embed_num_workers, iter_embeddings
 from guie.embedding.files import EMBEDDING_COLUMN, ResumeError, embed_to_file, read_embeddings
 from guie.imaging.io import load_image
-from guie.models.preprocess import draft_size
+from guie.pipeline.datasets import transform_file
 
 
 class Interrupted(BaseException):
@@ -33,7 +35,7 @@ def test_pipeline_equals_the_model_on_every_mode(tiny_embedder, mode_images):
     assert res.ok.all() and res.errors == []
     assert res.embeddings.shape == (len(paths), 8) and res.embeddings.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(res.embeddings, axis=1), 1.0, rtol=1e-5)
-    x = torch.stack([e.transform(load_image(p, draft_size=draft_size(e.preprocess))) for p in paths])
+    x = torch.stack([e.transform.load(p) for p in paths])
     with torch.inference_mode():
         expected = e(x).numpy()
     np.testing.assert_allclose(res.embeddings, expected, atol=1e-5)
@@ -141,13 +143,13 @@ def test_interrupted_run_resumes_without_redoing_finished_shards(tiny_embedder, 
     stop_at = df["path"][5]  # in shard 2 (rows 4..7)
     loaded = []
 
-    def recording_load(path, *a, **kw):
+    def recording_load(transform, path, *a, **kw):
         loaded.append(str(path))
         if str(path) == stop_at and fail[0]:
             raise Interrupted()
-        return load_image(path, *a, **kw)
+        return transform_file(transform, path, *a, **kw)
 
-    monkeypatch.setattr(datasets_mod, "load_image", recording_load)
+    monkeypatch.setattr(datasets_mod, "transform_file", recording_load)
     fail = [True]
     with pytest.raises(Interrupted):
         embed_to_file(tiny_embedder(), df, out, batch_size=2, shard_size=4, progress=False, num_workers=0)
@@ -170,15 +172,15 @@ def test_resume_refused_with_another_model(tiny_embedder, mode_images, tmp_path,
     df = _manifest(mode_images, n=6)
     out = tmp_path / "emb.parquet"
 
-    def interrupt_late(path, *a, **kw):
+    def interrupt_late(transform, path, *a, **kw):
         if str(path) == df["path"][5]:
             raise Interrupted()
-        return load_image(path, *a, **kw)
+        return transform_file(transform, path, *a, **kw)
 
-    monkeypatch.setattr(datasets_mod, "load_image", interrupt_late)
+    monkeypatch.setattr(datasets_mod, "transform_file", interrupt_late)
     with pytest.raises(Interrupted):
         embed_to_file(tiny_embedder(seed=0), df, out, shard_size=2, batch_size=2, progress=False)
-    monkeypatch.setattr(datasets_mod, "load_image", load_image)
+    monkeypatch.setattr(datasets_mod, "transform_file", transform_file)
     other = tiny_embedder(seed=1)
     with pytest.raises(ResumeError, match="another model or manifest.*--overwrite"):
         embed_to_file(other, df, out, shard_size=2, batch_size=2, progress=False)
@@ -289,15 +291,16 @@ def test_allocator_tuning_keeps_a_threads_freed_memory():
 
 
 def test_images_in_memory_and_augmented_views_go_through_the_same_loop(tiny_embedder, mode_images, tmp_path):
-    """embed_decoded (uploads, queries) equals embedding the files; the feature store's augmented views are
-    reproducible per (seed, view, path) and differ from the clean view."""
+    """embed_decoded (uploads, queries: bytes in memory through the same `ImageTransform.load`) equals embedding the
+    files; the feature store's augmented views are reproducible per (seed, view, path) and differ from the clean
+    view."""
     from guie.embedding.engine import embed_decoded
     from guie.embedding.feature_store import cached_features
 
     e = tiny_embedder()
     paths = [str(p) for p in mode_images.values()]
     files = embed_images(e, paths, batch_size=3, progress=False).embeddings
-    decoded = embed_decoded(e, [load_image(p, draft_size=draft_size(e.preprocess)) for p in paths], batch_size=3)
+    decoded = embed_decoded(e, [e.transform.load(io.BytesIO(Path(p).read_bytes())) for p in paths], batch_size=3)
     np.testing.assert_allclose(decoded, files, atol=1e-5)
     augment = {"hflip": 1.0, "affine_p": 0.0, "cutout_p": 0.0, "jpeg_p": 0.0}
     views = [cached_features(e, paths, tmp_path / c, view=v, augment=augment, progress=False)[0]
@@ -327,18 +330,18 @@ def test_parallel_forwards_equal_the_single_forward_in_order(tiny_embedder, mode
     with intra_op_threads(1):
         ref, ref_reported = _embed_recording_failures(e, paths, forwards=1)
 
-    slow_path, real_load, real_forward, seen = paths[0], datasets_mod.load_image, e.forward, []
+    slow_path, real_load, real_forward, seen = paths[0], datasets_mod.transform_file, e.forward, []
 
-    def load(path, *a, **kw):  # the first batch finishes last
+    def load(transform, path, *a, **kw):  # the first batch finishes last
         if str(path) == slow_path:
             time.sleep(0.3)
-        return real_load(path, *a, **kw)
+        return real_load(transform, path, *a, **kw)
 
     def forward(images):
         seen.append((threading.current_thread().name, torch.get_num_threads()))
         return real_forward(images)
 
-    monkeypatch.setattr(datasets_mod, "load_image", load)
+    monkeypatch.setattr(datasets_mod, "transform_file", load)
     monkeypatch.setattr(e, "forward", forward)
     with intra_op_threads(2):  # two forwards of one thread each, on any machine
         got, reported = _embed_recording_failures(e, paths, forwards=2)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ..models.embedder import Embedder
 from ..models.preprocess import ImageTransform, PreprocessConfig, draft_size
-from ..pipeline.datasets import ImageFileDataset, KeyListSampler, collate_skip_failed
+from ..pipeline.datasets import ImageFileDataset, KeyListSampler, collate_skip_failed, stack_images
 from ..runtime import forward_workers, tune_cpu_allocator
 from ..utils import resolve_device
 
@@ -339,7 +339,7 @@ def embed_decoded(embedder: Embedder, images: Sequence[Image.Image | torch.Tenso
     fn = _model_fn(embedder, features)
     try:
         for lo in range(0, len(pixels), batch_size):
-            out[lo:lo + batch_size] = _forward(fn, torch.stack(pixels[lo:lo + batch_size]), device, 0).cpu().numpy()
+            out[lo:lo + batch_size] = _forward(fn, stack_images(pixels[lo:lo + batch_size]), device, 0).cpu().numpy()
     finally:
         embedder.train(was_training)
     return out

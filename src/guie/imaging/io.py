@@ -173,6 +173,24 @@ def load_image(path: str | Path, draft_size: int | None = None, max_pixels: int 
     Raises:
         ImageLoadError: with the file name and a one-line reason.
     """
+    return _load(path, draft_size, max_pixels, max_decoded, as_array=False)
+
+
+def load_pixels(path: str | Path, draft_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                max_decoded: int | None = None) -> Image.Image | np.ndarray:
+    """`load_image`, except that a JPEG the libjpeg-turbo fast path decodes (`guie.imaging.jpeg`) comes back as its
+    RGB uint8 array [H, W, 3], EXIF orientation applied, instead of a PIL image, decoded at the n/8 scale that keeps
+    its short side >= 15/16 of draft_size (`guie.imaging.jpeg.resize_short_side`: the pixels only feed a resize).
+
+    For callers that only want the pixels resized (`guie.models.preprocess.ImageTransform.load`): they skip the
+    PIL round trip and resize the array with `guie.imaging.geometry.resize_array`, which holds no GIL. Same
+    arguments, limits and errors as `load_image`.
+    """
+    return _load(path, draft_size, max_pixels, max_decoded, as_array=True)
+
+
+def _load(path, draft_size: int | None, max_pixels: int, max_decoded: int | None, as_array: bool):
+    """`load_image` (as_array=False) and `load_pixels` (as_array=True)."""
     max_decoded = max_decoded_pixels() if max_decoded is None else max_decoded
     source = image_source(path)
     if isinstance(source, Path):
@@ -189,7 +207,7 @@ def load_image(path: str | Path, draft_size: int | None = None, max_pixels: int 
                                                "possible decompression bomb", "bomb")
                 if im.format == "JPEG":
                     if draft_size and im.mode in ("RGB", "L"):
-                        fast = _load_jpeg_scaled(source, im, draft_size, max_decoded)
+                        fast = _load_jpeg_scaled(source, im, draft_size, max_decoded, as_array)
                         if fast is not None:
                             return fast
                     _draft(im, draft_size, max_decoded)
@@ -256,11 +274,13 @@ _EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE
                    7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 
 
-def _load_jpeg_scaled(source, im: Image.Image, short_side: int, max_decoded: int) -> Image.Image | None:
-    """The JPEG behind `im` (header already parsed by PIL) decoded by libjpeg-turbo at the smallest n/8 scale
-    keeping its short side >= short_side, EXIF orientation applied; None where `guie.imaging.jpeg` does not apply
-    or that scale would decode more than max_decoded pixels (the caller then decodes with PIL, `_draft`)."""
-    from .jpeg import decode_jpeg_scaled, fast_jpeg_available
+def _load_jpeg_scaled(source, im: Image.Image, short_side: int, max_decoded: int,
+                      as_array: bool = False) -> Image.Image | np.ndarray | None:
+    """The JPEG behind `im` (header already parsed by PIL) decoded by libjpeg-turbo at a reduced n/8 scale for a
+    short side of short_side (`guie.imaging.jpeg.decode_jpeg_scaled`), EXIF orientation applied, as a PIL image or
+    (as_array) an RGB uint8 array; None where `guie.imaging.jpeg` does not apply or that scale would decode more
+    than max_decoded pixels (the caller then decodes with PIL, `_draft`)."""
+    from .jpeg import decode_jpeg_scaled, fast_jpeg_available, resize_short_side
 
     if not fast_jpeg_available():
         return None
@@ -270,12 +290,15 @@ def _load_jpeg_scaled(source, im: Image.Image, short_side: int, max_decoded: int
         data = source.getvalue()
     else:
         return None
-    arr = decode_jpeg_scaled(data, short_side, max_decoded)
+    arr = decode_jpeg_scaled(data, resize_short_side(short_side) if as_array else short_side, max_decoded)
     if arr is None:
         return None
-    out = Image.fromarray(arr, "RGB")
     method = _EXIF_TRANSPOSE.get(im.getexif().get(0x0112, 1))
-    return out.transpose(method) if method is not None else out
+    if as_array and method is None:
+        return arr
+    out = Image.fromarray(arr, "RGB")
+    out = out.transpose(method) if method is not None else out
+    return np.array(out) if as_array else out
 
 
 def _draft_request(w: int, h: int, short_side: int) -> tuple[int, int]:

@@ -269,17 +269,16 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
         return out
 
     def decode(uploads: list[tuple[str, bytes]]):
-        import torch
+        from ..pipeline.datasets import stack_images, transform_file
 
         pixels, formats = [], []
         for name, data in uploads:
             try:
-                image = load_image(io.BytesIO(data), max_pixels=settings.max_pixels)
+                pixels.append(transform_file(encoder.transform, io.BytesIO(data), max_pixels=settings.max_pixels))
             except ImageLoadError as e:
                 raise HTTPException(400, f"{name}: {e.reason}") from None
-            pixels.append(encoder.transform(image))
             formats.append(_image_format(data))
-        return torch.stack(pixels), formats
+        return stack_images(pixels), formats
 
     async def embed(images, prepare=None, finish=None, ticket=None):
         try:
