@@ -11,7 +11,7 @@ from guie.embedding.engine import embed_images
 from guie.losses import RelationalDistillLoss
 from guie.models.embedder import create_embedder, save_embedder
 from guie.train.engine import Trainer
-from guie.train.recipe import load_run_config
+from guie.train.recipe import DistillConfig, load_run_config
 from train_fixtures import make_labelled_images, tiny_recipe
 
 
@@ -43,6 +43,34 @@ def test_distill_loss_matches_a_naive_loop(temperature):
     assert loss.item() == pytest.approx(naive_distill(student, teacher, groups.tolist(), temperature), rel=1e-4)
     ungrouped = RelationalDistillLoss(temperature)(student, teacher)
     assert ungrouped.item() == pytest.approx(naive_distill(student, teacher, [0] * 10, temperature), rel=1e-4)
+
+
+def test_group_weights_scale_each_domains_anchors():
+    g = torch.Generator().manual_seed(2)
+    student, teacher = torch.randn(9, 6, generator=g), torch.randn(9, 6, generator=g)
+    groups = torch.tensor([0, 0, 0, 1, 1, 1, 1, -1, 2])       # anchors: 3 of group 0, 4 of group 1; group 2 alone
+    per_group = [naive_distill(student, teacher, [x if x == k else -1 for x in groups.tolist()], 0.1) for k in (0, 1)]
+    weighted = RelationalDistillLoss(0.1, group_weights=[0.5, 4.0, 7.0])(student, teacher, groups)
+    assert weighted.item() == pytest.approx((3 * 0.5 * per_group[0] + 4 * 4.0 * per_group[1]) / 7, rel=1e-4)
+    ones = RelationalDistillLoss(0.1, group_weights=[1.0, 1.0, 1.0])(student, teacher, groups)
+    assert ones.item() == pytest.approx(RelationalDistillLoss(0.1)(student, teacher, groups).item(), rel=1e-6)
+    muted = RelationalDistillLoss(0.1, group_weights=[0.0, 1.0, 1.0])(student, teacher, groups)
+    assert muted.item() == pytest.approx(4 * per_group[1] / 7, rel=1e-4)
+    with pytest.raises(ValueError, match="has no weight"):
+        RelationalDistillLoss(0.1, group_weights=[1.0])(student, teacher, groups)
+    with pytest.raises(ValueError, match=">= 0"):
+        RelationalDistillLoss(0.1, group_weights=[1.0, -1.0])
+
+
+def test_distill_domain_weights_follow_the_teacher_groups_and_name_real_domains():
+    cfg = DistillConfig(teachers={"icons": "i.pt", "emoji": "e.pt", "glyphs": "g.pt"}, weight=3.0,
+                        domain_weights={"icons": 2.5})
+    assert cfg.group_weights() == [1.0, 1.0, 2.5]        # sorted domains: emoji, glyphs, icons
+    assert DistillConfig(teachers={"emoji": "e.pt"}, weight=1.0).group_weights() is None
+    with pytest.raises(ValueError, match=r"\['icon'\] without a teacher"):
+        DistillConfig(teachers={"icons": "i.pt"}, weight=1.0, domain_weights={"icon": 2.0})
+    with pytest.raises(ValueError, match=">= 0"):
+        DistillConfig(teachers={"icons": "i.pt"}, weight=1.0, domain_weights={"icons": -1.0})
 
 
 def test_distill_loss_is_zero_for_the_same_geometry_and_trains_only_the_student():
@@ -96,6 +124,15 @@ def test_a_distilled_stage_trains_towards_its_teachers(tmp_path):
                                                                       progress=False).embeddings),
                                        torch.as_tensor(target)).item() for t in (plain, distilled)]
     assert gaps[1] < gaps[0]     # the distilled head's neighbourhoods are closer to the teacher's
+    zeros = ", ".join(f"dom{d}: 0.0" for d in range(3))      # every domain weighted 0: the plain run, to the bit
+    muted_cfg = _distill_recipe(tmp_path, manifest, teachers, 5.0, "muted")
+    assert muted_cfg.stages[0].distill.group_weights() is None
+    muted_cfg = load_run_config(tmp_path / "muted.yaml", [f"stages.0.distill.domain_weights={{{zeros}}}"])
+    assert muted_cfg.stages[0].distill.group_weights() == [0.0, 0.0, 0.0]
+    muted = Trainer(muted_cfg, progress=False)
+    muted.run()
+    for a, b in zip(plain.embedder.head.state_dict().values(), muted.embedder.head.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_distill_refuses_a_teacher_on_other_features_and_a_trained_backbone(tmp_path):

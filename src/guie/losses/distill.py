@@ -20,13 +20,18 @@ class RelationalDistillLoss(nn.Module):
     p_t(j | i) = softmax_j(cos(t_i, t_j) / T), p_s(j | i) = softmax_j(cos(s_i, s_j) / T), and the loss is the mean over
     anchors of KL(p_t || p_s). Samples whose group is negative (no teacher) and anchors without a partner are
     skipped; a batch with no valid anchor gives 0 (with a gradient path, so DDP sees every parameter used).
+    `group_weights[g]` (optional) scales group g's anchors' KL terms (the mean still divides by the anchor count), so
+    one domain's neighbourhoods can be held closer to its teacher than another's; without it every group weighs 1.
     """
 
-    def __init__(self, temperature: float = 0.1):
+    def __init__(self, temperature: float = 0.1, group_weights: list[float] | None = None):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"distillation temperature must be > 0, got {temperature}")
+        if group_weights is not None and any(not w >= 0 for w in group_weights):
+            raise ValueError(f"distillation group weights must be >= 0, got {list(group_weights)}")
         self.temperature = temperature
+        self.group_weights = None if group_weights is None else torch.tensor(group_weights, dtype=torch.float32)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, groups: torch.Tensor | None = None
                 ) -> torch.Tensor:
@@ -51,4 +56,9 @@ class RelationalDistillLoss(nn.Module):
         log_ps = F.log_softmax(logit_s, dim=1)
         log_pt = F.log_softmax(logit_t, dim=1)
         kl = (log_pt.exp() * (log_pt - log_ps)).masked_fill(~mask, 0.0).sum(dim=1)
+        if self.group_weights is not None:
+            anchor_groups = groups[anchors]
+            if int(anchor_groups.max()) >= len(self.group_weights):
+                raise ValueError(f"group {int(anchor_groups.max())} has no weight ({len(self.group_weights)} given)")
+            kl = kl * self.group_weights.to(kl.device)[anchor_groups]
         return kl.mean()

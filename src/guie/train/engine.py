@@ -473,7 +473,8 @@ class Trainer:
         groups = param_groups(self.embedder, self.loss, stage.lr, stage.train, stage.layer_decay,
                               stage.optimizer.weight_decay)
         opt = create_optimizer(groups, stage.optimizer)
-        distill = RelationalDistillLoss(stage.distill.temperature) if stage.distill.weight else None
+        distill = (RelationalDistillLoss(stage.distill.temperature, stage.distill.group_weights())
+                   if stage.distill.weight else None)
         module: nn.Module = TrainModule(self.embedder, self.loss, distill, stage.distill.weight)
         if dist.enabled:
             module = nn.parallel.DistributedDataParallel(

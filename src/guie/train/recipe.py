@@ -107,6 +107,24 @@ class DistillConfig:
                                                             # or "stage:<name>": this run's model after that stage
     weight: float = 0.0               # loss = margin loss + weight * distillation loss (0: off)
     temperature: float = 0.1          # softmax temperature over cosine similarities
+    domain_weights: dict[str, float] = field(default_factory=dict)  # domain -> multiplier of `weight` on that
+                                                                    # domain's anchors (default 1 each)
+
+    def __post_init__(self):
+        bad = {d: w for d, w in self.domain_weights.items() if not float(w) >= 0}
+        if bad:
+            raise ValueError(f"distill.domain_weights must be >= 0, got {bad}")
+        unknown = sorted(set(self.domain_weights) - set(self.teachers))
+        if unknown:
+            raise ValueError(f"distill.domain_weights names domain(s) {unknown} without a teacher; "
+                             f"teachers: {sorted(self.teachers)}")
+
+    def group_weights(self) -> list[float] | None:
+        """The per-teacher multipliers in teacher-group order (sorted domain names, as `teacher_embeddings` numbers
+        the groups), or None when no domain weight is set (every group weighs 1)."""
+        if not self.domain_weights:
+            return None
+        return [float(self.domain_weights.get(d, 1.0)) for d in sorted(self.teachers)]
 
 
 @dataclass
