@@ -87,6 +87,15 @@ def test_override_mappings_keep_only_the_given_keys_with_their_types():
     assert load_run_config(CONFIGS / "emoji-lite0-cpu.yaml").model.preprocess == {"crop_pct": 1.0}
 
 
+def test_an_override_of_an_aliased_key_changes_only_the_stage_it_names():
+    """The multi-domain recipe shares one `distill:` block between its stages by a YAML alias; overriding it in
+    stage 2 used to change stage 1's too (the alias is one object until the loader copies it)."""
+    cfg = load_run_config(CONFIGS / "multi-domain-lite0-cpu.yaml", ["stages.2.distill.weight=8",
+                                                                      "stages.2.distill.teachers.icons=other.pt"])
+    assert cfg.stages[2].distill.weight == 8.0 and cfg.stages[2].distill.teachers["icons"] == "other.pt"
+    assert cfg.stages[1].distill.weight == 3.0 and cfg.stages[1].distill.teachers["icons"] != "other.pt"
+
+
 @pytest.mark.parametrize("override, match", [
     ("stages.9.steps=1", r": override 'stages\.9\.steps=1': stages has 2 item\(s\), so 9 is out of range \(0\.\.1\)$"),
     ("stages.head.steps=1", r": override 'stages\.head\.steps=1': stages is a list; index it by number"),

@@ -143,12 +143,23 @@ def load_yaml_config(cls: type[T], path: str | Path, overrides: list[str] | None
         raise ConfigError(f"{path}: invalid YAML{_yaml_error_summary(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
+    data = _unshared(data)
     for item in overrides or []:
         try:
             apply_override(data, item)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
     return from_dict(cls, data, where=str(path))
+
+
+def _unshared(node):
+    """A copy in which every mapping and list is its own object: a YAML alias (`distill: *distill`) loads as the
+    anchor's very object, so without this an override of one stage's aliased key would change every stage's."""
+    if isinstance(node, dict):
+        return {k: _unshared(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_unshared(v) for v in node]
+    return node
 
 
 def _yaml_error_summary(e: yaml.YAMLError) -> str:
