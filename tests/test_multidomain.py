@@ -120,7 +120,10 @@ def test_multi_domain_recipes_add_one_dataset_per_stage_then_the_backbone():
     cfg = load_run_config("multi-domain-lite0-cpu")
     assert [s.datasets for s in cfg.stages] == [["emoji"], ["emoji", "glyphs"], ["emoji", "glyphs", "icons"],
                                                 ["emoji", "glyphs", "icons"]]
-    assert [(s.sampler.balance, s.sampler.domain_weights) for s in cfg.stages[1:3]] == [("domain", {"emoji": 5})] * 2
+    assert [(s.sampler.balance, s.sampler.domain_weights) for s in cfg.stages[1:3]] == [
+        ("domain", {"emoji": 5}), ("domain", {"emoji": 6})]
+    # the last head stage weights emoji's and icons' distillation terms; stage 2 keeps the shared block unweighted
+    assert [s.distill.domain_weights for s in cfg.stages[1:3]] == [{}, {"emoji": 2, "icons": 3}]
     # stages 2-3 distil from the specialists: emoji's is the run's own first stage, the others are trained first
     assert all(s.distill.weight > 0 and s.distill.teachers["emoji"] == "stage:head-emoji" for s in cfg.stages[1:3])
     assert {d for s in cfg.stages[1:3] for d in s.distill.teachers} == {"emoji", "glyphs", "icons"}
