@@ -45,8 +45,9 @@ def load_index_model(index: ImageIndex, model: str | Path | None = None):
 def embed_query_files(embedder, paths: Sequence[str | Path]) -> np.ndarray:
     """Embed a few query image files -> float32 [Q, d] (one-line ImageLoadError naming a bad file)."""
     from ..embedding.engine import embed_decoded
+    from ..pipeline.datasets import transform_file
 
-    return embed_decoded(embedder, [embedder.transform.load(p) for p in paths])
+    return embed_decoded(embedder, [transform_file(embedder.transform, p) for p in paths])
 
 
 def serving_workers(workers: int | None = None, device: str | None = None) -> int:
