@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from guie.embedding.engine import embed_images
-from guie.losses import RelationalDistillLoss
+from guie.losses import RelationalDistillLoss, mirror_similarity_loss
 from guie.models.embedder import create_embedder, save_embedder
+from guie.pipeline.datasets import stack_images, transform_file
+from guie.train.data import build_stage_data
 from guie.train.engine import Trainer
+from guie.train.frozen_features import mirror_feature_cache
 from guie.train.recipe import DistillConfig, load_run_config
 from train_fixtures import make_labelled_images, tiny_recipe
 
@@ -162,3 +166,56 @@ def test_a_teacher_can_be_an_earlier_stage_of_the_same_run(tmp_path):
                                                    second.replace("stage:head", "stage:later")))
     with pytest.raises(ValueError, match="no earlier stage named 'later'"):
         Trainer(load_run_config(tmp_path / "bad.yaml"), progress=False).run()
+
+
+def _flip_similarity(embedder, paths) -> torch.Tensor:
+    """Per image: cosine similarity of its embedding to its left-right mirror's."""
+    x = stack_images([transform_file(embedder.transform, p) for p in paths])
+    with torch.no_grad():
+        return (embedder(x) * embedder(torch.flip(x, dims=[-1]))).sum(-1)
+
+
+def test_mirror_similarity_loss_by_hand():
+    e1, e2 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 3.0]])
+    # student: an image equal to its mirror (cos 1); teacher: orthogonal (cos 0) -> (1 - 0)^2
+    assert mirror_similarity_loss(e1, 2 * e1, e1, e2).item() == pytest.approx(1.0)
+    both = mirror_similarity_loss(torch.cat([e1, e1]), torch.cat([e1, e2]), torch.cat([e1, e1]), torch.cat([e2, e2]))
+    assert both.item() == pytest.approx(0.5)    # pair 1: (1 - 0)^2, pair 2: (0 - 0)^2; the mean
+    student = torch.randn(4, 8, requires_grad=True)
+    mirror_similarity_loss(student, torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 8)).backward()
+    assert student.grad.abs().sum() > 0
+
+
+def test_mirror_domains_distil_each_image_against_its_mirror(tmp_path):
+    with pytest.raises(ValueError, match="mirror_domains names domain"):
+        DistillConfig(teachers={"dom0": "t.pt"}, weight=1.0, mirror_domains=["dom9"])
+    manifest = make_labelled_images(tmp_path / "gen", n_classes=12, per_class=4)
+    teacher = create_embedder("efficientnet_lite0", 16, image_size=32, preprocess={"crop_pct": 1.0}, seed=5)
+    save_embedder(teacher, tmp_path / "teacher.pt")
+    teachers = ", ".join(f"dom{d}: {tmp_path / 'teacher.pt'}" for d in range(3))
+    runs = {}
+    for name, mirror in (("plain", "[]"), ("mirror", "[dom0, dom1, dom2]")):
+        _distill_recipe(tmp_path, manifest, teachers, 5.0, name)
+        cfg = load_run_config(tmp_path / f"{name}.yaml", [f"stages.0.distill.mirror_domains={mirror}",
+                                                          "stages.0.distill.mirror_weight=10",
+                                                          "stages.0.steps=60"])
+        runs[name] = Trainer(cfg, progress=False)
+    trainer = runs["mirror"]
+    data = build_stage_data(trainer.cfg, trainer.cfg.stages[0])
+    feats, mask = mirror_feature_cache(trainer, data, ["dom0"])
+    assert mask.tolist() == (data.df["domain"] == "dom0").tolist() and 0 < int(mask.sum()) < len(mask)
+    assert feats[0, ~mask].abs().max() == 0
+    rows = np.flatnonzero(mask.numpy())[:6]
+    x = stack_images([transform_file(trainer.embedder.transform, p) for p in data.df["path"].iloc[rows]])
+    with torch.no_grad():
+        mirrored, clean = (trainer.embedder.eval().forward_features(v) for v in (torch.flip(x, dims=[-1]), x))
+    torch.testing.assert_close(feats[0, rows].float(), mirrored, atol=2e-2, rtol=1e-2)  # float16 in the cache
+    assert (clean - mirrored).abs().max() > 0.1     # the generated shapes are not symmetric: a mirror differs
+    for run in runs.values():
+        run.run()
+    # the mirror-distilled head holds each dom0 image as (dis)similar to its mirror as the teacher does
+    paths = data.df["path"].tolist()
+    want = _flip_similarity(teacher.eval(), paths)
+    errors = {name: (_flip_similarity(run.embedder.eval(), paths) - want).abs().mean().item()
+              for name, run in runs.items()}
+    assert errors["mirror"] < 0.7 * errors["plain"], errors

@@ -62,3 +62,15 @@ class RelationalDistillLoss(nn.Module):
                 raise ValueError(f"group {int(anchor_groups.max())} has no weight ({len(self.group_weights)} given)")
             kl = kl * self.group_weights.to(kl.device)[anchor_groups]
         return kl.mean()
+
+
+def mirror_similarity_loss(student: torch.Tensor, student_mirror: torch.Tensor, teacher: torch.Tensor,
+                           teacher_mirror: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference between the student's and the teacher's cosine similarity of each image to its
+    left-right mirror (rows paired: [M, d] each). The in-batch relational loss barely sees this pair among the
+    others; this term holds it directly, so a domain where mirrors differ ("b" / "d") keeps the teacher's
+    left-right sensitivity inside a head that another domain (emoji drawn facing either way) pulls towards
+    mirror invariance."""
+    s = (F.normalize(student.float(), dim=-1) * F.normalize(student_mirror.float(), dim=-1)).sum(-1)
+    t = (F.normalize(teacher.float().detach(), dim=-1) * F.normalize(teacher_mirror.float().detach(), dim=-1)).sum(-1)
+    return (s - t).pow(2).mean()

@@ -30,7 +30,7 @@ from ..distributed import DistInfo, barrier, init_distributed, mean_across_ranks
 from ..embedding.engine import embed_images, embed_num_workers
 from ..embedding.feature_store import cached_features
 from ..evaluate.protocol import evaluate_folds, evaluate_query_index
-from ..losses import LOSSES, MarginSchedule, RelationalDistillLoss, create_loss
+from ..losses import LOSSES, MarginSchedule, RelationalDistillLoss, create_loss, mirror_similarity_loss
 from ..models.embedder import Embedder, create_embedder, load_embedder, save_embedder
 from ..models.preprocess import draft_size
 from ..pipeline.augment import AugmentConfig, build_train_transform
@@ -40,7 +40,7 @@ from ..runtime import intra_op_threads, tune_cpu_allocator
 from ..typed_yaml import to_dict
 from ..utils import atomic_save, atomic_write_text, default_cache_dir, log
 from .data import StageData, build_stage_data, load_validation_frame
-from .frozen_features import stage_feature_cache
+from .frozen_features import mirror_feature_cache, stage_feature_cache
 from .logger import RunLogger
 from .optim import create_optimizer, lr_multiplier, param_groups
 from .recipe import RunConfig, StageConfig
@@ -61,18 +61,30 @@ class TrainModule(nn.Module):
     """embedder head (+ backbone unless features are given) + margin loss: the module DDP wraps."""
 
     def __init__(self, embedder: Embedder, loss: nn.Module, distill: nn.Module | None = None,
-                 distill_weight: float = 0.0):
+                 distill_weight: float = 0.0, mirror_weight: float = 0.0):
         super().__init__()
         self.embedder, self.loss = embedder, loss
-        self.distill, self.distill_weight = distill, distill_weight
+        self.distill, self.distill_weight, self.mirror_weight = distill, distill_weight, mirror_weight
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, features_given: bool,
-                teacher: torch.Tensor | None = None, groups: torch.Tensor | None = None) -> torch.Tensor:
+                teacher: torch.Tensor | None = None, groups: torch.Tensor | None = None,
+                mirror_of: torch.Tensor | None = None) -> torch.Tensor:
         feats = inputs if features_given else self.embedder.forward_features(inputs)
-        emb = self.embedder.head(feats.float())
-        loss = self.loss(emb, targets)
+        head, n = self.embedder.head, len(targets)
+        mirror_term = bool(self.mirror_weight and teacher is not None and mirror_of is not None and len(mirror_of))
+        if mirror_term:
+            # the image-mirror similarity is read without dropout: two independent dropout masks would make every
+            # image look unlike its own mirror, and the term would push the clean similarities up, not down
+            normed = head.norm(feats.float())
+            emb, clean = head.proj(head.dropout(normed)), head.proj(normed)
+        else:
+            emb = head(feats.float())
+        loss = self.loss(emb[:n], targets)  # rows past the targets (mirrored views) are distillation-only
         if self.distill is not None and teacher is not None:
             loss = loss + self.distill_weight * self.distill(emb, teacher, groups)
+            if mirror_term:
+                loss = loss + self.distill_weight * self.mirror_weight * mirror_similarity_loss(
+                    clean[mirror_of], clean[n:], teacher[mirror_of], teacher[n:])
         return loss
 
 
@@ -475,7 +487,8 @@ class Trainer:
         opt = create_optimizer(groups, stage.optimizer)
         distill = (RelationalDistillLoss(stage.distill.temperature, stage.distill.group_weights())
                    if stage.distill.weight else None)
-        module: nn.Module = TrainModule(self.embedder, self.loss, distill, stage.distill.weight)
+        module: nn.Module = TrainModule(self.embedder, self.loss, distill, stage.distill.weight,
+                                        stage.distill.mirror_weight)
         if dist.enabled:
             module = nn.parallel.DistributedDataParallel(
                 module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -498,9 +511,15 @@ class Trainer:
 
         if use_features:
             feats = stage_feature_cache(self, stage, data)  # [V, N, F] float16 on CPU
-            teach = (teacher_embeddings(self.embedder, stage, data, feats, self._teacher_paths(index, stage))
-                     if stage.distill.weight else None)
-            batches = self._feature_batches(sampler, data, feats, local_batch, micro, micro_per_epoch, teach)
+            teach = mirror = None
+            if stage.distill.weight:
+                teachers = self._teacher_paths(index, stage)
+                teach = teacher_embeddings(self.embedder, stage, data, feats, teachers)
+                if stage.distill.mirror_domains:
+                    mirror_feats, mirror_rows = mirror_feature_cache(self, data, stage.distill.mirror_domains)
+                    mirror_teach, _ = teacher_embeddings(self.embedder, stage, data, mirror_feats, teachers)
+                    mirror = (mirror_feats[0], mirror_teach[0], mirror_rows)
+            batches = self._feature_batches(sampler, data, feats, local_batch, micro, micro_per_epoch, teach, mirror)
         else:
             batches = self._image_batches(sampler, stage, data, local_batch, micro, micro_per_epoch)
         precision = stage.precision if stage.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
@@ -604,9 +623,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ batch feeds
     def _feature_batches(self, sampler, data: StageData, feats: torch.Tensor, local_batch: int, micro: int,
-                         micro_per_epoch: int, teach: tuple[torch.Tensor, torch.Tensor] | None = None):
+                         micro_per_epoch: int, teach: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         mirror: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
         """Endless (inputs, targets) from cached features; one deterministic view per (epoch, sample). With
-        `teach` = (teacher embeddings [V, N, d], group per row [N]) each batch also carries its rows' of both."""
+        `teach` = (teacher embeddings [V, N, d], group per row [N]) each batch also carries its rows' of both. With
+        `mirror` = (mirrored features [N, F], their teacher embeddings [N, d], mask [N]) the batch's masked rows are
+        appended again mirrored, as inputs past the targets, for the distillation alone."""
         targets_all = torch.as_tensor(data.df["target"].to_numpy().copy())
         n_views = feats.shape[0]
         epoch, skip = micro // micro_per_epoch, micro % micro_per_epoch
@@ -620,9 +642,17 @@ class Trainer:
                 x = feats[rows, cols].float().to(self.device)
                 if teach is None:
                     yield x, targets_all[idx].to(self.device)
-                else:
-                    yield (x, targets_all[idx].to(self.device), teach[0][rows, cols].to(self.device),
-                           teach[1][cols].to(self.device))
+                    continue
+                t, groups = teach[0][rows, cols], teach[1][cols]
+                if mirror is None:
+                    yield x, targets_all[idx].to(self.device), t.to(self.device), groups.to(self.device)
+                    continue
+                keep = mirror[2][cols]
+                extra = cols[keep]
+                x = torch.cat([x, mirror[0][extra].float().to(self.device)])
+                t, groups = torch.cat([t, mirror[1][extra]]), torch.cat([groups, teach[1][extra]])
+                yield (x, targets_all[idx].to(self.device), t.to(self.device), groups.to(self.device),
+                       torch.nonzero(keep).flatten().to(self.device))
             epoch, skip = epoch + 1, 0
 
     def _image_batches(self, sampler, stage: StageConfig, data: StageData, local_batch: int, micro: int,

@@ -1,4 +1,5 @@
-"""Frozen-backbone fast path: a stage's images as cached backbone features, one clean view + augmented views.
+"""Frozen-backbone fast path: a stage's images as cached backbone features, one clean view + augmented views
+(+ mirrored views for distillation).
 
 The head then trains for thousands of steps without running the backbone; features come from the shared feature
 store (`guie.embedding.feature_store`), so validation, the demo and later stages reuse them.
@@ -25,3 +26,28 @@ def stage_feature_cache(trainer, stage, data) -> torch.Tensor:
                                    world_size=dist.world_size)
         views.append(torch.from_numpy(feats.astype(np.float16)))
     return torch.stack(views)[:, torch.as_tensor(inverse)]
+
+
+MIRROR_AUGMENT = {"hflip": 1.0, "jpeg_p": 0.0, "affine_p": 0.0, "cutout_p": 0.0, "color_jitter_p": 0.0,
+                  "grayscale_p": 0.0}
+
+
+def mirror_feature_cache(trainer, data, domains: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features [1, N, F] (float16, CPU) of the left-right mirrored clean view of the rows of data.df whose domain is
+    in `domains` (zero rows elsewhere), and the boolean mask [N] of those rows.
+
+    Distillation compares the student's similarity of an image to its mirror with the teacher's: a glyph specialist
+    keeps "b" and "d" apart, while emoji, whose vendors draw figures facing either way, teach the shared head to
+    treat mirrors as the same object."""
+    cfg, dist = trainer.cfg, trainer.dist
+    mask = data.df["domain"].astype(str).isin(list(domains)).to_numpy()
+    paths = data.df["path"].astype(str).to_numpy()[mask]
+    uniq, inverse = np.unique(paths, return_inverse=True)
+    out = torch.zeros(1, len(mask), trainer.embedder.backbone.num_features, dtype=torch.float16)
+    if len(uniq):
+        feats, _ = cached_features(trainer.embedder, list(uniq), cfg.cache_dir or default_cache_dir(), view=1,
+                                   augment=MIRROR_AUGMENT, seed=cfg.seed, num_workers=cfg.num_workers,
+                                   device=trainer.device, progress=trainer.progress, rank=dist.rank,
+                                   world_size=dist.world_size)
+        out[0, torch.as_tensor(np.flatnonzero(mask))] = torch.from_numpy(feats.astype(np.float16))[inverse]
+    return out, torch.from_numpy(mask.copy())

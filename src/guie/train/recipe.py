@@ -109,15 +109,20 @@ class DistillConfig:
     temperature: float = 0.1          # softmax temperature over cosine similarities
     domain_weights: dict[str, float] = field(default_factory=dict)  # domain -> multiplier of `weight` on that
                                                                     # domain's anchors (default 1 each)
+    mirror_domains: list[str] = field(default_factory=list)  # these domains' images also enter the distillation
+                                                             # mirrored (distillation only, no class), so the
+                                                             # student keeps its teacher's left-right sensitivity
+    mirror_weight: float = 0.0        # x weight: squared gap between student's and teacher's image-mirror similarity
 
     def __post_init__(self):
         bad = {d: w for d, w in self.domain_weights.items() if not float(w) >= 0}
         if bad:
             raise ValueError(f"distill.domain_weights must be >= 0, got {bad}")
-        unknown = sorted(set(self.domain_weights) - set(self.teachers))
-        if unknown:
-            raise ValueError(f"distill.domain_weights names domain(s) {unknown} without a teacher; "
-                             f"teachers: {sorted(self.teachers)}")
+        for key in ("domain_weights", "mirror_domains"):
+            unknown = sorted(set(getattr(self, key)) - set(self.teachers))
+            if unknown:
+                raise ValueError(f"distill.{key} names domain(s) {unknown} without a teacher; "
+                                 f"teachers: {sorted(self.teachers)}")
 
     def group_weights(self) -> list[float] | None:
         """The per-teacher multipliers in teacher-group order (sorted domain names, as `teacher_embeddings` numbers
