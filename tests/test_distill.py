@@ -189,15 +189,17 @@ def test_mirror_similarity_loss_by_hand():
 def test_mirror_domains_distil_each_image_against_its_mirror(tmp_path):
     with pytest.raises(ValueError, match="mirror_domains names domain"):
         DistillConfig(teachers={"dom0": "t.pt"}, weight=1.0, mirror_domains=["dom9"])
+    with pytest.raises(ValueError, match="mirror_weight must be >= 0 and needs distill.mirror_domains"):
+        DistillConfig(teachers={"dom0": "t.pt"}, weight=1.0, mirror_weight=2.0)
     manifest = make_labelled_images(tmp_path / "gen", n_classes=12, per_class=4)
     teacher = create_embedder("efficientnet_lite0", 16, image_size=32, preprocess={"crop_pct": 1.0}, seed=5)
     save_embedder(teacher, tmp_path / "teacher.pt")
     teachers = ", ".join(f"dom{d}: {tmp_path / 'teacher.pt'}" for d in range(3))
     runs = {}
-    for name, mirror in (("plain", "[]"), ("mirror", "[dom0, dom1, dom2]")):
+    for name, mirror, weight in (("plain", "[]", 0), ("mirror", "[dom0, dom1, dom2]", 10)):
         _distill_recipe(tmp_path, manifest, teachers, 5.0, name)
         cfg = load_run_config(tmp_path / f"{name}.yaml", [f"stages.0.distill.mirror_domains={mirror}",
-                                                          "stages.0.distill.mirror_weight=10",
+                                                          f"stages.0.distill.mirror_weight={weight}",
                                                           "stages.0.steps=60"])
         runs[name] = Trainer(cfg, progress=False)
     trainer = runs["mirror"]

@@ -32,6 +32,7 @@ from ..embedding.feature_store import cached_features
 from ..evaluate.protocol import evaluate_folds, evaluate_query_index
 from ..losses import LOSSES, MarginSchedule, RelationalDistillLoss, create_loss, mirror_similarity_loss
 from ..models.embedder import Embedder, create_embedder, load_embedder, save_embedder
+from ..models.heads import ProjectionHead
 from ..models.preprocess import draft_size
 from ..pipeline.augment import AugmentConfig, build_train_transform
 from ..pipeline.datasets import ImageFileDataset, SeededSampler, collate_skip_failed, sample_seed
@@ -487,6 +488,8 @@ class Trainer:
         opt = create_optimizer(groups, stage.optimizer)
         distill = (RelationalDistillLoss(stage.distill.temperature, stage.distill.group_weights())
                    if stage.distill.weight else None)
+        if stage.distill.mirror_weight and not isinstance(self.embedder.head, ProjectionHead):
+            raise ValueError(f"stage {stage.name!r}: distill.mirror_weight needs a projection head (model.embed_dim)")
         module: nn.Module = TrainModule(self.embedder, self.loss, distill, stage.distill.weight,
                                         stage.distill.mirror_weight)
         if dist.enabled:

@@ -118,6 +118,9 @@ class DistillConfig:
         bad = {d: w for d, w in self.domain_weights.items() if not float(w) >= 0}
         if bad:
             raise ValueError(f"distill.domain_weights must be >= 0, got {bad}")
+        if not self.mirror_weight >= 0 or (self.mirror_weight and not self.mirror_domains):
+            raise ValueError(f"distill.mirror_weight must be >= 0 and needs distill.mirror_domains, got "
+                             f"{self.mirror_weight} with {list(self.mirror_domains)}")
         for key in ("domain_weights", "mirror_domains"):
             unknown = sorted(set(getattr(self, key)) - set(self.teachers))
             if unknown:
