@@ -13,19 +13,20 @@ from ..embedding.feature_store import cached_features
 from ..utils import default_cache_dir
 
 
+def _view_features(trainer, paths: np.ndarray, view: int, augment: dict | None) -> torch.Tensor:
+    """Features [len(paths), F] (float16, CPU) of one cached view of `paths`; each distinct file is computed once."""
+    cfg, dist = trainer.cfg, trainer.dist
+    uniq, inverse = np.unique(paths, return_inverse=True)
+    feats, _ = cached_features(trainer.embedder, list(uniq), cfg.cache_dir or default_cache_dir(), view=view,
+                               augment=augment, seed=cfg.seed, num_workers=cfg.num_workers, device=trainer.device,
+                               progress=trainer.progress, rank=dist.rank, world_size=dist.world_size)
+    return torch.from_numpy(feats.astype(np.float16))[torch.as_tensor(inverse)]
+
+
 def stage_feature_cache(trainer, stage, data) -> torch.Tensor:
     """Features [V, N, F] (float16, CPU) for the rows of data.df: view 0 clean, views 1.. augmented."""
-    cfg, dist = trainer.cfg, trainer.dist
     paths = data.df["path"].astype(str).to_numpy()
-    uniq, inverse = np.unique(paths, return_inverse=True)
-    views = []
-    for v in range(max(1, stage.cache_views)):
-        feats, _ = cached_features(trainer.embedder, list(uniq), cfg.cache_dir or default_cache_dir(), view=v,
-                                   augment=stage.augment, seed=cfg.seed, num_workers=cfg.num_workers,
-                                   device=trainer.device, progress=trainer.progress, rank=dist.rank,
-                                   world_size=dist.world_size)
-        views.append(torch.from_numpy(feats.astype(np.float16)))
-    return torch.stack(views)[:, torch.as_tensor(inverse)]
+    return torch.stack([_view_features(trainer, paths, v, stage.augment) for v in range(max(1, stage.cache_views))])
 
 
 MIRROR_AUGMENT = {"hflip": 1.0, "jpeg_p": 0.0, "affine_p": 0.0, "cutout_p": 0.0, "color_jitter_p": 0.0,
@@ -39,15 +40,9 @@ def mirror_feature_cache(trainer, data, domains: list[str]) -> tuple[torch.Tenso
     Distillation compares the student's similarity of an image to its mirror with the teacher's: a glyph specialist
     keeps "b" and "d" apart, while emoji, whose vendors draw figures facing either way, teach the shared head to
     treat mirrors as the same object."""
-    cfg, dist = trainer.cfg, trainer.dist
     mask = data.df["domain"].astype(str).isin(list(domains)).to_numpy()
-    paths = data.df["path"].astype(str).to_numpy()[mask]
-    uniq, inverse = np.unique(paths, return_inverse=True)
     out = torch.zeros(1, len(mask), trainer.embedder.backbone.num_features, dtype=torch.float16)
-    if len(uniq):
-        feats, _ = cached_features(trainer.embedder, list(uniq), cfg.cache_dir or default_cache_dir(), view=1,
-                                   augment=MIRROR_AUGMENT, seed=cfg.seed, num_workers=cfg.num_workers,
-                                   device=trainer.device, progress=trainer.progress, rank=dist.rank,
-                                   world_size=dist.world_size)
-        out[0, torch.as_tensor(np.flatnonzero(mask))] = torch.from_numpy(feats.astype(np.float16))[inverse]
+    if mask.any():
+        paths = data.df["path"].astype(str).to_numpy()[mask]
+        out[0, torch.as_tensor(np.flatnonzero(mask))] = _view_features(trainer, paths, 1, MIRROR_AUGMENT)
     return out, torch.from_numpy(mask.copy())
