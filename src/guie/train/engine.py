@@ -516,12 +516,15 @@ class Trainer:
             feats = stage_feature_cache(self, stage, data)  # [V, N, F] float16 on CPU
             teach = mirror = None
             if stage.distill.weight:
-                teachers = self._teacher_paths(index, stage)
-                teach = teacher_embeddings(self.embedder, stage, data, feats, teachers)
+                mirror_feats = mirror_rows = None
                 if stage.distill.mirror_domains:
                     mirror_feats, mirror_rows = mirror_feature_cache(self, data, stage.distill.mirror_domains)
-                    mirror_teach, _ = teacher_embeddings(self.embedder, stage, data, mirror_feats, teachers)
-                    mirror = (mirror_feats[0], mirror_teach[0], mirror_rows)
+                views = feats if mirror_feats is None else torch.cat([feats, mirror_feats])  # teachers load once
+                teachers = self._teacher_paths(index, stage)
+                embedded, groups = teacher_embeddings(self.embedder, stage, data, views, teachers)
+                teach = (embedded[:len(feats)], groups)
+                if mirror_feats is not None:
+                    mirror = (mirror_feats[0], embedded[len(feats)], mirror_rows)
             batches = self._feature_batches(sampler, data, feats, local_batch, micro, micro_per_epoch, teach, mirror)
         else:
             batches = self._image_batches(sampler, stage, data, local_batch, micro, micro_per_epoch)

@@ -6,10 +6,13 @@ store (`guie.embedding.feature_store`), so validation, the demo and later stages
 """
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import torch
 
 from ..embedding.feature_store import cached_features
+from ..pipeline.augment import AugmentConfig
 from ..utils import default_cache_dir
 
 
@@ -29,8 +32,7 @@ def stage_feature_cache(trainer, stage, data) -> torch.Tensor:
     return torch.stack([_view_features(trainer, paths, v, stage.augment) for v in range(max(1, stage.cache_views))])
 
 
-MIRROR_AUGMENT = {"hflip": 1.0, "jpeg_p": 0.0, "affine_p": 0.0, "cutout_p": 0.0, "color_jitter_p": 0.0,
-                  "grayscale_p": 0.0}
+MIRROR_AUGMENT = {**asdict(AugmentConfig.off()), "hflip": 1.0}  # the evaluation view, always mirrored
 
 
 def mirror_feature_cache(trainer, data, domains: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
