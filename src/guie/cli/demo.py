@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
                                                            "(default outputs/demo, or outputs/demo-universal)"),
              cache: Optional[Path] = typer.Option(None, help="cache folder (default $GUIE_CACHE or ~/.cache/guie)"),
              full: bool = typer.Option(False, help="run every stage of the recipe (emoji: adds backbone fine-tuning, "
-                                                    "~13 min more on a 2-core CPU; --universal: about twice that)"),
+                                                    "~13 min more on a 2-core CPU; --universal: ~16 min more)"),
              universal: bool = typer.Option(False, help="the universal demo: emoji, glyph and icon benchmarks, "
                                                          "zero-shot and PCA-64 rows, the multi-domain recipe"),
              recipe: Optional[str] = typer.Option(None, help="training recipe: a file or a shipped recipe's name "
