@@ -14,7 +14,7 @@ from guie.models.embedder import create_embedder, save_embedder
 from guie.pipeline.datasets import stack_images, transform_file
 from guie.train.data import build_stage_data
 from guie.train.engine import Trainer
-from guie.train.frozen_features import mirror_feature_cache
+from guie.train.frozen_features import mirror_feature_cache, teacher_mirror_similarity
 from guie.train.recipe import DistillConfig, load_run_config
 from train_fixtures import make_labelled_images, tiny_recipe
 
@@ -149,7 +149,7 @@ def test_distill_refuses_a_teacher_on_other_features_and_a_trained_backbone(tmp_
     text = STAGES.format(teachers=f"dom0: {tmp_path / 'other.pt'}", weight=1.0).replace(
         "train: [head, centers]", "train: [backbone]").replace("head: 0.05, centers: 0.05", "backbone: 0.001")
     (tmp_path / "bb.yaml").write_text(tiny_recipe(manifest, tmp_path / "bb", tmp_path / "cache", text))
-    with pytest.raises(ValueError, match="distill needs a frozen backbone"):
+    with pytest.raises(ValueError, match="distill has the mirror term alone"):
         load_run_config(tmp_path / "bb.yaml")
 
 
@@ -220,4 +220,37 @@ def test_mirror_domains_distil_each_image_against_its_mirror(tmp_path):
     want = _flip_similarity(teacher.eval(), paths)
     errors = {name: (_flip_similarity(run.embedder.eval(), paths) - want).abs().mean().item()
               for name, run in runs.items()}
+    assert errors["mirror"] < 0.7 * errors["plain"], errors
+
+
+def test_an_image_stage_holds_each_image_to_its_mirror_as_its_teacher_does(tmp_path):
+    """The mirror term where the backbone trains: the teacher (any backbone: here another input size) gives one
+    image-to-mirror similarity per image of the mirror domains, once; the student's backbone is pulled to it."""
+    manifest = make_labelled_images(tmp_path / "gen", n_classes=12, per_class=4)
+    teacher = create_embedder("efficientnet_lite0", 16, image_size=48, preprocess={"crop_pct": 1.0}, seed=5)
+    save_embedder(teacher, tmp_path / "teacher.pt")
+    stage = STAGES.format(teachers=f"dom0: {tmp_path / 'teacher.pt'}", weight=5.0).replace(
+        "train: [head, centers]", "train: [backbone]").replace("head: 0.05, centers: 0.05", "backbone: 0.0002")
+    runs = {}
+    for name, weight in (("plain", 0), ("mirror", 200)):   # x 5: the term is squared gaps of ~0.05
+        (tmp_path / f"{name}.yaml").write_text(tiny_recipe(manifest, tmp_path / name, tmp_path / "cache", stage))
+        cfg = load_run_config(tmp_path / f"{name}.yaml", ["stages.0.distill.mirror_domains=[dom0]",
+                                                          f"stages.0.distill.mirror_weight={weight}",
+                                                          "stages.0.distill.weight=" + ("5.0" if weight else "0.0"),
+                                                          "stages.0.steps=40"])
+        runs[name] = Trainer(cfg, progress=False)
+    trainer = runs["mirror"]
+    data = build_stage_data(trainer.cfg, trainer.cfg.stages[0])
+    targets = teacher_mirror_similarity(trainer, data, {"dom0": tmp_path / "teacher.pt"}, ["dom0"])
+    dom0 = torch.as_tensor((data.df["domain"] == "dom0").to_numpy().copy())
+    assert torch.isnan(targets[~dom0]).all() and not torch.isnan(targets[dom0]).any()
+    paths = data.df["path"].tolist()
+    want = _flip_similarity(teacher.eval(), [p for p, d in zip(paths, dom0) if d])
+    torch.testing.assert_close(targets[dom0], want, atol=2e-3, rtol=0)   # teacher features cached as float16
+    for run in runs.values():
+        head = {k: v.clone() for k, v in run.embedder.head.state_dict().items()}
+        run.run()
+        assert all(torch.equal(head[k], v) for k, v in run.embedder.head.state_dict().items())  # the head locked
+    errors = {name: (_flip_similarity(run.embedder.eval(), [p for p, d in zip(paths, dom0) if d]) - want).abs()
+              .mean().item() for name, run in runs.items()}
     assert errors["mirror"] < 0.7 * errors["plain"], errors

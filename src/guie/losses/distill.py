@@ -71,6 +71,16 @@ def mirror_similarity_loss(student: torch.Tensor, student_mirror: torch.Tensor, 
     others; this term holds it directly, so a domain where mirrors differ ("b" / "d") keeps the teacher's
     left-right sensitivity inside a head that another domain (emoji drawn facing either way) pulls towards
     mirror invariance."""
-    s = (F.normalize(student.float(), dim=-1) * F.normalize(student_mirror.float(), dim=-1)).sum(-1)
-    t = (F.normalize(teacher.float().detach(), dim=-1) * F.normalize(teacher_mirror.float().detach(), dim=-1)).sum(-1)
-    return (s - t).pow(2).mean()
+    return mirror_similarity_gap(student, student_mirror, mirror_similarity(teacher, teacher_mirror).detach())
+
+
+def mirror_similarity(embeddings: torch.Tensor, mirror_embeddings: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity [M] of each embedding to its mirror's (rows paired: [M, d] each)."""
+    return (F.normalize(embeddings.float(), dim=-1) * F.normalize(mirror_embeddings.float(), dim=-1)).sum(-1)
+
+
+def mirror_similarity_gap(student: torch.Tensor, student_mirror: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference between the student's image-to-mirror cosine similarity and a target similarity [M]
+    per pair: the teacher's, read from its embeddings (`mirror_similarity_loss`, frozen-backbone stages) or
+    precomputed once per image (image stages, where the teacher would otherwise run on every batch)."""
+    return (mirror_similarity(student, student_mirror) - target.float()).pow(2).mean()

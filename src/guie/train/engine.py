@@ -30,7 +30,14 @@ from ..distributed import DistInfo, barrier, init_distributed, mean_across_ranks
 from ..embedding.engine import embed_images, embed_num_workers
 from ..embedding.feature_store import cached_features
 from ..evaluate.protocol import evaluate_folds, evaluate_query_index
-from ..losses import LOSSES, MarginSchedule, RelationalDistillLoss, create_loss, mirror_similarity_loss
+from ..losses import (
+    LOSSES,
+    MarginSchedule,
+    RelationalDistillLoss,
+    create_loss,
+    mirror_similarity_gap,
+    mirror_similarity_loss,
+)
 from ..models.embedder import Embedder, create_embedder, load_embedder, save_embedder
 from ..models.heads import ProjectionHead
 from ..models.preprocess import draft_size
@@ -41,7 +48,7 @@ from ..runtime import intra_op_threads, tune_cpu_allocator
 from ..typed_yaml import to_dict
 from ..utils import atomic_save, atomic_write_text, default_cache_dir, log
 from .data import StageData, build_stage_data, load_validation_frame
-from .frozen_features import mirror_feature_cache, stage_feature_cache
+from .frozen_features import mirror_feature_cache, stage_feature_cache, teacher_mirror_similarity
 from .logger import RunLogger
 from .optim import create_optimizer, lr_multiplier, param_groups
 from .recipe import RunConfig, StageConfig
@@ -69,10 +76,13 @@ class TrainModule(nn.Module):
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, features_given: bool,
                 teacher: torch.Tensor | None = None, groups: torch.Tensor | None = None,
-                mirror_of: torch.Tensor | None = None) -> torch.Tensor:
+                mirror_of: torch.Tensor | None = None, mirror_target: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows past `targets` are mirrored copies of rows `mirror_of`, for the mirror term alone; its target is the
+        teacher's embeddings (`teacher`, frozen-backbone stages) or one similarity per pair (`mirror_target`)."""
         feats = inputs if features_given else self.embedder.forward_features(inputs)
         head, n = self.embedder.head, len(targets)
-        mirror_term = bool(self.mirror_weight and teacher is not None and mirror_of is not None and len(mirror_of))
+        mirror_term = bool(self.mirror_weight and (teacher is not None or mirror_target is not None)
+                           and mirror_of is not None and len(mirror_of))
         if mirror_term:
             # the image-mirror similarity is read without dropout: two independent dropout masks would make every
             # image look unlike its own mirror, and the term would push the clean similarities up, not down
@@ -86,6 +96,9 @@ class TrainModule(nn.Module):
             if mirror_term:
                 loss = loss + self.distill_weight * self.mirror_weight * mirror_similarity_loss(
                     clean[mirror_of], clean[n:], teacher[mirror_of], teacher[n:])
+        elif mirror_term:
+            loss = loss + self.distill_weight * self.mirror_weight * mirror_similarity_gap(
+                clean[mirror_of], clean[n:], mirror_target)
         return loss
 
 
@@ -487,7 +500,7 @@ class Trainer:
                               stage.optimizer.weight_decay)
         opt = create_optimizer(groups, stage.optimizer)
         distill = (RelationalDistillLoss(stage.distill.temperature, stage.distill.group_weights())
-                   if stage.distill.weight else None)
+                   if stage.distill.weight and use_features else None)
         if stage.distill.mirror_weight and not isinstance(self.embedder.head, ProjectionHead):
             raise ValueError(f"stage {stage.name!r}: distill.mirror_weight needs a projection head (model.embed_dim)")
         module: nn.Module = TrainModule(self.embedder, self.loss, distill, stage.distill.weight,
@@ -527,7 +540,11 @@ class Trainer:
                     mirror = (mirror_feats[0], embedded[len(feats)], mirror_rows)
             batches = self._feature_batches(sampler, data, feats, local_batch, micro, micro_per_epoch, teach, mirror)
         else:
-            batches = self._image_batches(sampler, stage, data, local_batch, micro, micro_per_epoch)
+            mirror_targets = None
+            if stage.distill.weight:  # image stages: the mirror term alone (StageConfig checks)
+                mirror_targets = teacher_mirror_similarity(self, data, self._teacher_paths(index, stage),
+                                                           stage.distill.mirror_domains)
+            batches = self._image_batches(sampler, stage, data, local_batch, micro, micro_per_epoch, mirror_targets)
         precision = stage.precision if stage.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext())
         return _StageRun(index, stage, data, use_features, opt, module, ema, batches, autocast, total_steps,
@@ -662,8 +679,11 @@ class Trainer:
             epoch, skip = epoch + 1, 0
 
     def _image_batches(self, sampler, stage: StageConfig, data: StageData, local_batch: int, micro: int,
-                       micro_per_epoch: int):
-        """Endless (uint8 images, targets) through DataLoader workers; resumes mid-epoch."""
+                       micro_per_epoch: int, mirror_targets: torch.Tensor | None = None):
+        """Endless (uint8 images, targets) through DataLoader workers; resumes mid-epoch. With `mirror_targets`
+        (one teacher image-to-mirror similarity per row, NaN where none) the batch's rows that have one are appended
+        again, left-right mirrored after augmentation, and each batch also carries (None, None, their positions,
+        their targets) for the mirror term."""
         transform = build_train_transform(self.embedder.preprocess, AugmentConfig.from_dict(stage.augment))
         # On a CPU-only machine decoding runs in the main process between steps (see guie.pipeline.datasets).
         workers = embed_num_workers(self.device) if self.cfg.num_workers is None else self.cfg.num_workers
@@ -689,8 +709,17 @@ class Trainer:
                     reported += 1
                 if images is None:
                     continue
+                targets = targets_all[idx].to(self.device, non_blocking=True)
+                if mirror_targets is None:
+                    images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                    yield images, targets
+                    continue
+                wanted = mirror_targets[idx]
+                keep = ~torch.isnan(wanted)
+                images = torch.cat([images, images[keep].flip(-1)])
                 images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                yield images, targets_all[idx].to(self.device, non_blocking=True)
+                yield (images, targets, None, None, torch.nonzero(keep).flatten().to(self.device),
+                       wanted[keep].to(self.device))
             epoch, skip = epoch + 1, 0
 
 

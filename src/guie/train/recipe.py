@@ -101,7 +101,9 @@ class SamplerConfig:
 @dataclass
 class DistillConfig:
     """Multi-teacher relational distillation for a frozen-backbone stage (guie.losses.distill): on each domain's
-    samples, the student's in-batch similarity distribution is pulled towards that domain's teacher's."""
+    samples, the student's in-batch similarity distribution is pulled towards that domain's teacher's. The mirror
+    term (each image's similarity to its own left-right mirror held at its teacher's) also works in a stage that
+    trains on images, where it is the only term: the teacher's similarity is computed once per image."""
 
     teachers: dict[str, str] = field(default_factory=dict)  # domain -> guie checkpoint on the same backbone features,
                                                             # or "stage:<name>": this run's model after that stage
@@ -190,8 +192,9 @@ class StageConfig:
         missing_lr = [p for p in self.train if p not in self.lr]
         if missing_lr:
             raise ValueError(f"stage {self.name!r}: no lr for trained part(s) {missing_lr}")
-        if self.distill.weight and not self.uses_feature_cache:
-            raise ValueError(f"stage {self.name!r}: distill needs a frozen backbone (the feature-cache path)")
+        if self.distill.weight and not self.uses_feature_cache and not self.distill.mirror_weight:
+            raise ValueError(f"stage {self.name!r}: in a stage that trains on images (not cached features) distill "
+                             f"has the mirror term alone: set distill.mirror_domains and distill.mirror_weight")
         if self.distill.weight and not self.distill.teachers:
             raise ValueError(f"stage {self.name!r}: distill.weight > 0 needs distill.teachers (domain -> checkpoint)")
 
