@@ -710,16 +710,16 @@ class Trainer:
                 if images is None:
                     continue
                 targets = targets_all[idx].to(self.device, non_blocking=True)
-                if mirror_targets is None:
-                    images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                    yield images, targets
-                    continue
-                wanted = mirror_targets[idx]
-                keep = ~torch.isnan(wanted)
-                images = torch.cat([images, images[keep].flip(-1)])
+                if mirror_targets is not None:
+                    wanted = mirror_targets[idx]
+                    keep = ~torch.isnan(wanted)
+                    images = torch.cat([images, images[keep].flip(-1)])
                 images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                yield (images, targets, None, None, torch.nonzero(keep).flatten().to(self.device),
-                       wanted[keep].to(self.device))
+                if mirror_targets is None:
+                    yield images, targets
+                else:
+                    yield (images, targets, None, None, torch.nonzero(keep).flatten().to(self.device),
+                           wanted[keep].to(self.device))
             epoch, skip = epoch + 1, 0
 
 
