@@ -245,6 +245,9 @@ def test_soup_refuses_other_architectures():
     wider = create_embedder("timm:test_efficientnet", pretrained=False, image_size=32, embed_dim=32)
     with pytest.raises(IncompatibleMembersError, match="architecture"):
         soup_embedders([a, wider])
+    two_layer = tiny(head_hidden=16)  # the same but for the head's hidden layer
+    with pytest.raises(IncompatibleMembersError, match="architecture"):
+        soup_embedders([a, two_layer])
     with pytest.raises(ValueError, match="at least two"):
         soup_embedders([a])
 

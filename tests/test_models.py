@@ -233,6 +233,27 @@ def test_pca_head_is_centred_projection():
         ProjectionHead(40, 4).init_from_pca(mean, comps)
 
 
+def test_two_layer_head_is_nonlinear_round_trips_and_refuses_pca(tiny_embedder, tmp_path):
+    e = tiny_embedder(embed_dim=8, head_hidden=16)
+    assert e.spec.head_hidden == 16 and e.embed_dim == 8
+    assert [type(m) for m in e.head.proj] == [torch.nn.Linear, torch.nn.GELU, torch.nn.Linear]
+    feats = torch.randn(4, e.head.in_features)
+    with torch.no_grad():
+        # a linear head maps -f to -head(f) up to the bias; a GELU layer between does not
+        odd = e.head(feats) + e.head(-feats) - 2 * e.head(torch.zeros_like(feats))
+    assert odd.abs().max() > 1e-3
+    save_embedder(e, tmp_path / "m.pt")
+    back = load_embedder(tmp_path / "m.pt")
+    assert back.spec == e.spec
+    x = _images(3, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(back(x), e(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="linear head only"):
+        e.head.init_from_pca(np.zeros(e.head.in_features, np.float32), np.zeros((8, e.head.in_features), np.float32))
+    with pytest.raises(ValueError, match="hidden width must be >= 1"):
+        ProjectionHead(40, 8, hidden=0)
+
+
 def test_output_is_l2_normalised_and_accepts_uint8_or_float(tiny_embedder):
     e = tiny_embedder()
     x = _images(4, 32)

@@ -221,6 +221,18 @@ def test_init_checkpoint_brings_its_class_centres(tmp_path, gen_manifest):
     assert torch.equal(before, after)
 
 
+def test_two_layer_head_trains_from_the_recipe_and_is_saved_with_its_hidden_layer(tmp_path, gen_manifest):
+    path = write_recipe(tmp_path, gen_manifest, HEAD_STAGE.format(steps=30))
+    path.write_text(path.read_text().replace("dropout: 0.0,", "dropout: 0.0, head_hidden: 24,"))
+    cfg = load_run_config(path)
+    assert cfg.model.head_hidden == 24
+    final = Trainer(cfg, progress=False).run()
+    model = load_embedder(final)
+    assert model.spec.head_hidden == 24 and model.head.proj[0].out_features == 24
+    metrics = pd.read_csv(cfg.run_dir / "metrics.csv").dropna(subset=["loss"])["loss"].to_numpy()
+    assert metrics[-1] < metrics[0]
+
+
 def test_seeded_cpu_run_is_bit_reproducible_whatever_the_machines_thread_count(tmp_path, gen_manifest):
     """Float sums depend on torch's intra-op thread count (1 vs 2 threads moved weights by ~7e-3 after 36 steps), so
     a run is only reproducible on another machine with the thread count pinned: cpu_threads does that, and the

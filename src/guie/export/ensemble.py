@@ -119,8 +119,7 @@ def soup_embedders(embedders: Sequence[Embedder], weights: Sequence[float] | Non
     first = embedders[0]
     states = [e.state_dict() for e in embedders]
     for emb, state, name in zip(embedders[1:], states[1:], names[1:]):
-        if (emb.spec.backbone, emb.spec.embed_dim, emb.spec.backbone_kwargs, emb.spec.head_norm) != (
-                first.spec.backbone, first.spec.embed_dim, first.spec.backbone_kwargs, first.spec.head_norm):
+        if _architecture(emb.spec) != _architecture(first.spec):
             raise IncompatibleMembersError(
                 f"{name} ({emb.spec.backbone}, {emb.spec.embed_dim}-d) and {names[0]} ({first.spec.backbone}, "
                 f"{first.spec.embed_dim}-d) differ in architecture; a soup needs identical ones")
@@ -145,13 +144,16 @@ def soup_embedders(embedders: Sequence[Embedder], weights: Sequence[float] | Non
     return soup.eval()
 
 
+def _architecture(spec) -> tuple:
+    """The spec fields that fix parameter shapes and meaning (not resolution or dropout, which a soup may mix)."""
+    return spec.backbone, spec.embed_dim, spec.backbone_kwargs, spec.head_norm, spec.head_hidden
+
+
 def load_embedder_like(embedder: Embedder) -> Embedder:
     """A fresh Embedder with the architecture and preprocessing of `embedder` (random weights, no hub access)."""
-    from ..models.embedder import create_embedder
+    from ..models.embedder import embedder_from_spec
 
-    spec = embedder.spec
-    fresh = create_embedder(spec.backbone, spec.embed_dim, spec.dropout, pretrained=False,
-                            image_size=spec.image_size, head_norm=spec.head_norm, **spec.backbone_kwargs)
+    fresh = embedder_from_spec(embedder.spec)
     fresh.preprocess = embedder.preprocess
     return fresh
 

@@ -31,6 +31,7 @@ class EmbedderSpec:
     image_size: int | None = None
     backbone_kwargs: dict = field(default_factory=dict)
     head_norm: str = "none"    # "batchnorm": standardise features before the projection
+    head_hidden: int | None = None  # a hidden layer of this width in the head (None: linear)
 
 
 class Embedder(nn.Module):
@@ -85,7 +86,8 @@ class Embedder(nn.Module):
 
 def create_embedder(backbone: str = "efficientnet_lite0", embed_dim: int | None = 64, dropout: float = 0.0,
                     pretrained: bool = True, image_size: int | None = None, preprocess: dict | None = None,
-                    head_norm: str = "none", seed: int | None = 0, **backbone_kwargs) -> Embedder:
+                    head_norm: str = "none", head_hidden: int | None = None, seed: int | None = 0,
+                    **backbone_kwargs) -> Embedder:
     """Build an Embedder: a registered backbone + Dropout/Linear head to `embed_dim` (<= 64) + L2 normalisation.
 
     Fresh weights (the head; the whole backbone when not pretrained) are drawn from torch's RNG seeded with `seed`
@@ -101,6 +103,7 @@ def create_embedder(backbone: str = "efficientnet_lite0", embed_dim: int | None 
         image_size: input resolution (defaults to the backbone's native one).
         preprocess: overrides of PreprocessConfig fields, e.g. ``{"crop_pct": 1.0}``.
         head_norm: "batchnorm" to standardise backbone features before the projection.
+        head_hidden: width of a hidden GELU layer in the head (None: the linear head the winners used).
         backbone_kwargs: family options, e.g. ``keep_projection=False`` (open_clip) or ``feature_levels=(2, 3, 4)``
             (timm CNNs: also pool these intermediate stages and concatenate them to the final features).
     """
@@ -108,11 +111,12 @@ def create_embedder(backbone: str = "efficientnet_lite0", embed_dim: int | None 
         if seed is not None:
             torch.manual_seed(seed)
         net, pre = create_backbone(backbone, pretrained=pretrained, image_size=image_size, **backbone_kwargs)
-        head = ProjectionHead(net.num_features, embed_dim, dropout, norm=head_norm) if embed_dim is not None else None
+        head = (ProjectionHead(net.num_features, embed_dim, dropout, norm=head_norm, hidden=head_hidden)
+                if embed_dim is not None else None)
     if preprocess:
         pre = pre.replace(**preprocess)
     spec = EmbedderSpec(backbone=backbone, embed_dim=embed_dim, dropout=dropout, image_size=pre.image_size,
-                        backbone_kwargs=dict(backbone_kwargs), head_norm=head_norm)
+                        backbone_kwargs=dict(backbone_kwargs), head_norm=head_norm, head_hidden=head_hidden)
     return Embedder(net, head, pre, spec)
 
 
@@ -122,6 +126,13 @@ def save_embedder(embedder: Embedder, path: str | Path, extra: dict | None = Non
                "preprocess": embedder.preprocess.to_dict(), "state_dict": embedder.state_dict(),
                "extra": extra or {}}
     return atomic_save(payload, path)
+
+
+def embedder_from_spec(spec: EmbedderSpec) -> Embedder:
+    """A fresh Embedder of `spec`'s architecture, random weights and no hub access: what a checkpoint's weights
+    are loaded into."""
+    return create_embedder(spec.backbone, spec.embed_dim, spec.dropout, pretrained=False, image_size=spec.image_size,
+                           head_norm=spec.head_norm, head_hidden=spec.head_hidden, **spec.backbone_kwargs)
 
 
 def load_embedder(path: str | Path, map_location: str | torch.device = "cpu") -> Embedder:
@@ -134,8 +145,7 @@ def load_embedder(path: str | Path, map_location: str | torch.device = "cpu") ->
         raise ValueError(f"{path}: not a guie embedder checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     spec = EmbedderSpec(**payload["spec"])
     pre = PreprocessConfig.from_dict(payload["preprocess"])
-    embedder = create_embedder(spec.backbone, spec.embed_dim, spec.dropout, pretrained=False,
-                               image_size=spec.image_size, head_norm=spec.head_norm, **spec.backbone_kwargs)
+    embedder = embedder_from_spec(spec)
     embedder.preprocess = pre
     embedder.load_state_dict(payload["state_dict"], strict=True)
     return embedder.eval()

@@ -207,7 +207,8 @@ class Trainer:
             return embedder
         # seed=None: the head comes from the global RNG that _seed_everything(cfg.seed) just seeded
         return create_embedder(m.backbone, m.embed_dim, m.dropout, pretrained=m.pretrained, image_size=m.image_size,
-                               preprocess=m.preprocess or None, head_norm=m.head_norm, seed=None,
+                               preprocess=m.preprocess or None, head_norm=m.head_norm,
+                               head_hidden=m.head_hidden, seed=None,
                                **m.backbone_kwargs)
 
     def _write_resolved_config(self) -> None:

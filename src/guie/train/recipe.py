@@ -29,6 +29,7 @@ class ModelConfig:
     embed_dim: int = 64
     dropout: float = 0.2
     head_norm: str = "none"                              # "batchnorm": standardise features before the projection
+    head_hidden: int | None = None                       # a hidden GELU layer of this width in the head
     image_size: int | None = None
     pretrained: bool = True
     preprocess: dict[str, Any] = overrides_of(PreprocessConfig)  # overrides, e.g. {crop_pct: 1.0}
