@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.embedder import Embedder, load_embedder, save_embedder
+from ..models.embedder import Embedder, EmbedderSpec, embedder_from_spec, load_embedder, save_embedder
 from ..models.heads import ProjectionHead
 
 HEAD_RTOL, HEAD_ATOL = 1e-5, 1e-6
@@ -144,15 +144,13 @@ def soup_embedders(embedders: Sequence[Embedder], weights: Sequence[float] | Non
     return soup.eval()
 
 
-def _architecture(spec) -> tuple:
+def _architecture(spec: EmbedderSpec) -> tuple:
     """The spec fields that fix parameter shapes and meaning (not resolution or dropout, which a soup may mix)."""
     return spec.backbone, spec.embed_dim, spec.backbone_kwargs, spec.head_norm, spec.head_hidden
 
 
 def load_embedder_like(embedder: Embedder) -> Embedder:
     """A fresh Embedder with the architecture and preprocessing of `embedder` (random weights, no hub access)."""
-    from ..models.embedder import embedder_from_spec
-
     fresh = embedder_from_spec(embedder.spec)
     fresh.preprocess = embedder.preprocess
     return fresh
