@@ -18,7 +18,7 @@ SRC = ROOT / "src"
 # unit, of lower units of its layer and of lower layers: never sideways-up or up. docs/architecture.md mirrors this
 # table (checked below).
 LAYERS: list[tuple[str, list[str]]] = [
-    ("utils", ["guie._version", "guie.utils", "guie.runtime", "guie.typed_yaml", "guie.distributed"]),
+    ("utils", ["guie._version", "guie.errors", "guie.utils", "guie.runtime", "guie.typed_yaml", "guie.distributed"]),
     ("foundation", ["guie.imaging", "guie.metrics"]),
     ("library", ["guie.models", "guie.losses", "guie.data", "guie.pipeline"]),
     ("engine", ["guie.embedding"]),

@@ -17,10 +17,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .errors import InputError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A recipe that cannot be used; the message names the file and the key."""
 
 

@@ -3,17 +3,41 @@
 One module per command group registers its commands on `app`: embed, evaluate, train, recipes, data, export,
 search, demo.
 Command modules import the library inside each command, so `guie --help` does not import torch.
+
+The one error boundary is `_GuieGroup.invoke`: a `guie.errors.GuieError` from any command becomes a one-line red
+`error: ...` on stderr with the error's exit code (2 for bad input); any other exception is a bug and keeps its
+traceback (exit 1). `GUIE_DEBUG=1` prints the traceback of a `GuieError` too.
 """
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import traceback
 
 import typer
+from typer.core import TyperGroup
 
 from . import data, demo, embed, evaluate, export, recipes, search, train
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+class _GuieGroup(TyperGroup):
+    """The root command group; its `invoke` is the CLI's one error boundary."""
+
+    def invoke(self, ctx):
+        from ..errors import GuieError
+
+        try:
+            return super().invoke(ctx)
+        except GuieError as e:
+            if os.environ.get("GUIE_DEBUG"):
+                traceback.print_exc()
+            colour = "red" if e.exit_code == 2 else "yellow"
+            typer.secho(f"error: {e}" if e.exit_code == 2 else str(e), fg=colour, err=True)
+            raise typer.Exit(e.exit_code) from None
+
+
+app = typer.Typer(cls=_GuieGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="guie: universal image embeddings (<= 64-d): embed, evaluate with the exact GUIE mP@5, "
                        "train, export, search.")
 

@@ -22,7 +22,6 @@ def register(app: typer.Typer) -> None:
               progress: bool = typer.Option(True, help="show progress bars")):
         """Train an embedder through a recipe's stages (torchrun --nproc_per_node N guie train ... for DDP)."""
         from ..distributed import cleanup_distributed
-        from ..train.engine import TrainingInterrupted
         from ..train.engine import train as run_training
         from ..train.recipe import load_run_config
         from ..typed_yaml import ConfigError
@@ -38,9 +37,6 @@ def register(app: typer.Typer) -> None:
             fail(str(e))
         try:
             final = run_training(cfg, resume=resume, progress=progress)
-        except TrainingInterrupted as e:
-            typer.secho(str(e), fg="yellow", err=True)
-            raise typer.Exit(143) from None
         except (ValueError, FileNotFoundError) as e:
             fail(str(e))
         finally:

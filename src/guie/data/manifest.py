@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..errors import InputError
 from ..imaging.io import IMAGE_EXTENSIONS, UNDECODABLE_FORMATS
 
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq", ".tsv")
@@ -18,7 +19,7 @@ SHARD_INDEX_FILE = "index.parquet"  # = guie.data.shards.INDEX_FILE
 OTHER_FILES = "other_files"  # DataFrame.attrs key: a folder's files that are not images (read_manifest)
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """A manifest that cannot be used; the message names the file."""
 
 

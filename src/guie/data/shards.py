@@ -37,6 +37,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
+from ..errors import InputError
 from ..imaging.io import ImageLoadError, ShardRef, load_image, read_image_bytes
 from ..utils import atomic_write_json, log, save_parquet_atomic
 
@@ -48,7 +49,7 @@ _PIL_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "b
 _SAVE_FORMAT = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
 
 
-class ShardError(ValueError):
+class ShardError(InputError):
     """A shard folder that cannot be used or resumed; the message names it."""
 
 

@@ -29,8 +29,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..errors import GuieError
 
-class Overloaded(RuntimeError):
+
+class Overloaded(GuieError, RuntimeError):
     """The work queue is full: try again shortly."""
 
 

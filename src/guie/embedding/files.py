@@ -19,6 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..errors import GuieError
 from ..utils import atomic_write_json, log, save_parquet_atomic
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 EMBEDDING_COLUMN = "embedding"
 
 
-class ResumeError(RuntimeError):
+class ResumeError(GuieError, RuntimeError):
     """Finished shards of an earlier run that used another model or manifest are in the way."""
 
 

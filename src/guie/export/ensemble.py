@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import InputError
 from ..models.embedder import Embedder, EmbedderSpec, embedder_from_spec, load_embedder, save_embedder
 from ..models.heads import ProjectionHead
 
 HEAD_RTOL, HEAD_ATOL = 1e-5, 1e-6
 
 
-class IncompatibleMembersError(ValueError):
+class IncompatibleMembersError(InputError):
     """Checkpoints that cannot be ensembled or souped together; the message says which and why."""
 
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..errors import GuieError
 from ..models.embedder import Embedder
 from ..models.heads import MAX_EMBED_DIM
 
@@ -20,7 +21,7 @@ INPUT_CONTRACT = ("uint8 RGB images, values 0..255, [3,H,W] or [B,3,H,W] (ONNX: 
 OUTPUT_CONTRACT = "float32 [B,d], L2-normalised; B = 1 for a single image"
 
 
-class ExportError(RuntimeError):
+class ExportError(GuieError, RuntimeError):
     """An export that could not be made or failed its own verification; the message says which step."""
 
 

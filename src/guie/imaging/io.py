@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..errors import GuieError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".avif", ".bmp", ".gif", ".tif", ".tiff")
 # Image formats guie does not decode: a folder's files with these names are listed (and reported with this reason)
 # rather than silently left out.
@@ -40,7 +42,7 @@ DEFAULT_MAX_DECODED_PIXELS = 1 << 25  # 33.5 Mpx: an 8K frame; more is decoded a
 _JPEG_SCALES = (1, 2, 4, 8)  # libjpeg's DCT scaling, as PIL's draft offers it
 
 
-class ImageLoadError(Exception):
+class ImageLoadError(GuieError):
     """An image that cannot be used; str() is a one-line '<path>: <reason>'.
 
     `kind` names the failure for reports: missing, empty, format, bomb, truncated, corrupt, decode.

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InputError
 from ..utils import default_cache_dir
 from .backends import BackendError, VectorBackend, check_backend_options, open_backend
 from .backends.milvus_backend import collection_name
@@ -43,7 +44,7 @@ UPLOADS = "@index/uploads/"  # item paths of images added over HTTP: kept in the
 RERANK_FACTOR = 8  # candidates per requested neighbour re-ranked with exact vectors when the backend is approximate
 
 
-class SearchIndexError(ValueError):
+class SearchIndexError(InputError):
     """An index cannot be created or opened, or refuses an operation (another model, a bad filter ...)."""
 
 

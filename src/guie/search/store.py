@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InputError
+
 STORE_FILE = "index.sqlite"
 SCHEMA_VERSION = 1
 ITEM_COLUMNS = ("path", "label")  # stored in their own columns; every other manifest column goes into `meta`
@@ -51,7 +53,7 @@ CREATE INDEX IF NOT EXISTS removed_seq ON removed(seq);
 """
 
 
-class StoreError(ValueError):
+class StoreError(InputError):
     """The store file is missing, of another version, or asked for something it does not hold."""
 
 

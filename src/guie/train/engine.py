@@ -29,6 +29,7 @@ from ..data.manifest import select_rows
 from ..distributed import DistInfo, barrier, init_distributed, mean_across_ranks
 from ..embedding.engine import embed_images, embed_num_workers
 from ..embedding.feature_store import cached_features
+from ..errors import GuieError
 from ..evaluate.protocol import evaluate_folds, evaluate_query_index
 from ..losses import (
     LOSSES,
@@ -61,8 +62,10 @@ def stage_model_path(run_dir: Path, index: int, stage_name: str) -> Path:
     return Path(run_dir) / f"model-stage-{index:02d}-{stage_name}.pt"
 
 
-class TrainingInterrupted(RuntimeError):
-    """Raised after SIGTERM/SIGINT once a checkpoint has been written."""
+class TrainingInterrupted(GuieError, RuntimeError):
+    """Raised after SIGTERM/SIGINT once a checkpoint has been written; the CLI exits 143 (128 + SIGTERM)."""
+
+    exit_code = 143
 
 
 class TrainModule(nn.Module):

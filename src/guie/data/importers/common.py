@@ -11,11 +11,13 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from ...errors import InputError
+
 MANIFEST_COLUMNS = ("path", "label", "domain", "split")
 _EXAMPLES = 5
 
 
-class DatasetImportError(ValueError):
+class DatasetImportError(InputError):
     """A dataset root that does not look like the expected layout; the message says what was looked for."""
 
 

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ...errors import InputError
+
 BACKENDS = ("faiss", "milvus")
 KINDS = ("flat", "hnsw", "ivfpq")
 
 
-class BackendError(ValueError):
+class BackendError(InputError):
     """A backend cannot be created, opened or reached; the message names it."""
 
 
