@@ -154,10 +154,10 @@ def register(app: typer.Typer) -> None:
                 for r in results:
                     typer.echo(f"  {r['id']:>8}  {r['distance']:.4f}  {r['label']}  {r['path']}")
         if grid:
-            from ..imaging.draw import hits_grid
+            from ..imaging.draw import hits_grid, save_picture
 
-            hits_grid(images, [[(f, h.distance, h.item.get("label")) for f, h in zip(fs, row)]
-                               for fs, row in zip(files, hits)]).save(grid)
+            save_picture(hits_grid(images, [[(f, h.distance, h.item.get("label")) for f, h in zip(fs, row)]
+                                            for fs, row in zip(files, hits)]), grid)
             typer.echo(f"grid: {grid}")
 
     @index_app.command("reindex")

@@ -42,3 +42,20 @@ def hits_grid(images: Sequence[str | Path], results: Sequence[Sequence[tuple]], 
             grid.paste(thumbnail(str(path or ""), thumb, BLUE), (x, y))
             draw.text((x + 2, y + cell), f"{distance:.3f} {label or ''}"[:20], fill=(0, 0, 0))
     return grid
+
+
+def save_picture(image: Image.Image, path: str | Path) -> Path:
+    """Save a picture, creating its folder; a file name whose suffix names no image format PIL writes is refused
+    with one line (InputError) before anything is written."""
+    from ..errors import InputError
+    from ..utils import atomic_write_bytes
+
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise InputError(f"{path}: name it .png, .jpg or .webp (no image format is written as {path.suffix!r})")
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return atomic_write_bytes(buf.getvalue(), path)  # makes the folder; never a half-written picture
