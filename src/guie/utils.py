@@ -138,9 +138,4 @@ def disk_full_as_error(what: str | Path, hint: str = "free some space and run it
     except Exception as e:  # noqa: BLE001 - only disk-full errors are translated; the rest is re-raised as is
         if not is_disk_full(e):
             raise
-        raise DiskFullError(f"{what}: disk full ({_first_line(e)}); {hint}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[-1][:200] if lines else type(exc).__name__
+        raise DiskFullError(f"{what}: disk full (no space left on its file system); {hint}") from None

@@ -326,13 +326,19 @@ class ImageIndex:
 
     def _persist(self, seq: int) -> None:
         """Make the backend durable as commit `seq` (rebuilding it first when it asks to be)."""
-        with disk_full_as_error(self.folder, f"commit {seq} is safe in {STORE_FILE}; free some space and open the "
-                                             "index again: the vector backend is brought up to it then"):
-            if self.backend.needs_rebuild(len(self.store)):
-                ids, vectors, attrs = self.store.all_rows()
-                self.backend.rebuild(ids, vectors, attrs, seq)
-            else:
-                self.backend.persist(seq)
+        rebuild = self.backend.needs_rebuild(len(self.store))
+        try:
+            with disk_full_as_error(self.folder, f"commit {seq} is safe in {STORE_FILE}; free some space: the next "
+                                                 "write or open brings the vector backend up to it"):
+                if rebuild:
+                    ids, vectors, attrs = self.store.all_rows()
+                    self.backend.rebuild(ids, vectors, attrs, seq)
+                else:
+                    self.backend.persist(seq)
+        except BaseException:
+            # the change is applied in memory, only its snapshot is missing (a failed rebuild: nothing is certain)
+            self.backend.note_applied(-1 if rebuild else seq)
+            raise
         self.store.set_info("backend_seq", seq)
         self._data_version = self.store.data_version()
 

@@ -124,7 +124,8 @@ class MetadataStore:
         error that points at guie's own SQL is returned unchanged (a bug keeps its traceback)."""
         name = getattr(e, "sqlite_errorname", "") or ""
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if name == "SQLITE_FULL" or "disk is full" in msg:
+        if name == "SQLITE_FULL" or "disk is full" in msg or (name.startswith("SQLITE_IOERR") and _nearly_full(
+                self.path.parent)):  # a full file system can also surface as an I/O error growing -wal or -shm
             return DiskFullError(f"{self.path}: disk full ({msg}); nothing was committed: free some space and run "
                                  "it again")
         if name in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or "malformed" in msg or "not a database" in msg:
@@ -388,6 +389,16 @@ class MetadataStore:
         cur = self._db.execute(f"SELECT CAST({expr} AS TEXT) AS v, COUNT(*) FROM items GROUP BY v "
                                "ORDER BY COUNT(*) DESC, v LIMIT ?", (*args, top))
         return [(v, n) for v, n in cur]
+
+
+def _nearly_full(folder: Path, margin: int = 16 << 20) -> bool:
+    """Whether the file system holding `folder` has less than `margin` bytes free."""
+    import shutil
+
+    try:
+        return shutil.disk_usage(folder).free < margin
+    except OSError:
+        return False
 
 
 def check_sqlite_file(path: Path) -> None:

@@ -37,6 +37,7 @@ HNSW_EF_SEARCH = 64
 IVFPQ_MIN_TRAIN = 10_000
 IVFPQ_NPROBE = 32
 TOMBSTONE_REBUILD_FRACTION = 0.2
+EXACT_FILTER_PER_K = 64  # hnsw: a filter allowing at most this many ids per neighbour asked for is searched exactly
 _SNAPSHOT = re.compile(r"^faiss-(\d+)\.index$")
 _CHECK = re.compile(r"^faiss-(\d+)\.check\.json$")
 # temp files of `_atomic` (".<final name>.<random><suffix>"): what a kill -9 during a write leaves behind
@@ -305,34 +306,45 @@ class FaissBackend(VectorBackend):
             params = faiss.SearchParametersIVF(sel=sel, nprobe=self.nprobe)
         else:
             params = faiss.SearchParameters(sel=sel) if sel is not None else None
-        dist, ids = self.index.search(q, k, params=params)
-        if factory.startswith("HNSW"):
-            dist, ids = self._fill_short_rows(q, k, dist, ids, allowed_ids)
+        if factory.startswith("HNSW") and allowed_ids is not None and \
+                len(allowed_ids) <= max(k * EXACT_FILTER_PER_K, self.count() // 10):
+            dist, ids = self._exact_on_graph_vectors(q, k, allowed_ids)  # a graph walk starves on a narrow filter
+        else:
+            dist, ids = self.index.search(q, k, params=params)
+            if factory.startswith("HNSW"):
+                dist, ids = self._fill_short_rows(q, k, dist, ids, allowed_ids)
         return Neighbours(np.sqrt(np.maximum(dist, 0)), ids)
 
     def _fill_short_rows(self, q: np.ndarray, k: int, dist: np.ndarray, ids: np.ndarray,
                          allowed_ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """HNSW's beam search can end with fewer than k results when tombstones or a filter hide much of the graph
-        near the query (or k nears the live count); such rows are searched again exactly over the graph's stored
-        vectors, restricted to the live (and allowed) ones, so a search returns min(k, selectable) hits."""
-        if not (ids < 0).any():
+        near the query, or k nears the live count; such rows are searched again exactly, so a search returns
+        min(k, selectable) hits."""
+        short = np.flatnonzero((ids >= 0).sum(axis=1) < k)
+        if not len(short):
             return dist, ids
+        d2, i2 = self._exact_on_graph_vectors(q[short], k, allowed_ids)
+        short_really = (ids[short] >= 0).sum(axis=1) < (i2 >= 0).sum(axis=1)
+        dist, ids = dist.copy(), ids.copy()
+        dist[short[short_really]], ids[short[short_really]] = d2[short_really], i2[short_really]
+        return dist, ids
+
+    def _exact_on_graph_vectors(self, q: np.ndarray, k: int,
+                                allowed_ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact k-NN over the HNSW graph's own stored vectors (no copy), restricted to the live and allowed ids:
+        (squared distances, ids), -1 past the selectable ones."""
         faiss = self.faiss
-        id_map = faiss.vector_to_array(faiss.downcast_index(self.index).id_map).astype(np.int64)
+        idmap = faiss.downcast_index(self.index)
+        id_map = faiss.vector_to_array(idmap.id_map).astype(np.int64)
         mask = np.ones(len(id_map), bool)
         if len(self.tombstones):
             mask &= ~np.isin(id_map, self.tombstones)
         if allowed_ids is not None:
             mask &= np.isin(id_map, np.asarray(allowed_ids, np.int64))
-        short = np.flatnonzero((ids >= 0).sum(axis=1) < min(k, int(mask.sum())))
-        if not len(short):
-            return dist, ids
-        storage = faiss.downcast_index(faiss.downcast_index(faiss.downcast_index(self.index).index).storage)
+        storage = faiss.downcast_index(faiss.downcast_index(idmap.index).storage)
         positions = faiss.IDSelectorBatch(np.flatnonzero(mask).astype(np.int64))
-        d2, pos = storage.search(q[short], k, params=faiss.SearchParameters(sel=positions))
-        dist, ids = dist.copy(), ids.copy()
-        dist[short], ids[short] = d2, np.where(pos >= 0, id_map[np.maximum(pos, 0)], -1)
-        return dist, ids
+        dist, pos = storage.search(q, k, params=faiss.SearchParameters(sel=positions))
+        return dist, np.where(pos >= 0, id_map[np.maximum(pos, 0)], -1)
 
     def describe(self) -> dict:
         """Kind, FAISS layout, vectors, tombstones and the snapshot's size on disk."""

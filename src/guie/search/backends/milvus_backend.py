@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import re
 import shutil
@@ -32,6 +33,7 @@ from .base import BackendError, Neighbours, VectorBackend, register_backend
 
 LITE_FILE = "milvus.db"
 LAYOUT = 2  # attrs stored as typed JSON scalars (1: as text)
+_LITE_USERS: dict[str, int] = {}  # open backends per Milvus Lite folder in this process (they share one server)
 SPOT_CHECKS = 16
 INSERT_BATCH = 10_000
 MAX_TOPK = 16_384  # Milvus's limit on k
@@ -43,6 +45,14 @@ _SEARCH_PARAMS = {"flat": {}, "hnsw": {"ef": 64}, "ivfpq": {"nprobe": 32}}
 def collection_name(index_name: str) -> str:
     """A valid Milvus collection name for an index name (letters, digits and underscores, a letter first)."""
     return "guie_" + re.sub(r"[^A-Za-z0-9_]", "_", index_name)[:200]
+
+
+def _quiet_milvus_logs() -> None:
+    """Milvus Lite's embedded server, pymilvus and gRPC log a traceback for every error they also raise (and one for
+    an RPC Milvus Lite does not implement, on every connect); the backend turns the raised ones into its own one-line
+    errors, so their logs would only print tracebacks at the user."""
+    for name in ("milvus_lite", "pymilvus", "grpc._server"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def where_expression(where: dict[str, list[str]]) -> str:
@@ -96,8 +106,8 @@ class MilvusBackend(VectorBackend):
         try:
             self._open_collection()
         except MilvusException as e:
-            if not self.local:
-                raise BackendError(f"{self._where()}: {_first_line(e)}") from None
+            if not self.local or _LITE_USERS.get(self.uri, 0) > 1:  # a cluster, or another user in this process
+                raise BackendError(f"{self._where()}: {_first_line(e)}; {self._fix()}") from None
             self.close()  # we held the Lite folder (connected), so no other process has it open: safe to move
             damaged = self.folder / f"{LITE_FILE}.damaged"
             if damaged.is_dir():
@@ -131,12 +141,17 @@ class MilvusBackend(VectorBackend):
     def _connect(self):
         from pymilvus import MilvusClient
 
+        _quiet_milvus_logs()
         try:
-            return MilvusClient(uri=self.uri, token=self._token)
+            client = MilvusClient(uri=self.uri, token=self._token)
         except Exception as e:  # pymilvus raises its own and gRPC errors
             busy = " (another process may have it open)" if self.local else ""
             raise BackendError(f"{self._where()}: cannot connect{busy} ({type(e).__name__}: {_first_line(e)})") \
                 from None
+        if self.local:
+            _LITE_USERS[self.uri] = _LITE_USERS.get(self.uri, 0) + 1
+            self._holds_lite = True
+        return client
 
     def _open_collection(self) -> None:
         from pymilvus import DataType
@@ -265,11 +280,20 @@ class MilvusBackend(VectorBackend):
                 "vectors": self.count()}
 
     def close(self) -> None:
-        """Close the client (Milvus Lite stops its local server process)."""
+        """Close the client; the last user in this process of a Milvus Lite folder stops its embedded server, which
+        releases the folder (another process may open it then)."""
         try:
             self.client.close()
         except Exception:  # noqa: BLE001 - closing twice or after a failed start must not mask the real error
             pass
+        if getattr(self, "_holds_lite", False):
+            self._holds_lite = False
+            _LITE_USERS[self.uri] -= 1
+            if not _LITE_USERS[self.uri]:
+                del _LITE_USERS[self.uri]
+                from milvus_lite.server_manager import server_manager_instance
+
+                server_manager_instance.release_server(self.uri)
 
 
 def _first_line(exc: BaseException) -> str:
