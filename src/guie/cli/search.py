@@ -135,7 +135,11 @@ def register(app: typer.Typer) -> None:
                grid: Optional[Path] = typer.Option(None, help="write a PNG: each query followed by its results"),
                as_json: bool = typer.Option(False, "--json", help="print one JSON line per query")):
         """The k nearest indexed images of each query image (Euclidean distance, nearest first)."""
+        from ..imaging.draw import picture_format
         from ..search.encoder import embed_query_files, load_index_model
+
+        if grid:
+            picture_format(grid)  # a name no picture can have is refused before the search
 
         try:
             with _open(name, write=False) as index:
