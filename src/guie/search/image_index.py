@@ -8,7 +8,8 @@ Folder layout (`NAME/`):
     faiss-<seq>.index    faiss backend: the snapshot of commit <seq> (+ tombstones-<seq>.npy for hnsw)
     milvus.db            milvus backend without --uri: the Milvus Lite file
     pending/             an unfinished `guie index add`: its resumable embedding parts (`guie.search.ingest`)
-    .writer.lock         held (flock) by the one process writing at a time
+    .writer.lock         held (flock) by the one process committing at a time (`guie.search.folder`)
+    .add.lock            held by the one `guie index add` running (`guie.search.ingest`)
 
 Commit protocol, for add and remove alike:
     1. the store commits (one SQLite transaction: rows, removal log, commit counter)  <- the commit point
@@ -20,16 +21,14 @@ of the last completed commit. A write that changes nothing (every item indexed a
 nothing.
 
 Integrity on open: the backend's persisted state is checked (a FAISS snapshot against the check file written with
-it: index identity, commit, size, SHA-256), brought up to date, then verified against the store (live ids equal to
-the store's, a spread of vectors equal to the stored ones; for Milvus the row count and the same spot checks).
+it: index identity, commit, size, SHA-256), brought up to date, then verified against the store (the live ids'
+count, min, max and sum equal to the store's, 16 stored vectors spread over the ids equal to the backend's; for
+Milvus the row count and the same spot checks).
 Whatever disagrees is rebuilt from the store, which holds every vector, with one warning line saying why.
 """
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
-import re
 import threading
 import time
 import uuid
@@ -41,36 +40,19 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..utils import default_cache_dir, disk_full_as_error
-from .backends import BackendError, VectorBackend, backend_class, check_backend_options, open_backend
+from ..utils import disk_full_as_error
+from .backends import BackendError, IdSummary, VectorBackend, backend_class, check_backend_options, open_backend
+from .folder import LOCK_FILE, index_home, resolve_index, writer_lock
 from .store import STORE_FILE, MetadataStore, NewItem, StoreError, parse_where
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-LOCK_FILE = ".writer.lock"
 UPLOADS = "@index/uploads/"  # item paths of images added over HTTP: kept in the index folder, not the image root
 RERANK_FACTOR = 8  # candidates per requested neighbour re-ranked with exact vectors when the backend is approximate
 
 
 class SearchIndexError(InputError):
     """An index cannot be created or opened, or refuses an operation (another model, a bad filter ...)."""
-
-
-def index_home() -> Path:
-    """Where named indexes live: $GUIE_INDEX_HOME, else <guie cache>/indexes."""
-    env = os.environ.get("GUIE_INDEX_HOME")
-    return Path(env) if env else default_cache_dir() / "indexes"
-
-
-def resolve_index(name: str | Path) -> Path:
-    """A bare name (letters, digits, `_.-`) is a folder under `index_home()`; anything with a slash is a path."""
-    s = str(name)
-    if "/" in s or os.sep in s or s.startswith("."):
-        return Path(s).expanduser()
-    if not _NAME.match(s):
-        raise SearchIndexError(f"index name {s!r}: use letters, digits, '_', '.', '-' (or give a path with a '/')")
-    return index_home() / s
 
 
 @dataclass
@@ -131,7 +113,7 @@ class ImageIndex:
                   "model": model, "backend": backend, "backend_options": options,
                   "image_root": str(Path(image_root).resolve()) if image_root else None, **(extra or {})}
         folder.mkdir(parents=True, exist_ok=True)
-        with _flock(folder):
+        with writer_lock(folder):
             store = MetadataStore.create(folder / STORE_FILE, header)
             try:
                 be = open_backend(folder, store.header(), store.header(), token=token)
@@ -267,7 +249,7 @@ class ImageIndex:
                 finally:
                     self._flock_depth -= 1
                 return
-            with _flock(self.folder):
+            with writer_lock(self.folder):
                 self._flock_depth = 1
                 try:
                     yield
@@ -385,11 +367,11 @@ class ImageIndex:
         at one commit; if another process committed meanwhile, catch up to it and compare again."""
         with self._lock:
             for _ in range(5):
-                seq, ids = self.store.ids_at_last_commit()
+                seq, summary, samples = self.store.id_summary()
                 if seq != self.backend.synced_seq():
                     self._catch_up(persist=False)
                     continue
-                problem = self.backend.verify(ids, lambda wanted: self.store.vectors(wanted)[1])
+                problem = self.backend.verify(IdSummary(*summary), samples, self.store.vectors)
                 if problem:
                     self._rebuild(problem)
                 return
@@ -397,7 +379,7 @@ class ImageIndex:
     def _clean_orphans(self) -> None:
         """Delete what killed writes left in the folder, unless a writer holds the folder now (it may be writing
         those very files; it cleans them itself when it persists)."""
-        with self._lock, _flock(self.folder, blocking=False) as held:
+        with self._lock, writer_lock(self.folder, blocking=False) as held:
             if held:
                 gone = self.backend.clean_orphans()
                 if gone:
@@ -487,25 +469,5 @@ def _describe_where(conditions: dict[str, list[str]]) -> str:
     return " ".join(f"{c}={','.join(v)}" for c, v in conditions.items())
 
 
-@contextmanager
-def _flock(folder: Path, blocking: bool = True):
-    """The folder's writer lock (an flock, released by the kernel even on kill -9). Yields whether it is held
-    (always True when `blocking`)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-
-
-__all__ = ["AddResult", "BackendError", "Hit", "ImageIndex", "NewItem", "SearchIndexError", "index_home",
+__all__ = ["LOCK_FILE", "AddResult", "BackendError", "Hit", "ImageIndex", "NewItem", "SearchIndexError", "index_home",
            "resolve_index"]

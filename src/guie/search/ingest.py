@@ -17,19 +17,18 @@ Hashing reads files in chunks after a header check, so a stray huge non-image is
 """
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from ..utils import disk_full_as_error
+from .folder import file_lock
 from .image_index import ImageIndex, SearchIndexError
 from .store import ITEM_COLUMNS, NewItem
 
@@ -82,27 +81,13 @@ def items_from_rows(df: pd.DataFrame, hashes: Sequence[str], root: Path | None) 
             for p, h, lbl, meta in zip(df["path"].astype(str), hashes, labels, metas)]
 
 
-@contextmanager
-def add_lock(index: ImageIndex) -> Iterator[None]:
+def add_lock(index: ImageIndex):
     """Hold the index's add lock (`ADD_LOCK`): the one running `add_source` owns `pending/`. A second caller logs
     that it waits (naming the holder's pid) and blocks until the first is done (or killed)."""
-    fd = os.open(index.folder / ADD_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            log.warning("%s: another add to this index is running (pid %s); waiting for it to finish", index.folder,
-                        holder)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+    def say(pid: str) -> None:
+        log.warning("%s: another add to this index is running (pid %s); waiting for it to finish", index.folder, pid)
+
+    return file_lock(index.folder / ADD_LOCK, on_wait=say)
 
 
 def _unreadable(paths: Sequence[str]) -> list[str]:

@@ -36,6 +36,7 @@ STORE_FILE = "index.sqlite"
 SCHEMA_VERSION = 1
 ITEM_COLUMNS = TEXT_COLUMNS  # stored in their own columns; every other manifest column goes into `meta`
 SQLITE_MAGIC = b"SQLite format 3\x00"
+SPOT_CHECKS = 16  # stored ids whose vectors are compared with a backend's on open
 DAMAGED_FIX = "guie leaves the file as it is: restore it from a backup, or create the index again"
 
 _SCHEMA = """
@@ -294,13 +295,20 @@ class MetadataStore:
         return last, removed, ids, vectors, attrs
 
     @_guarded
-    def ids_at_last_commit(self) -> tuple[int, np.ndarray]:
-        """(the last commit, every stored id ascending), read in one consistent snapshot: what a backend is
-        verified against."""
-        with self._reading() as db:
+    def id_summary(self, samples: int = SPOT_CHECKS) -> tuple[int, tuple[int, int, int, int], np.ndarray]:
+        """(the last commit, (count, min, max, sum) of the stored ids, up to `samples` stored ids spread evenly
+        between min and max), read in one consistent snapshot, by SQL aggregates and index seeks (no scan in
+        Python): what a backend is verified against on open."""
+        with self._reading() as db:  # SQLite scans the small added_seq index for these, not the vectors
             last = self.seq
-            ids = np.asarray([i for (i,) in db.execute("SELECT id FROM items ORDER BY id")], dtype=np.int64)
-        return last, ids
+            n, low, high, total = db.execute("SELECT COUNT(*), MIN(id), MAX(id), SUM(id) FROM items").fetchone()
+            picks: list[int] = []
+            if n:
+                for target in np.linspace(low, high, min(samples, n)).astype(np.int64):
+                    seek = "SELECT id FROM items WHERE id >= ? ORDER BY id LIMIT 1"
+                    picks.append(db.execute(seek, (int(target),)).fetchone()[0])
+        summary = (int(n), int(low), int(high), int(total)) if n else (0, -1, -1, 0)
+        return last, summary, np.unique(np.asarray(picks, np.int64))
 
     @_guarded
     def all_rows(self) -> tuple[np.ndarray, np.ndarray, list[dict]]:

@@ -16,7 +16,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import faiss_backend, milvus_backend  # noqa: F401 - importing registers them
-from .base import KINDS, BackendError, Neighbours, VectorBackend, backend_class, backend_names, register_backend
+from .base import (
+    KINDS,
+    BackendError,
+    IdSummary,
+    Neighbours,
+    VectorBackend,
+    backend_class,
+    backend_names,
+    register_backend,
+)
 
 BACKENDS = backend_names()
 
@@ -37,5 +46,5 @@ def check_backend_options(name: str, kind: str) -> None:
         raise BackendError(f"unknown index kind {kind!r}; choose from {', '.join(cls.kinds)}")
 
 
-__all__ = ["BACKENDS", "KINDS", "BackendError", "Neighbours", "VectorBackend", "backend_class", "backend_names",
-           "check_backend_options", "open_backend", "register_backend"]
+__all__ = ["BACKENDS", "KINDS", "BackendError", "IdSummary", "Neighbours", "VectorBackend", "backend_class",
+           "backend_names", "check_backend_options", "open_backend", "register_backend"]

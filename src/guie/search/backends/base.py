@@ -21,6 +21,25 @@ class BackendError(InputError):
     """A backend cannot be created, opened or reached; the message names it."""
 
 
+@dataclass(frozen=True)
+class IdSummary:
+    """What a set of item ids is checked by on open, cheap to compute in SQL and in NumPy alike: count, smallest,
+    largest and sum (item ids are small non-negative integers, so the sum fits in 64 bits)."""
+
+    count: int
+    low: int
+    high: int
+    total: int
+
+    @classmethod
+    def of(cls, ids: np.ndarray) -> IdSummary:
+        """The summary of these ids (unique)."""
+        ids = np.asarray(ids, np.int64)
+        if not len(ids):
+            return cls(0, -1, -1, 0)
+        return cls(len(ids), int(ids.min()), int(ids.max()), int(ids.sum()))
+
+
 @dataclass
 class Neighbours:
     """Search results: distances [Q, k] (Euclidean, ascending) and ids [Q, k] (-1 where fewer were found)."""
@@ -94,11 +113,13 @@ class VectorBackend(ABC):
     def count(self) -> int:
         """Vectors held (tombstoned ones included)."""
 
-    def verify(self, ids: np.ndarray, vectors_of: Callable[[np.ndarray], np.ndarray]) -> str | None:
-        """Compare the contents with the store's: `ids` are every stored id (ascending), `vectors_of(ids)` reads
-        stored vectors. Returns why they differ (one line), or None when they agree."""
+    def verify(self, expected: IdSummary, samples: np.ndarray,
+               vectors_of: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]) -> str | None:
+        """Compare the contents with the store's: `expected` summarises the stored ids, `samples` are a few stored
+        ids spread over them and `vectors_of(ids)` reads (ids, vectors) from the store. Returns why they differ
+        (one line), or None when they agree."""
         held = self.count()
-        return None if held == len(ids) else f"holds {held} vectors for {len(ids)} items"
+        return None if held == expected.count else f"holds {held} vectors for {expected.count} items"
 
     def clean_orphans(self) -> list[Path]:
         """Delete files a killed write left behind; call only under the folder's writer lock. Returns them."""

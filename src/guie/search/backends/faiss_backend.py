@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import BackendError, Neighbours, VectorBackend, register_backend
+from .base import BackendError, IdSummary, Neighbours, VectorBackend, register_backend
 
 HNSW_M = 32
 HNSW_EF_SEARCH = 64
@@ -43,7 +43,6 @@ _CHECK = re.compile(r"^faiss-(\d+)\.check\.json$")
 # temp files of `_atomic` (".<final name>.<random><suffix>"): what a kill -9 during a write leaves behind
 _ORPHAN = re.compile(r"^\.(faiss-\d+\.index|faiss-\d+\.check\.json|tombstones-\d+\.npy)\..+\.(tmp|npy)$")
 CHECK_FORMAT = 1
-SPOT_CHECKS = 16  # stored vectors compared with the snapshot's on open (flat and hnsw hold them exactly)
 
 
 def ivfpq_factory(n: int, dim: int) -> str:
@@ -183,22 +182,26 @@ class FaissBackend(VectorBackend):
                  for i in range(invlists.nlist) if invlists.list_size(i)]
         return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
 
-    def verify(self, ids: np.ndarray, vectors_of: Callable[[np.ndarray], np.ndarray]) -> str | None:
-        """The live ids (held minus tombstones) must be exactly the store's, and for flat/hnsw a spread of
-        `SPOT_CHECKS` vectors must equal the stored ones."""
-        held = self.stored_ids()
-        live = np.setdiff1d(held, self.tombstones) if len(self.tombstones) else np.unique(held)
+    def verify(self, expected: IdSummary, samples: np.ndarray,
+               vectors_of: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]) -> str | None:
+        """The live ids (held minus tombstones, none twice) must summarise as the store's do, and for flat/hnsw the
+        sampled stored vectors must be in the index, equal."""
         where = self.folder / f"faiss-{self._seq}.index"
-        if len(held) != len(np.unique(held)):
+        held = np.sort(self.stored_ids())
+        if len(held) > 1 and (held[1:] == held[:-1]).any():
             return f"{where}: holds an id twice"
-        if len(live) != len(ids) or not np.array_equal(live, ids):
-            return (f"{where}: holds {len(live)} live vectors for {len(ids)} items"
-                    if len(live) != len(ids) else f"{where}: holds other ids than the store")
-        if not len(ids) or not self.exact_distances:
+        live = held[~np.isin(held, self.tombstones)] if len(self.tombstones) else held
+        if len(live) != expected.count:
+            return f"{where}: holds {len(live)} live vectors for {expected.count} items"
+        if IdSummary.of(live) != expected:
+            return f"{where}: holds other ids than the store"
+        if not len(samples) or not self.exact_distances:
             return None
-        sample = ids[np.linspace(0, len(ids) - 1, min(SPOT_CHECKS, len(ids))).astype(np.int64)]
-        mine = np.stack([self.index.reconstruct(int(i)) for i in sample])
-        if not np.allclose(mine, vectors_of(sample), atol=1e-6):
+        ids, stored = vectors_of(samples)
+        if not np.isin(ids, live).all():
+            return f"{where}: holds other ids than the store"
+        mine = np.stack([self.index.reconstruct(int(i)) for i in ids])
+        if not np.allclose(mine, stored, atol=1e-6):
             return f"{where}: its vectors differ from the store's"
         return None
 

@@ -29,12 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from ..filters import json_scalar, milvus_expression
-from .base import BackendError, Neighbours, VectorBackend, register_backend
+from .base import BackendError, IdSummary, Neighbours, VectorBackend, register_backend
 
 LITE_FILE = "milvus.db"
 LAYOUT = 2  # attrs stored as typed JSON scalars (1: as text)
 _LITE_USERS: dict[str, int] = {}  # open backends per Milvus Lite folder in this process (they share one server)
-SPOT_CHECKS = 16
 INSERT_BATCH = 10_000
 MAX_TOPK = 16_384  # Milvus's limit on k
 _INDEX_TYPES = {"flat": ("FLAT", {}), "hnsw": ("HNSW", {"M": 32, "efConstruction": 100}),
@@ -199,20 +198,20 @@ class MilvusBackend(VectorBackend):
         return int(res[0]["count(*)"])
 
     @_milvus_errors
-    def verify(self, ids: np.ndarray, vectors_of: Callable[[np.ndarray], np.ndarray]) -> str | None:
-        """The row count must be the store's, and a spread of `SPOT_CHECKS` vectors must equal the stored ones."""
+    def verify(self, expected: IdSummary, samples: np.ndarray,
+               vectors_of: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]) -> str | None:
+        """The row count must be the store's, and the sampled stored vectors must be in the collection, equal."""
         held = self.count()
-        if held != len(ids):
-            return f"{self._where()}: holds {held} vectors for {len(ids)} items"
-        if not len(ids):
+        if held != expected.count:
+            return f"{self._where()}: holds {held} vectors for {expected.count} items"
+        if not len(samples):
             return None
-        sample = ids[np.linspace(0, len(ids) - 1, min(SPOT_CHECKS, len(ids))).astype(np.int64)]
-        rows = {int(r["id"]): r["vector"] for r in self.client.get(self.collection, ids=[int(i) for i in sample],
+        ids, stored = vectors_of(samples)
+        rows = {int(r["id"]): r["vector"] for r in self.client.get(self.collection, ids=[int(i) for i in ids],
                                                                      output_fields=["vector"])}
-        if set(rows) != set(sample.tolist()):
+        if set(rows) != set(ids.tolist()):
             return f"{self._where()}: holds other ids than the store"
-        mine = np.asarray([rows[int(i)] for i in sample], np.float32)
-        if not np.allclose(mine, vectors_of(sample), atol=1e-6):
+        if not np.allclose(np.asarray([rows[int(i)] for i in ids], np.float32), stored, atol=1e-6):
             return f"{self._where()}: its vectors differ from the store's"
         return None
 
