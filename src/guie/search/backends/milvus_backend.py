@@ -131,7 +131,7 @@ class MilvusBackend(VectorBackend):
         if uri:
             options["uri"] = uri
         synced = int(store_info.get("backend_seq", -1))
-        stale = int(store_info.get("backend_layout", 1)) < LAYOUT
+        stale = "backend_seq" in store_info and int(store_info.get("backend_layout", 1)) < LAYOUT  # not a new one
         backend = cls(Path(folder), int(header["dim"]), token=token, synced=-1 if stale else synced, **options)
         if stale and backend.problem is None:
             backend.problem = f"{backend._where()}: metadata stored as text by an older guie (filters need it typed)"
