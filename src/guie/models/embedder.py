@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError, MissingFileError
 from ..utils import atomic_save
 from .backbones import Backbone, create_backbone
 from .heads import ProjectionHead
@@ -139,33 +140,55 @@ def load_embedder(path: str | Path, map_location: str | torch.device = "cpu") ->
     """Rebuild an Embedder from `save_embedder` output (random init, then the stored weights: no hub access)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"model checkpoint not found: {path}")
+        raise MissingFileError(path, "model checkpoint")
     payload = torch.load(path, map_location=map_location, weights_only=False)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a guie embedder checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+        raise InputError(f"{path}: not a guie embedder checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     spec = EmbedderSpec(**payload["spec"])
     pre = PreprocessConfig.from_dict(payload["preprocess"])
     embedder = embedder_from_spec(spec)
     embedder.preprocess = pre
     embedder.load_state_dict(payload["state_dict"], strict=True)
+    # accuracy checks of other precisions (bf16, int8) recorded with the weights: what lets inference choose them
+    embedder.precision_checks = dict((payload.get("extra") or {}).get("precision_checks") or {})
     return embedder.eval()
 
 
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
+def _looks_like_file(model: str) -> bool:
+    """Whether a model reference names a file rather than a backbone: a checkpoint suffix or a path separator in a
+    name that is no family reference (``timm:...``, ``open_clip:...``)."""
+    if ":" in model.split("/")[0]:
+        return False
+    return model.endswith(CHECKPOINT_SUFFIXES) or "/" in model or model.startswith(("~", "."))
+
+
 def resolve_embedder(model: str | Path | Embedder | None, image_size: int | None = None, seed: int = 0,
-                     **kwargs) -> Embedder:
+                     crop_pct: float | None = None, **kwargs) -> Embedder:
     """An Embedder from an instance, a checkpoint file, or a backbone name (raw features unless embed_dim given).
 
-    `image_size` applies to all three (a checkpoint or instance is adapted with `Embedder.set_image_size`);
-    `seed` initialises a fresh head (see `create_embedder`); other keyword arguments go to `create_embedder` and are
-    refused for a checkpoint, which fixes them itself.
+    `image_size` and `crop_pct` (the centre-crop fraction, 1.0: the whole image) apply to all three (a checkpoint or
+    instance is adapted with `Embedder.set_image_size` / `set_preprocess`); `seed` initialises a fresh head (see
+    `create_embedder`); other keyword arguments go to `create_embedder` and are refused for a checkpoint, which fixes
+    them itself. A reference that names a file (a .pt suffix or a path) that does not exist is "file not found".
     """
-    if isinstance(model, Embedder) or (model is not None and Path(str(model)).is_file()):
+    if model is not None and not isinstance(model, Embedder) and _looks_like_file(str(model)) \
+            and not Path(str(model)).expanduser().is_file():
+        raise MissingFileError(model, "model checkpoint")
+    if isinstance(model, Embedder) or (model is not None and Path(str(model)).expanduser().is_file()):
         if any(v is not None for v in kwargs.values()):
-            raise ValueError(f"{sorted(k for k, v in kwargs.items() if v is not None)} cannot be changed on a trained "
-                             f"model ({model if not isinstance(model, Embedder) else 'an Embedder'})")
-        embedder = model if isinstance(model, Embedder) else load_embedder(model)
-        return embedder.set_image_size(image_size) if image_size else embedder
+            raise InputError(f"{sorted(k for k, v in kwargs.items() if v is not None)} cannot be changed on a "
+                             f"trained model ({model if not isinstance(model, Embedder) else 'an Embedder'})")
+        embedder = model if isinstance(model, Embedder) else load_embedder(Path(str(model)).expanduser())
+        if image_size:
+            embedder.set_image_size(image_size)
+        if crop_pct is not None and crop_pct != embedder.preprocess.crop_pct:
+            embedder.set_preprocess(embedder.preprocess.replace(crop_pct=float(crop_pct)))
+        return embedder
     if model is None:
         model = "efficientnet_lite0"
     kwargs.setdefault("embed_dim", None)
-    return create_embedder(str(model), image_size=image_size, seed=seed, **kwargs).eval()
+    preprocess = {"crop_pct": float(crop_pct)} if crop_pct is not None else None
+    return create_embedder(str(model), image_size=image_size, seed=seed, preprocess=preprocess, **kwargs).eval()

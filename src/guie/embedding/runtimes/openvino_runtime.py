@@ -1,0 +1,187 @@
+"""The OpenVINO runtime: the model converted once (`ov.convert_model` from the PyTorch module, cached as OpenVINO IR
+by `cache.load_or_convert`), compiled for the CPU with one stream per core.
+
+Thread layout: `parallel` streams of one thread each (`NUM_STREAMS`, `INFERENCE_NUM_THREADS`), and each call splits
+its batch over up to `parallel` infer requests run asynchronously (OpenVINO releases the GIL while they run), so
+one caller keeps every core busy and several callers (the engine's decode-and-forward threads, the search server's
+batcher threads) queue their requests on the same streams. A stream is a single-threaded forward: nothing waits at
+a barrier for a core another process took, which is why one forward split over all cores is not used.
+
+The input is uint8 NHWC (a `PrePostProcessor` transposes inside the compiled model): guie's batches are
+channels_last, so they go in without a copy. Precision is a compile-time hint on the same fp32 IR
+(`INFERENCE_PRECISION_HINT`): fp32 equals torch within ~1e-6; bf16 only on CPUs with native bf16.
+"""
+from __future__ import annotations
+
+import functools
+import queue
+import warnings
+
+import numpy as np
+import torch
+
+from . import InferenceRuntime, RuntimeEntry, RuntimeUnavailable, cpu_has_native_bf16, register_runtime
+from .cache import load_or_convert
+
+_PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
+
+
+@functools.lru_cache(maxsize=1)
+def openvino_unavailable() -> str | None:
+    """Why OpenVINO cannot run here (None: it can)."""
+    try:
+        import openvino as ov
+    except ImportError as e:
+        return f"the openvino package is not installed ({e.name or e})"
+    try:
+        if "CPU" not in ov.Core().available_devices:
+            return "OpenVINO sees no supported CPU"
+    except Exception as e:  # noqa: BLE001 - an unsupported CPU shows up as any error of the plugin
+        return f"OpenVINO's CPU plugin does not start ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    return None
+
+
+def openvino_version() -> str:
+    import openvino as ov
+
+    return ov.get_version().split("-")[0]
+
+
+def example_images(embedder, batch: int = 2) -> torch.Tensor:
+    """Random uint8 input at the model's geometry, for tracing (the values do not matter)."""
+    size = embedder.preprocess.image_size
+    return torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+class ForwardModule(torch.nn.Module):
+    """The embedder's forward, or its backbone features: what a runtime converts."""
+
+    def __init__(self, embedder, features: bool):
+        super().__init__()
+        self.embedder, self.features = embedder, features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embedder.forward_features(images) if self.features else self.embedder(images)
+
+
+def conversion_key(embedder, runtime: str, features: bool, artifact: str = "fp32") -> dict:
+    """What a converted model depends on: the fingerprint, the runtime, the converted precision, the input."""
+    from ..files import model_fingerprint
+
+    size = embedder.preprocess.image_size
+    return {"fingerprint": model_fingerprint(embedder, embedder.preprocess, features), "runtime": runtime,
+            "precision": artifact, "input": ["batch", 3, size, size], "input_dtype": "uint8", "features": features}
+
+
+def convert_to_openvino(embedder, features: bool):
+    """ov.convert_model of the model (uint8 [B, 3, S, S] in, dynamic batch); RuntimeUnavailable when it fails."""
+    import openvino as ov
+
+    embedder.eval()
+    module = ForwardModule(embedder, features).eval()
+    size = embedder.preprocess.image_size
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            return ov.convert_model(module, example_input=example_images(embedder), input=[(-1, 3, size, size)])
+    except Exception as e:  # noqa: BLE001 - the converter's failures have no common type; reported in one line
+        raise RuntimeUnavailable(f"OpenVINO cannot convert {embedder.spec.backbone} "
+                                 f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e) else ''})"
+                                 ) from None
+
+
+def openvino_model(embedder, features: bool, cache_dir=None):
+    """The model as an `ov.Model`, from the conversion cache or converted now (see `cache.load_or_convert`)."""
+    import openvino as ov
+
+    def save(model, folder):
+        ov.save_model(model, folder / "model.xml", compress_to_fp16=False)
+
+    def load(folder):
+        model = ov.Core().read_model(folder / "model.xml")
+        if len(model.inputs) != 1 or model.inputs[0].get_partial_shape()[1:].to_shape() != \
+                list(example_images(embedder).shape[1:]):
+            raise ValueError("unexpected input shape")
+        return model
+
+    return load_or_convert("openvino", conversion_key(embedder, "openvino", features), openvino_version(),
+                           lambda: convert_to_openvino(embedder, features), save, load, cache_dir, what="OpenVINO")
+
+
+class OpenVINORuntime(InferenceRuntime):
+    """A compiled OpenVINO model on the CPU; see the module docstring for the thread layout."""
+
+    name = "openvino"
+
+    def __init__(self, embedder, precision: str, features: bool, cache_dir=None, streams: int | None = None):
+        import openvino as ov
+        from openvino.preprocess import PrePostProcessor
+
+        super().__init__(torch.device("cpu"), features)
+        if precision == "bf16" and not cpu_has_native_bf16():
+            raise RuntimeUnavailable("precision bf16 needs a CPU with native bf16 (AMX or AVX512-BF16); this one "
+                                     "has none (use fp32)")
+        self.precision = precision
+        self.parallel = max(1, streams or min(torch.get_num_threads(), 8))
+        model = openvino_model(embedder, features, cache_dir)
+        ppp = PrePostProcessor(model)
+        ppp.input().tensor().set_layout(ov.Layout("NHWC"))
+        ppp.input().model().set_layout(ov.Layout("NCHW"))
+        model = ppp.build()
+        config = {"INFERENCE_PRECISION_HINT": _PRECISION_HINTS[precision], "NUM_STREAMS": self.parallel,
+                  "INFERENCE_NUM_THREADS": self.parallel, "PERFORMANCE_HINT": "THROUGHPUT"}
+        try:
+            self.compiled = ov.Core().compile_model(model, "CPU", config)
+        except Exception as e:  # noqa: BLE001 - the plugin's failures have no common type
+            raise RuntimeUnavailable(f"OpenVINO cannot compile {embedder.spec.backbone} for this CPU "
+                                     f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+
+    @property
+    def layout(self) -> str:
+        return f"{self.parallel} stream(s) x 1 thread, a batch split over the streams"
+
+    def _request(self):
+        try:
+            return self._requests.get_nowait()
+        except queue.Empty:
+            return self.compiled.create_infer_request()
+
+    def numpy(self, images: torch.Tensor) -> np.ndarray:
+        """float32 [B, d] of uint8 images [B, 3, S, S] (any memory layout; channels_last goes in without a copy)."""
+        nhwc = np.ascontiguousarray(images.detach().cpu().permute(0, 2, 3, 1).numpy())
+        n = len(nhwc)
+        chunks = np.array_split(nhwc, min(self.parallel, n)) if n else []
+        running = []
+        try:
+            for chunk in chunks:
+                req = self._request()
+                running.append(req)
+                req.start_async({0: chunk})
+            outs = []
+            for req in running:
+                req.wait()
+                outs.append(req.get_output_tensor(0).data.copy())
+        finally:
+            for req in running:
+                try:
+                    req.wait()  # (only a request left running by an error above still runs)
+                except Exception:  # noqa: BLE001,S110 - its error was raised already
+                    pass
+                self._requests.put(req)
+        return np.concatenate(outs) if outs else np.zeros((0, self.compiled.outputs[0].get_partial_shape()[1]
+                                                           .get_length()), np.float32)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.numpy(images))
+
+    def close(self) -> None:
+        self._requests = queue.SimpleQueue()
+
+
+def _build(embedder, precision: str, device: torch.device, features: bool, cache_dir=None, forwards=None, **_):
+    return OpenVINORuntime(embedder, precision, features, cache_dir, streams=forwards)
+
+
+register_runtime(RuntimeEntry("openvino", devices=("cpu",), precisions=("fp32", "bf16"),
+                              unavailable=openvino_unavailable, build=_build))
