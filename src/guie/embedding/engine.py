@@ -38,7 +38,6 @@ from tqdm.auto import tqdm
 from ..models.embedder import Embedder
 from ..models.preprocess import ImageTransform, PreprocessConfig, draft_size
 from ..pipeline.datasets import ImageFileDataset, KeyListSampler, collate_skip_failed, stack_images
-from ..runtime import forward_workers
 from ..utils import resolve_device
 from .runtimes import InferenceRuntime, create_runtime
 from .runtimes.torch_runtime import TorchRuntime, torch_forward

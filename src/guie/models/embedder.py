@@ -190,5 +190,6 @@ def resolve_embedder(model: str | Path | Embedder | None, image_size: int | None
     if model is None:
         model = "efficientnet_lite0"
     kwargs.setdefault("embed_dim", None)
-    preprocess = {"crop_pct": float(crop_pct)} if crop_pct is not None else None
-    return create_embedder(str(model), image_size=image_size, seed=seed, preprocess=preprocess, **kwargs).eval()
+    preprocess = {**(kwargs.pop("preprocess", None) or {}), **({"crop_pct": float(crop_pct)} if crop_pct else {})}
+    return create_embedder(str(model), image_size=image_size, seed=seed, preprocess=preprocess or None,
+                           **kwargs).eval()

@@ -216,8 +216,11 @@ def create_runtime(embedder: Embedder, runtime: str | None = "auto", precision: 
     """
     from ...utils import resolve_device
 
-    device = resolve_device(device)
     asked_runtime, _ = check_choice(runtime, precision)
+    if device in (None, "auto") and asked_runtime not in ("auto", "torch"):
+        _load_builtin()
+        device = "cpu" if "cpu" in _REGISTRY[asked_runtime].devices else device  # a CPU runtime asked by name
+    device = resolve_device(device)
     choice = resolve_choice(embedder, runtime, precision, device)
     entry = _REGISTRY[choice.runtime]
     problem = entry.unavailable()

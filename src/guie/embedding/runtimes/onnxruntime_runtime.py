@@ -69,12 +69,12 @@ def export_onnx_bytes(embedder, features: bool) -> bytes:
         return path.read_bytes()
 
 
-def onnx_session(model: bytes | str):
-    """A CPU session with one intra-op thread and no spinning (see the module docstring)."""
+def onnx_session(model: bytes | str, threads: int = 1):
+    """A CPU session with `threads` intra-op threads and no spinning (see the module docstring)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
@@ -91,18 +91,19 @@ class OnnxRuntime(InferenceRuntime):
 
         super().__init__(torch.device("cpu"), features)
         self.precision = precision
-        self.parallel = max(1, threads or min(torch.get_num_threads(), 8))
+        total = torch.get_num_threads()
+        self.parallel = max(1, min(threads or total, total))
 
         def save(blob: bytes, folder: Path) -> None:
             (folder / "model.onnx").write_bytes(blob)
 
         def load(folder: Path):
-            return onnx_session(str(folder / "model.onnx"))
+            return onnx_session(str(folder / "model.onnx"), max(1, total // self.parallel))
 
         result = load_or_convert("onnxruntime", conversion_key(embedder, "onnxruntime", features), ort.__version__,
                                  lambda: export_onnx_bytes(embedder, features), save, load, cache_dir,
                                  what="ONNX Runtime")
-        self.session = onnx_session(result) if isinstance(result, bytes) else result
+        self.session = onnx_session(result, max(1, total // self.parallel)) if isinstance(result, bytes) else result
         self.input_name = self.session.get_inputs()[0].name
         self._pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="guie-onnxruntime")
 

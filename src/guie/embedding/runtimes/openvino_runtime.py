@@ -1,7 +1,8 @@
 """The OpenVINO runtime: the model converted once (`ov.convert_model` from the PyTorch module, cached as OpenVINO IR
 by `cache.load_or_convert`), compiled for the CPU with one stream per core.
 
-Thread layout: `parallel` streams of one thread each (`NUM_STREAMS`, `INFERENCE_NUM_THREADS`), and each call splits
+Thread layout: `parallel` streams (default one per intra-op thread of torch's count, so each stream has one thread;
+`forwards` given: that many streams sharing the threads) (`NUM_STREAMS`, `INFERENCE_NUM_THREADS`), and each call splits
 its batch over up to `parallel` infer requests run asynchronously (OpenVINO releases the GIL while they run), so
 one caller keeps every core busy and several callers (the engine's decode-and-forward threads, the search server's
 batcher threads) queue their requests on the same streams. A stream is a single-threaded forward: nothing waits at
@@ -122,14 +123,16 @@ class OpenVINORuntime(InferenceRuntime):
             raise RuntimeUnavailable("precision bf16 needs a CPU with native bf16 (AMX or AVX512-BF16); this one "
                                      "has none (use fp32)")
         self.precision = precision
-        self.parallel = max(1, streams or min(torch.get_num_threads(), 8))
+        threads = torch.get_num_threads()
+        self.parallel = max(1, min(streams or threads, threads))
         model = openvino_model(embedder, features, cache_dir)
         ppp = PrePostProcessor(model)
         ppp.input().tensor().set_layout(ov.Layout("NHWC"))
         ppp.input().model().set_layout(ov.Layout("NCHW"))
         model = ppp.build()
         config = {"INFERENCE_PRECISION_HINT": _PRECISION_HINTS[precision], "NUM_STREAMS": self.parallel,
-                  "INFERENCE_NUM_THREADS": self.parallel, "PERFORMANCE_HINT": "THROUGHPUT"}
+                  "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "THROUGHPUT"}
+        self.threads = threads
         try:
             self.compiled = ov.Core().compile_model(model, "CPU", config)
         except Exception as e:  # noqa: BLE001 - the plugin's failures have no common type
@@ -139,7 +142,8 @@ class OpenVINORuntime(InferenceRuntime):
 
     @property
     def layout(self) -> str:
-        return f"{self.parallel} stream(s) x 1 thread, a batch split over the streams"
+        return (f"{self.parallel} stream(s) x {max(1, self.threads // self.parallel)} thread(s), a batch split over "
+                "the streams")
 
     def _request(self):
         try:
