@@ -1,12 +1,16 @@
 """The OpenVINO runtime: the model converted once (`ov.convert_model` from the PyTorch module, cached as OpenVINO IR
 by `cache.load_or_convert`), compiled for the CPU with one stream per core.
 
-Thread layout: `parallel` streams (default one per intra-op thread of torch's count, so each stream has one thread;
-`forwards` given: that many streams sharing the threads) (`NUM_STREAMS`, `INFERENCE_NUM_THREADS`), and each call splits
-its batch over up to `parallel` infer requests run asynchronously (OpenVINO releases the GIL while they run), so
-one caller keeps every core busy and several callers (the engine's decode-and-forward threads, the search server's
-batcher threads) queue their requests on the same streams. A stream is a single-threaded forward: nothing waits at
-a barrier for a core another process took, which is why one forward split over all cores is not used.
+Thread layout: `parallel` streams (`NUM_STREAMS`; default one per intra-op thread of torch's count, so each stream
+is a single-threaded forward; `forwards` given: that many streams sharing the threads) and exactly `parallel` infer
+requests. A call splits its batch into chunks of at most `chunk` images and runs each on the next idle request
+(OpenVINO releases the GIL while they run); a request returns to the pool from OpenVINO's completion callback. So one
+caller keeps every core busy, several callers (the engine's decode-and-forward threads, the search server's batcher
+threads) share the streams, and memory stays that of `parallel` chunk-sized forwards however many callers there are
+(each request keeps its own activation buffers, ~20 MB an image for EfficientNet-Lite0 at 224 px: unbounded
+requests of whole batches took 0.7 GB more in `guie embed`; chunks of 4 ran as fast as chunks of 32).
+Single-threaded streams never wait at a barrier for a core another process took, which is why one forward split
+over all cores is not the default.
 
 The input is uint8 NHWC (a `PrePostProcessor` transposes inside the compiled model): guie's batches are
 channels_last, so they go in without a copy. Precision is a compile-time hint on the same fp32 IR
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import queue
+import threading
 import warnings
 
 import numpy as np
@@ -114,7 +119,8 @@ class OpenVINORuntime(InferenceRuntime):
 
     name = "openvino"
 
-    def __init__(self, embedder, precision: str, features: bool, cache_dir=None, streams: int | None = None):
+    def __init__(self, embedder, precision: str, features: bool, cache_dir=None, streams: int | None = None,
+                 chunk: int = 4):
         import openvino as ov
         from openvino.preprocess import PrePostProcessor
 
@@ -138,49 +144,62 @@ class OpenVINORuntime(InferenceRuntime):
         except Exception as e:  # noqa: BLE001 - the plugin's failures have no common type
             raise RuntimeUnavailable(f"OpenVINO cannot compile {embedder.spec.backbone} for this CPU "
                                      f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
-        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        # `parallel` infer requests, no more: each holds its own activation memory for the chunk size it ran
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(self.parallel):
+            self._idle.put(self.compiled.create_infer_request())
+        self.chunk = max(1, int(chunk))
+        self.dim = self.compiled.outputs[0].get_partial_shape()[1].get_length()
 
     @property
     def layout(self) -> str:
-        return (f"{self.parallel} stream(s) x {max(1, self.threads // self.parallel)} thread(s), a batch split over "
-                "the streams")
-
-    def _request(self):
-        try:
-            return self._requests.get_nowait()
-        except queue.Empty:
-            return self.compiled.create_infer_request()
+        return (f"{self.parallel} stream(s) x {max(1, self.threads // self.parallel)} thread(s), batches split into "
+                f"chunks of <= {self.chunk} over {self.parallel} infer requests")
 
     def numpy(self, images: torch.Tensor) -> np.ndarray:
-        """float32 [B, d] of uint8 images [B, 3, S, S] (any memory layout; channels_last goes in without a copy)."""
+        """float32 [B, d] of uint8 images [B, 3, S, S] (any memory layout; channels_last goes in without a copy).
+
+        The batch runs as chunks of at most `chunk` images, each on the next idle infer request (blocking while all
+        are busy); a request goes back to the pool as soon as its chunk is done, from OpenVINO's callback, so
+        callers on several threads share the requests without holding one while they wait for another."""
         nhwc = np.ascontiguousarray(images.detach().cpu().permute(0, 2, 3, 1).numpy())
         n = len(nhwc)
-        chunks = np.array_split(nhwc, min(self.parallel, n)) if n else []
-        running = []
-        try:
-            for chunk in chunks:
-                req = self._request()
-                running.append(req)
-                req.start_async({0: chunk})
-            outs = []
-            for req in running:
-                req.wait()
-                outs.append(req.get_output_tensor(0).data.copy())
-        finally:
-            for req in running:
-                try:
-                    req.wait()  # (only a request left running by an error above still runs)
-                except Exception:  # noqa: BLE001,S110 - its error was raised already
-                    pass
-                self._requests.put(req)
-        return np.concatenate(outs) if outs else np.zeros((0, self.compiled.outputs[0].get_partial_shape()[1]
-                                                           .get_length()), np.float32)
+        out = np.empty((n, self.dim), np.float32)
+        starts = list(range(0, n, self.chunk))
+        left = [len(starts)]
+        errors: list[BaseException] = []
+        done = threading.Event()
+        lock = threading.Lock()
+        if not starts:
+            return out
+
+        def finished(args) -> None:
+            req, lo = args
+            try:
+                out[lo:lo + self.chunk] = req.get_output_tensor(0).data
+            except BaseException as e:  # noqa: BLE001 - handed to the caller below
+                errors.append(e)
+            self._idle.put(req)
+            with lock:
+                left[0] -= 1
+                if left[0] == 0:
+                    done.set()
+
+        for lo in starts:
+            req = self._idle.get()
+            try:
+                req.set_callback(finished, (req, lo))
+                req.start_async({0: nhwc[lo:lo + self.chunk]})
+            except BaseException:
+                self._idle.put(req)
+                raise
+        done.wait()
+        if errors:
+            raise errors[0]
+        return out
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.numpy(images))
-
-    def close(self) -> None:
-        self._requests = queue.SimpleQueue()
 
 
 def _build(embedder, precision: str, device: torch.device, features: bool, cache_dir=None, forwards=None, **_):
