@@ -178,7 +178,16 @@ def _embed_shards(embedder, manifest, schema, paths, todo, parts, part, shard_si
                   features, preprocess, decode, compile, progress, report_failure, n_shards, inference: dict) -> None:
     if not todo:
         return
-    from .engine import iter_embeddings, output_dim
+    import time
+
+    from .engine import _runtime_for, iter_embeddings, output_dim
+
+    was_training = embedder.training
+    # the runtime first (a converting one may take a while the first time), so the rate below is the embedding's
+    inference["runtime"] = _runtime_for(embedder, inference["runtime"], inference["precision"], device, features,
+                                        inference.pop("cache_dir"), None, compile, batch_size)
+    embedder.train(was_training)
+    started = time.perf_counter()
 
     ranges = [(s * shard_size, min(len(paths), (s + 1) * shard_size)) for s in todo]
     starts = np.cumsum([0] + [hi - lo for lo, hi in ranges])
@@ -221,6 +230,8 @@ def _embed_shards(embedder, manifest, schema, paths, todo, parts, part, shard_si
                 del open_shards[k]
     if open_shards:  # pragma: no cover - iter_embeddings covers every position
         raise RuntimeError(f"internal error: shards {sorted(open_shards)} did not complete")
+    took = time.perf_counter() - started
+    log.info("embedded %d images in %.1f s (%.1f images/s)", len(todo_paths), took, len(todo_paths) / max(took, 1e-9))
 
 
 def _merge_parts(parts: Path, part, n_shards: int, out_path: Path) -> None:
