@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_MANIFEST, cpu_name  # noqa: E402
+from _common import cpu_name  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 BARE = ["torch eager", "torch eager, one forward", "torch.compile", "onnxruntime", "openvino fp32",

@@ -196,7 +196,8 @@ def main() -> None:
             add_source(index, tmp / "m.csv", embedder, progress=False)
         del embedder
 
-        before = bare_rates(model_path, files, runtime=args.runtime, precision=args.precision)  # measured again after the served phase: the load may change
+        # measured again after the served phase: the load may change
+        before = bare_rates(model_path, files, runtime=args.runtime, precision=args.precision)
         emit({"phase": "bare (before)", **{k: round(v, 1) for k, v in before.items()}})
 
         port = free_port()
