@@ -170,6 +170,9 @@ def test_choices_are_checked_and_precision_auto_needs_native_bf16_and_a_passed_c
         create_runtime(tiny, "openvino", "int8", "cpu")
     with pytest.raises(InputError, match="does not offer precision bf16"):
         create_runtime(tiny, "onnxruntime", "bf16", "cpu")
+    monkeypatch.setattr(runtimes, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(InputError, match="needs a CPU with native bf16"):
+        create_runtime(tiny, "openvino", "bf16", "cpu")
     monkeypatch.setattr(runtimes, "cpu_has_native_bf16", lambda: True)
     assert resolve_choice(tiny, "openvino", "auto", CPU).precision == "fp32"  # no recorded check: never bf16
     tiny.precision_checks = {"bf16": {"domains": {"emoji": 0.0006, "glyphs": 0.001, "icons": 0.0}}}
@@ -239,3 +242,17 @@ def test_every_backbone_family_converts_and_gives_torch_vectors_on_real_images(f
     got = embed_images(embedder, paths, batch_size=8, progress=False, runtime="openvino", cache_dir=cache)
     assert got.ok.all() and ref.ok.all()
     np.testing.assert_allclose(got.embeddings, ref.embeddings, atol=1e-5, rtol=0)
+
+
+def test_recipes_name_the_feature_runtime_and_refuse_unknown_ones():
+    """A recipe's `runtime`/`precision` say what computes the cached features of head stages (torch trains)."""
+    from pathlib import Path
+
+    from guie.train.recipe import load_run_config
+    from guie.typed_yaml import ConfigError
+
+    recipe = Path(__file__).resolve().parents[1] / "src" / "guie" / "recipes" / "emoji-lite0-cpu.yaml"
+    cfg = load_run_config(recipe, ["runtime=openvino"])
+    assert (cfg.runtime, cfg.precision) == ("openvino", "fp32")
+    with pytest.raises((ConfigError, InputError), match="unknown runtime 'tensorrt'"):
+        load_run_config(recipe, ["runtime=tensorrt"])

@@ -187,6 +187,9 @@ def resolve_choice(embedder: Embedder | None, runtime: str, precision: str, devi
             raise InputError(f"precision int8 is not available yet for runtime {runtime} (use fp32 or bf16)")
         raise InputError(f"runtime {runtime} does not offer precision {precision} "
                          f"(it offers {', '.join(entry.precisions)})")
+    if precision == "bf16" and device.type == "cpu" and runtime != "torch" and not cpu_has_native_bf16():
+        raise InputError(f"precision bf16 with runtime {runtime} needs a CPU with native bf16 (AMX or AVX512-BF16); "
+                         "this one has none: use fp32 (or runtime torch, which emulates bf16 slowly)")
     return Choice(runtime, precision, "; ".join(why) or "as asked")
 
 
@@ -233,8 +236,7 @@ def create_runtime(embedder: Embedder, runtime: str | None = "auto", precision: 
         if asked_runtime != "auto":
             raise
         log.warning("runtime auto: %s; using torch", e)
-        choice = Choice("torch", "fp32" if choice.precision == "bf16" and device.type == "cpu" else choice.precision,
-                        f"{choice.reason}; conversion failed, torch")
+        choice = Choice("torch", choice.precision, f"{choice.reason}; conversion failed, torch")
         rt = _REGISTRY["torch"].build(embedder, precision=choice.precision, device=device, features=features,
                                       cache_dir=cache_dir, forwards=forwards)
     _log_once(rt, choice)

@@ -3,14 +3,15 @@ by `cache.load_or_convert`), compiled for the CPU with one stream per core.
 
 Thread layout: `parallel` streams (`NUM_STREAMS`; default one per intra-op thread of torch's count, so each stream
 is a single-threaded forward; `forwards` given: that many streams sharing the threads) and exactly `parallel` infer
-requests. A call splits its batch into chunks of at most `chunk` images and runs each on the next idle request
-(OpenVINO releases the GIL while they run); a request returns to the pool from OpenVINO's completion callback. So one
-caller keeps every core busy, several callers (the engine's decode-and-forward threads, the search server's batcher
-threads) share the streams, and memory stays that of `parallel` chunk-sized forwards however many callers there are
-(each request keeps its own activation buffers, ~20 MB an image for EfficientNet-Lite0 at 224 px: unbounded
-requests of whole batches took 0.7 GB more in `guie embed`; chunks of 4 ran as fast as chunks of 32).
-Single-threaded streams never wait at a barrier for a core another process took, which is why one forward split
-over all cores is not the default.
+requests. A call splits its batch into chunks of at most `chunk` images and keeps the idle requests it took busy
+with them (OpenVINO releases the GIL while they run and while the caller waits). So one caller keeps every core
+busy, several callers (the engine's decode-and-forward threads, the search server's batcher threads) share the
+streams, and memory stays that of `parallel` chunk-sized forwards however many callers there are (each request keeps
+its own activation buffers, ~20 MB an image for EfficientNet-Lite0 at 224 px: unbounded requests of whole batches
+took 0.7 GB more in `guie embed`; chunks of 4 ran as fast as chunks of 32). Completion callbacks were tried and
+dropped: they need the GIL on OpenVINO's threads, so a caller decoding in Python delayed the other's requests
+(`guie embed` ran at half the bare loop's speed). Single-threaded streams never wait at a barrier for a core another
+process took, which is why one forward split over all cores is not the default.
 
 The input is uint8 NHWC (a `PrePostProcessor` transposes inside the compiled model): guie's batches are
 channels_last, so they go in without a copy. Precision is a compile-time hint on the same fp32 IR
@@ -18,9 +19,9 @@ channels_last, so they go in without a copy. Precision is a compile-time hint on
 """
 from __future__ import annotations
 
+import collections
 import functools
 import queue
-import threading
 import warnings
 
 import numpy as np
@@ -145,7 +146,7 @@ class OpenVINORuntime(InferenceRuntime):
             raise RuntimeUnavailable(f"OpenVINO cannot compile {embedder.spec.backbone} for this CPU "
                                      f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
         # `parallel` infer requests, no more: each holds its own activation memory for the chunk size it ran
-        self._idle: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle: queue.Queue = queue.Queue()
         for _ in range(self.parallel):
             self._idle.put(self.compiled.create_infer_request())
         self.chunk = max(1, int(chunk))
@@ -159,43 +160,48 @@ class OpenVINORuntime(InferenceRuntime):
     def numpy(self, images: torch.Tensor) -> np.ndarray:
         """float32 [B, d] of uint8 images [B, 3, S, S] (any memory layout; channels_last goes in without a copy).
 
-        The batch runs as chunks of at most `chunk` images, each on the next idle infer request (blocking while all
-        are busy); a request goes back to the pool as soon as its chunk is done, from OpenVINO's callback, so
-        callers on several threads share the requests without holding one while they wait for another."""
+        The batch runs as chunks of at most `chunk` images on the infer requests this call holds: it waits for one
+        idle request, takes every other idle one (up to `parallel`), keeps them all busy (start one chunk, wait for
+        the oldest, start the next) and hands them back at the end. Waiting releases the GIL and no Python callback
+        runs on OpenVINO's threads, so a caller thread that is decoding never delays another caller's requests; a
+        call never waits for a second request while holding one, so callers cannot block each other."""
         nhwc = np.ascontiguousarray(images.detach().cpu().permute(0, 2, 3, 1).numpy())
         n = len(nhwc)
         out = np.empty((n, self.dim), np.float32)
-        starts = list(range(0, n, self.chunk))
-        left = [len(starts)]
-        errors: list[BaseException] = []
-        done = threading.Event()
-        lock = threading.Lock()
-        if not starts:
+        if n == 0:
             return out
-
-        def finished(args) -> None:
-            req, lo = args
+        starts = range(0, n, self.chunk)
+        held = [self._idle.get()]
+        while len(held) < min(self.parallel, len(starts)):
             try:
-                out[lo:lo + self.chunk] = req.get_output_tensor(0).data
-            except BaseException as e:  # noqa: BLE001 - handed to the caller below
-                errors.append(e)
-            self._idle.put(req)
-            with lock:
-                left[0] -= 1
-                if left[0] == 0:
-                    done.set()
+                held.append(self._idle.get_nowait())
+            except queue.Empty:
+                break
+        free, running = list(held), collections.deque()
 
-        for lo in starts:
-            req = self._idle.get()
-            try:
-                req.set_callback(finished, (req, lo))
+        def collect() -> None:
+            req, lo = running.popleft()
+            req.wait()
+            out[lo:lo + self.chunk] = req.get_output_tensor(0).data
+            free.append(req)
+
+        try:
+            for lo in starts:
+                if not free:
+                    collect()
+                req = free.pop()
                 req.start_async({0: nhwc[lo:lo + self.chunk]})
-            except BaseException:
+                running.append((req, lo))
+            while running:
+                collect()
+        finally:
+            for req, _ in running:  # only after an error: let them finish before they are reused
+                try:
+                    req.wait()
+                except Exception:  # noqa: BLE001,S110 - the error that matters is already propagating
+                    pass
+            for req in held:
                 self._idle.put(req)
-                raise
-        done.wait()
-        if errors:
-            raise errors[0]
         return out
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
