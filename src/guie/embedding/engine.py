@@ -6,11 +6,13 @@ for vectors goes through here: `guie.embedding.files.embed_to_file` (resumable P
 (clean and augmented views), validation during training, search queries and the search server. Undecodable images
 are reported one line each and counted, never silently dropped and never fatal.
 
-Where decoding runs matters more than anything else for throughput:
+What runs the forward is an inference runtime (`guie.embedding.runtimes`: by default OpenVINO on a CPU, torch on
+CUDA); the pixels are the same whichever it is. Where decoding runs matters more than anything else for throughput:
   * model on CUDA: DataLoader worker processes decode while the GPU computes (or, with decode="gpu", workers only
     read bytes and nvJPEG decodes on the GPU);
-  * model on CPU: one single-threaded forward per intra-op thread runs side by side (`guie.runtime.forward_workers`,
-    threads of this process; torch releases the GIL inside its ops), and each of those threads decodes its own
+  * model on CPU: one single-threaded forward per intra-op thread runs side by side (the runtime's `parallel`:
+    OpenVINO streams, or torch's `guie.runtime.forward_workers`; threads of this process, the GIL released inside
+    the forward), and each of those threads decodes its own
     next batch right before its forward, so decoding never oversubscribes the cores. One forward split over all
     cores with OpenMP stalls as a whole whenever anything takes one of its cores (its threads meet at a barrier
     after every layer), including the decoding between forwards; independent forwards only lose the time taken
