@@ -69,7 +69,7 @@ def bare_rates(model_path: Path, files: list[Path], seconds: float = 5.0, runtim
                precision: str = "auto") -> dict[str, float]:
     """Images/s of the engine's forward on preprocessed batches at batch 8 and 32 (a timed loop each): one forward
     on all intra-op threads ("8", "32"), and one single-threaded forward per thread running side by side
-    ("8x1t", "32x1t": how the server runs them on CPU, `serving_workers`)."""
+    ("8x1t", "32x1t": how the server runs torch on CPU; OpenVINO splits every call over its streams itself)."""
     import torch
 
     from guie.embedding.engine import pixel_forward
