@@ -62,14 +62,14 @@ def main() -> None:
 
     import torch
 
-    from guie.data.manifest import filter_rows, read_manifest
+    from guie.data.manifest import read_manifest, select_rows
     from guie.export import TTAConfig, export_onnx, export_torchscript, reference_embed
     from guie.export.check import identity_side, synthetic_image
     from guie.imaging.io import load_image
     from guie.models import create_embedder
     from guie.models.preprocess import pil_to_uint8
 
-    df = filter_rows(read_manifest(args.manifest), ["split=test"]).reset_index(drop=True)
+    df = select_rows(read_manifest(args.manifest), ["split=test"]).reset_index(drop=True)
     if args.limit:
         df = df.head(args.limit)
     tta = TTAConfig.parse(args.tta)

@@ -2,7 +2,7 @@
 load test (searches + writes) with latency percentiles and the server's RSS per round, then a burst.
 
     flock /tmp/guie-cpu.lock .venv/bin/python benchmarks/search_serve.py [--clients 8] [--searches 25] \
-        [--rounds 4] [--seconds 20] [--json out.json]
+        [--rounds 4] [--seconds 20] [--runtime auto] [--precision auto] [--json out.json]
 
 1. bare: the default embedder (efficientnet_lite0 + a 64-d head, 224 px) on preprocessed uint8 batches in this
    process, through the same engine forward the server uses (`pixel_forward`), at batch 8 and 32, as one caller
@@ -65,10 +65,11 @@ def images(n: int, tmp: Path) -> list[Path]:
     return out
 
 
-def bare_rates(model_path: Path, files: list[Path], seconds: float = 5.0) -> dict[str, float]:
+def bare_rates(model_path: Path, files: list[Path], seconds: float = 5.0, runtime: str = "auto",
+               precision: str = "auto") -> dict[str, float]:
     """Images/s of the engine's forward on preprocessed batches at batch 8 and 32 (a timed loop each): one forward
     on all intra-op threads ("8", "32"), and one single-threaded forward per thread running side by side
-    ("8x1t", "32x1t": how the server runs them on CPU, `serving_workers`)."""
+    ("8x1t", "32x1t": how the server runs torch on CPU; OpenVINO splits every call over its streams itself)."""
     import torch
 
     from guie.embedding.engine import pixel_forward
@@ -77,7 +78,7 @@ def bare_rates(model_path: Path, files: list[Path], seconds: float = 5.0) -> dic
     from guie.runtime import intra_op_threads
 
     embedder = load_embedder(model_path).eval()
-    forward = pixel_forward(embedder)
+    forward = pixel_forward(embedder, runtime=runtime, precision=precision)
     pixels = torch.stack([embedder.transform(load_image(p)) for p in files[:32]])
     threads = torch.get_num_threads()
 
@@ -164,6 +165,8 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--batch-wait-ms", type=float, default=5.0)
     ap.add_argument("--workers", type=int, default=0, help="the server's --workers (0: its default)")
+    ap.add_argument("--runtime", default="auto", help="the server's --runtime (and the bare forward's)")
+    ap.add_argument("--precision", default="auto")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -193,14 +196,16 @@ def main() -> None:
             add_source(index, tmp / "m.csv", embedder, progress=False)
         del embedder
 
-        before = bare_rates(model_path, files)  # measured again after the served phase: the load may change
+        # measured again after the served phase: the load may change
+        before = bare_rates(model_path, files, runtime=args.runtime, precision=args.precision)
         emit({"phase": "bare (before)", **{k: round(v, 1) for k, v in before.items()}})
 
         port = free_port()
         url = f"http://127.0.0.1:{port}/"
         server = subprocess.Popen([sys.executable, "-m", "guie.cli", "serve", "bench", "--port", str(port),
                                    "--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms),
-                                   "--workers", str(args.workers)],
+                                   "--workers", str(args.workers), "--runtime", args.runtime,
+                                   "--precision", args.precision],
                                   env={**os.environ, "GUIE_API_KEY": KEY}, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.time() + 120
@@ -227,6 +232,10 @@ def main() -> None:
             bodies = [multipart(p, "q.png") for p in payloads]
             for _ in range(2):  # warm-up
                 search(httpx.Client(timeout=60), 0)
+            import psutil
+
+            report["rss_at_rest_mb"] = round(psutil.Process(server.pid).memory_info().rss / 2**20, 1)
+            emit({"phase": "at rest", "rss_mb": report["rss_at_rest_mb"]})
             done = [0] * args.clients
             stop_at = time.perf_counter() + args.seconds
 
@@ -243,14 +252,15 @@ def main() -> None:
                 conn.close()
 
             t0, server_cpu0, client_cpu0 = time.perf_counter(), cpu_seconds(server.pid), cpu_seconds(os.getpid())
-            with ThreadPoolExecutor(args.clients) as pool:
+            with RssSampler(server.pid) as load_rss, ThreadPoolExecutor(args.clients) as pool:
                 list(pool.map(throughput_client, range(args.clients)))
             wall = time.perf_counter() - t0
+            report["rss_under_load_mb"] = round(load_rss.peak / 2**20, 1)
             served = sum(done) / wall
             server_cores = (cpu_seconds(server.pid) - server_cpu0) / wall
             client_cores = (cpu_seconds(os.getpid()) - client_cpu0) / wall
             health = httpx.get(url + "health", headers={"X-API-Key": KEY}).json()
-            after = bare_rates(model_path, files)
+            after = bare_rates(model_path, files, runtime=args.runtime, precision=args.precision)
             emit({"phase": "bare (after)", **{k: round(v, 1) for k, v in after.items()}})
             bare = {b: (before[b] + after[b]) / 2 for b in before}
             best = max(bare.values())
@@ -261,6 +271,7 @@ def main() -> None:
             report["cpu_cores"] = {"server": round(server_cores, 2), "clients": round(client_cores, 2)}
             emit({"phase": "served", "img_per_s": round(served, 1), "ratio_to_best_bare": report["ratio_to_best_bare"],
                   "ratio_to_bare_at_8": report["ratio_to_bare_at_8"], "cpu_cores": report["cpu_cores"],
+                  "peak_rss_mb": report["rss_under_load_mb"],
                   "batching": health.get("batching")})
 
             # 3. load test

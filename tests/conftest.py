@@ -18,6 +18,9 @@ from guie.utils import default_cache_dir
 
 # The suite asserts CPU semantics (exact equalities, fp32) on any machine; tests/test_cuda.py asks for CUDA itself.
 os.environ.setdefault("GUIE_DEVICE", "cpu")
+# ... and on torch: "auto" would convert each test's model for OpenVINO (seconds each); tests/test_runtimes.py asks
+# for OpenVINO and ONNX Runtime explicitly, and checks what "auto" picks.
+os.environ.setdefault("GUIE_RUNTIME", "torch")
 
 # where `guie data emoji` puts the benchmark: $GUIE_CACHE (else ~/.cache/guie)/emoji/<version>/manifest.csv
 EMOJI_MANIFEST = default_cache_dir() / "emoji" / DEFAULT_VERSION / "manifest.csv"

@@ -157,7 +157,7 @@ def test_evaluate_input_errors_are_one_line_naming_the_file(case, tmp_path, labe
         pq.write_table(pq.read_table(emb_file).slice(0, 0), bad)
         expected = "bad.parquet: holds no embeddings (0 rows)"
     elif case == "index without rows after --where":
-        bad, extra, expected = emb_file, ["--where", "domain=none"], "no rows left after --where domain=none"
+        bad, extra, expected = emb_file, ["--where", "domain=none"], "no rows left after filtering with domain=none"
     elif case == "corrupt Parquet":
         bad.write_bytes(b"PAR1 this is not really parquet")
         expected = "bad.parquet: cannot read Parquet"

@@ -15,13 +15,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:`torch.jit:Fu
 
 @pytest.fixture(scope="module")
 def emoji(emoji_manifest, tmp_path_factory):
-    from guie.data.manifest import filter_rows, read_manifest
+    from guie.data.manifest import read_manifest, select_rows
     from guie.export import export_onnx, export_torchscript, reference_embed
     from guie.imaging.io import load_image
     from guie.models import create_embedder
     from guie.models.preprocess import pil_to_uint8
 
-    df = filter_rows(read_manifest(emoji_manifest), ["split=test"])
+    df = select_rows(read_manifest(emoji_manifest), ["split=test"])
     labels = sorted(df["label"].unique())[:N_CLASSES]
     df = df[df["label"].isin(labels)].reset_index(drop=True)
     images = [load_image(p) for p in df["path"]]

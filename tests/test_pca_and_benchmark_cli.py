@@ -72,11 +72,11 @@ def test_fit_pca_checkpoint_goes_through_embed_evaluate_export_search(images, pc
     assert r.exit_code == 0, r.output
     r = run("index", "add", index, images, "--no-progress")
     assert r.exit_code == 0, r.output
-    query = df["path"].iloc[5]
+    query = images.parent / df["path"].iloc[5]  # embed keeps the manifest's relative paths
     r = run("index", "search", index, query, "--json", "-k", "2")
     assert r.exit_code == 0, r.output
     hit = json.loads(r.stdout.splitlines()[0])["results"][0]
-    assert hit["path"].endswith(query.split("/")[-1]) and hit["distance"] < 1e-3
+    assert hit["path"].endswith(query.name) and hit["distance"] < 1e-3
 
 
 def test_fit_pca_refuses_bad_input_in_one_line(images, tmp_path):

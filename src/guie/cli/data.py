@@ -7,6 +7,7 @@ from typing import List, Optional
 import typer
 
 from .common import fail
+from .options import ModelOptions, model_options
 
 
 def _table(rows: list[dict], columns: list[str], title: str) -> str:
@@ -181,6 +182,7 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"wrote {clean} and {report}")
 
     @data_app.command("dedup")
+    @model_options(model=None, model_help="embedding: checkpoint or backbone name (default efficientnet_lite0)")
     def dedup_cmd(
         manifest: Path = typer.Argument(..., help="manifest to examine (the evaluation set when --against is given)"),
         against: Optional[Path] = typer.Option(None, help="training manifest: report MANIFEST rows that duplicate it"),
@@ -188,11 +190,11 @@ def register(app: typer.Typer) -> None:
                                                               "+ phash)"),
         max_distance: int = typer.Option(4, help="phash: max Hamming distance (of 64 bits)"),
         min_cosine: float = typer.Option(0.95, help="embedding: min cosine similarity"),
-        model: Optional[str] = typer.Option(None, help="embedding: checkpoint or backbone name"),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="pairs report CSV (default <manifest>.dups.csv)"),
         write_clean: Optional[Path] = typer.Option(None, help="write MANIFEST without the duplicates (first of each "
                                                               "group kept) or without the leaked rows"),
         workers: Optional[int] = typer.Option(None), progress: bool = typer.Option(True),
+        opts: ModelOptions = None,
     ):
         """Find exact and near-duplicate images, within a manifest or between evaluation and training data."""
         from ..data.dedup import DedupConfig, drop_duplicates, drop_leaks, find_duplicates, find_leaks
@@ -207,7 +209,7 @@ def register(app: typer.Typer) -> None:
             if "embedding" in methods:
                 from ..embedding.engine import path_embedder
 
-                embed = path_embedder(model, progress=progress)
+                embed = path_embedder(opts.model, progress=progress, **opts.as_dict(exclude=("model",)))
             cfg = DedupConfig(methods=methods, max_distance=max_distance, min_cosine=min_cosine, embed=embed)
         except (ManifestError, ValueError) as e:
             fail(str(e))

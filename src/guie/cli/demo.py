@@ -30,13 +30,12 @@ def register(app: typer.Typer) -> None:
         from ..demo import DEMO_RECIPE, UNIVERSAL_RECIPE, run_demo, run_universal_demo
         from ..typed_yaml import ConfigError
 
-        dev = None if device == "auto" else device
         try:
             if universal:
                 run_universal_demo(out or Path("outputs/demo-universal"), cache, full=full,
-                                   recipe=recipe or UNIVERSAL_RECIPE, device=dev, progress=progress)
+                                   recipe=recipe or UNIVERSAL_RECIPE, device=device, progress=progress)
             else:
-                run_demo(out or Path("outputs/demo"), cache, full=full, recipe=recipe or DEMO_RECIPE, device=dev,
+                run_demo(out or Path("outputs/demo"), cache, full=full, recipe=recipe or DEMO_RECIPE, device=device,
                          progress=progress)
         except (FileNotFoundError, ConfigError, RuntimeError, ValueError) as e:
             fail(str(e))

@@ -8,32 +8,32 @@ from typing import List, Optional
 import typer
 
 from .common import fail
+from .options import ModelOptions, model_options
 
 
 def register(app: typer.Typer) -> None:
     """Add `guie evaluate` to the top-level app."""
 
     @app.command()
+    @model_options(model=None, model_help="model for manifests (checkpoint or backbone name)")
     def evaluate(embeddings: Optional[Path] = typer.Argument(None, help="one embeddings file or manifest, split by "
                                                                         "--folds-by"),
                  query: Optional[Path] = typer.Option(None, help="query embeddings/manifest"),
                  index: Optional[Path] = typer.Option(None, help="index embeddings/manifest"),
                  folds_by: Optional[str] = typer.Option(None, help="leave-one-group-out folds over this column"),
-                 model: Optional[str] = typer.Option(None, help="model for manifests (checkpoint or backbone name)"),
                  where: Optional[List[str]] = typer.Option(None, help="keep rows with column=value (repeatable)"),
                  k: int = typer.Option(5, help="neighbours per query (GUIE: 5)"),
                  exclude_missing: bool = typer.Option(False, help="drop queries with n_q = 0 instead of failing"),
                  out: Optional[Path] = typer.Option(None, help="folder for results.json and report.html"),
-                 image_size: Optional[int] = typer.Option(None), batch_size: int = typer.Option(64),
-                 workers: Optional[int] = typer.Option(None), device: str = typer.Option("auto"),
-                 progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar")):
+                 workers: Optional[int] = typer.Option(None),
+                 progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
+                 opts: ModelOptions = None):
         """Score embeddings with the exact GUIE metric (mP@k, Euclidean k-NN) and write a report with pictures."""
         from ..data.manifest import ManifestError
         from ..evaluate.protocol import evaluate_folds, evaluate_query_index
         from ..evaluate.report import format_table, write_report
         from ..evaluate.tables import load_table
 
-        dev = None if device == "auto" else device
         missing = "exclude" if exclude_missing else "error"
         if embeddings is None and (query is None or index is None):
             fail("give an embeddings file with --folds-by, or both --query and --index")
@@ -42,15 +42,14 @@ def register(app: typer.Typer) -> None:
         if embeddings is not None and not folds_by:
             fail("with a single embeddings file, say how to split it into queries and index: --folds-by COLUMN "
                  "(or give --query and --index)")
-        opts = dict(model=model, where=where, batch_size=batch_size, workers=workers, device=dev,
-                    image_size=image_size, progress=progress)
+        table_opts = dict(where=where, workers=workers, progress=progress, **opts.as_dict())
         try:
             if embeddings is not None:
-                df, emb = load_table(embeddings, **opts)
+                df, emb = load_table(embeddings, **table_opts)
                 ev = evaluate_folds(df, emb, by=folds_by, k=k, missing=missing)
             else:
-                qdf, qemb = load_table(query, **opts)
-                idf, iemb = load_table(index, **opts)
+                qdf, qemb = load_table(query, **table_opts)
+                idf, iemb = load_table(index, **table_opts)
                 ev = evaluate_query_index(qdf, qemb, idf, iemb, k=k, missing=missing)
         except (ManifestError, ValueError, FileNotFoundError) as e:
             fail(str(e))
@@ -66,14 +65,15 @@ def register(app: typer.Typer) -> None:
         typer.echo(json.dumps({f"mP@{k}": round(ev.score, 6)}))
 
     @app.command()
+    @model_options(with_model=False)
     def benchmark(models: List[str] = typer.Argument(..., help="checkpoints (.pt) or backbone names (raw features)"),
                   benchmarks: str = typer.Option("emoji,glyphs,icons", help="comma-separated built-in benchmarks"),
                   split: str = typer.Option("test", help="classes to score: test | val | train | all"),
                   names: Optional[str] = typer.Option(None, help="comma-separated row names (default: the paths)"),
                   cache: Optional[Path] = typer.Option(None, help="benchmark and feature cache folder"),
                   out: Optional[Path] = typer.Option(None, help="write the table as JSON here"),
-                  device: str = typer.Option("auto"),
-                  progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar")):
+                  progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
+                  opts: ModelOptions = None):
         """The transfer table: mP@5 of each model on each built-in benchmark (leave-one-style-out, one split's
         classes); benchmarks are built on first use."""
         from ..data.manifest import ManifestError
@@ -86,8 +86,8 @@ def register(app: typer.Typer) -> None:
         if len(labels) != len(models):
             fail(f"--names gives {len(labels)} names for {len(models)} models")
         try:
-            table = transfer_table(dict(zip(labels, models)), bench, split, cache,
-                                   None if device == "auto" else device, progress)
+            table = transfer_table(dict(zip(labels, models)), bench, split, cache, progress=progress,
+                                   **opts.as_dict(exclude=("model",)))
         except (ManifestError, ValueError, FileNotFoundError, RuntimeError) as e:
             fail(str(e))
         rows = table.to_dict(orient="records")

@@ -25,9 +25,9 @@ def _parse_weights(text: Optional[str], n: int) -> Optional[list[float]]:
 def _image_paths(source: Optional[Path], where: Optional[List[str]], max_images: int) -> list[str]:
     if source is None:
         return []
-    from ..data.manifest import filter_rows, read_manifest
+    from ..data.manifest import read_manifest, select_rows
 
-    df = filter_rows(read_manifest(source), where)
+    df = select_rows(read_manifest(source), where, str(source))
     return df["path"].astype(str).tolist()[:max_images]
 
 
@@ -55,7 +55,8 @@ def register(app: typer.Typer) -> None:
                allow_different_heads: bool = typer.Option(False, help="ensemble members whose heads differ "
                                                                       "(usually worse than one model)"),
                max_dim: int = typer.Option(64, help="refuse wider outputs (GUIE limit 64); 0 = no limit"),
-               device: str = typer.Option("cpu", help="TorchScript: device to trace on"),
+               device: str = typer.Option("auto", help="TorchScript: device to trace on (auto: cuda when there is "
+                                                       "one, else cpu; $GUIE_DEVICE pins it)"),
                check: bool = typer.Option(True, help="run check-submission on the result")):
         """Export a model, a shared-head ensemble or a soup as a competition-format TorchScript or ONNX file.
 

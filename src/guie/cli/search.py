@@ -9,8 +9,11 @@ from typing import List, Optional
 import typer
 
 from .common import fail
+from .options import ModelOptions, model_options
 
 BACKEND_HELP = "faiss (embedded, default) or milvus (Milvus Lite file, or a cluster with --uri)"
+INDEX_MODEL_HELP = ("the index's model at another path (default: the one it was created with; its fingerprint must "
+                    "match)")
 KIND_HELP = "flat (exact, default), hnsw or ivfpq: approximate, for large indexes (docs/search.md says when)"
 
 
@@ -40,22 +43,25 @@ def register(app: typer.Typer) -> None:
     app.add_typer(index_app, name="index")
 
     @index_app.command("create")
+    @model_options(model=..., model_help="the model every add and search uses (checkpoint or backbone)")
     def create(name: str = typer.Argument(..., help="index name (or a path with a '/')"),
-               model: str = typer.Option(..., help="the model every add and search uses (checkpoint or backbone)"),
                backend: str = typer.Option("faiss", help=BACKEND_HELP),
                kind: str = typer.Option("flat", help=KIND_HELP),
                image_root: Optional[Path] = typer.Option(None, help="folder item paths are relative to (default: "
                                                                      "the first source added)"),
-               image_size: Optional[int] = typer.Option(None, help="input resolution (default: the model's)"),
                uri: Optional[str] = typer.Option(None, help="milvus: a cluster, e.g. http://host:19530 (token in "
-                                                            "GUIE_MILVUS_TOKEN); default: a Milvus Lite file")):
+                                                            "GUIE_MILVUS_TOKEN); default: a Milvus Lite file"),
+               opts: ModelOptions = None):
         """Create an empty index bound to one model (its fingerprint, preprocessing and dimension)."""
         from ..search.encoder import describe_model, load_model
         from ..search.image_index import ImageIndex
 
         try:
-            embedder = load_model(model, image_size=image_size)
-            desc = describe_model(embedder, model)
+            from ..embedding.runtimes import create_runtime
+
+            embedder = load_model(opts.model, image_size=opts.image_size, crop_pct=opts.crop_pct)
+            desc = describe_model(embedder, opts.model)
+            create_runtime(embedder, **opts.inference).close()  # converts once, so add and serve start at once
             with ImageIndex.create(name, dim=desc["dim"], model=desc, backend=backend, kind=kind,
                                    image_root=image_root, uri=uri,
                                    token=os.environ.get("GUIE_MILVUS_TOKEN")) as index:
@@ -65,21 +71,22 @@ def register(app: typer.Typer) -> None:
             fail(str(e))
 
     @index_app.command("add")
+    @model_options(model=None, model_help=INDEX_MODEL_HELP)
     def add(name: str = typer.Argument(..., help="index name"),
             source: Path = typer.Argument(..., help="image folder, manifest (.csv/.parquet) or shard folder"),
             where: Optional[List[str]] = typer.Option(None, help="keep rows with column=value (repeatable)"),
-            batch_size: int = typer.Option(64), shard_size: int = typer.Option(
+            shard_size: int = typer.Option(
                 1024, help="rows per resumable embedding shard (a killed add redoes only unfinished shards)"),
-            progress: bool = typer.Option(True, "--progress/--no-progress")):
+            progress: bool = typer.Option(True, "--progress/--no-progress"), opts: ModelOptions = None):
         """Embed and add the images the index lacks (same content = same item), in one commit; resumable."""
         from ..search.encoder import load_index_model
         from ..search.ingest import add_source
 
         try:
             with _open(name) as index:
-                embedder = load_index_model(index)
-                rep = add_source(index, source, embedder, where=where, batch_size=batch_size, shard_size=shard_size,
-                                 progress=progress)
+                embedder = load_index_model(index, opts.model, opts.image_size, opts.crop_pct)
+                rep = add_source(index, source, embedder, where=where, batch_size=opts.batch_size,
+                                 shard_size=shard_size, progress=progress, **opts.inference)
                 typer.echo(f"{index.name}: added {rep.added} of {rep.rows} images ({rep.duplicates} already indexed"
                            f", {len(rep.errors)} unreadable) in commit {rep.seq}; {len(index)} items")
         except _errors() as e:
@@ -128,12 +135,14 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"  commit {c['seq']}: {c['op']} ({c['n']} items)")
 
     @index_app.command("search")
+    @model_options(model=None, model_help=INDEX_MODEL_HELP)
     def search(name: str = typer.Argument(..., help="index name"),
                images: List[Path] = typer.Argument(..., help="query image files"),
                k: int = typer.Option(5, "-k", "--k", help="results per query"),
                where: Optional[List[str]] = typer.Option(None, help="only items with column=value (repeatable)"),
                grid: Optional[Path] = typer.Option(None, help="write a PNG: each query followed by its results"),
-               as_json: bool = typer.Option(False, "--json", help="print one JSON line per query")):
+               as_json: bool = typer.Option(False, "--json", help="print one JSON line per query"),
+               opts: ModelOptions = None):
         """The k nearest indexed images of each query image (Euclidean distance, nearest first)."""
         from ..imaging.draw import picture_format
         from ..search.encoder import embed_query_files, load_index_model
@@ -143,7 +152,8 @@ def register(app: typer.Typer) -> None:
 
         try:
             with _open(name, write=False) as index:
-                vectors = embed_query_files(load_index_model(index), images)
+                embedder = load_index_model(index, opts.model, opts.image_size, opts.crop_pct)
+                vectors = embed_query_files(embedder, images, batch_size=opts.batch_size, **opts.inference)
                 hits = index.search(vectors, k, where=where)
                 files = [[index.item_file(h.item) for h in row] for row in hits]
         except _errors() as e:
@@ -176,6 +186,9 @@ def register(app: typer.Typer) -> None:
             fail(str(e))
 
     @app.command("serve")
+    @model_options(batch_size=32, batch_size_flags=("--batch-size", "--max-batch"),
+                   batch_size_help="images per forward, at most (dynamic batching)", model=None,
+                   model_help=INDEX_MODEL_HELP)
     def serve(name: str = typer.Argument(..., help="index name"),
               host: str = typer.Option("127.0.0.1", help="interface; anything but 127.0.0.1 requires --api-key"),
               port: int = typer.Option(8000, help="TCP port"),
@@ -186,18 +199,18 @@ def register(app: typer.Typer) -> None:
               max_files: int = typer.Option(8, help="images per request"),
               max_upload_mb: float = typer.Option(8.0, help="bytes per uploaded image, in MiB"),
               max_pixels: int = typer.Option(40_000_000, help="decoded pixels per image"),
-              max_batch: int = typer.Option(32, help="images per forward (dynamic batching)"),
               batch_wait_ms: float = typer.Option(5.0, help="how long a forward waits for more requests"),
               queue: int = typer.Option(128, help="images waiting for a forward; beyond: 503"),
               workers: int = typer.Option(0, help="forwards run at once (0: on CPU one single-threaded forward "
-                                                  "per core, up to 4; on a GPU one)"),
+                                                  "per core, up to 4 for torch; on a GPU one)"),
               cors_origin: Optional[List[str]] = typer.Option(None, help="allow this browser origin (repeatable); "
-                                                                         "CORS is off by default")):
+                                                                         "CORS is off by default"),
+              opts: ModelOptions = None):
         """Serve the index over HTTP with its search page at / (FastAPI; see docs/search.md)."""
         import uvicorn
 
         from ..search.app import ServerSettings, create_app
-        from ..search.encoder import EngineEncoder, load_index_model, serving_workers
+        from ..search.encoder import EngineEncoder, load_index_model
 
         settings = ServerSettings(api_key=api_key, host=host, max_upload_bytes=int(max_upload_mb * 2**20),
                                   max_files=max_files, max_pixels=max_pixels, max_k=max_k,
@@ -205,8 +218,9 @@ def register(app: typer.Typer) -> None:
         try:
             settings.check()
             index = _open(name)
-            encoder = EngineEncoder(load_index_model(index), max_batch=max_batch, max_wait_ms=batch_wait_ms,
-                                    max_queue=queue, workers=serving_workers(workers or None))
+            encoder = EngineEncoder(load_index_model(index, opts.model, opts.image_size, opts.crop_pct),
+                                    max_batch=opts.batch_size, max_wait_ms=batch_wait_ms, max_queue=queue,
+                                    workers=workers or None, **opts.inference)
             web = create_app(index, encoder, settings, on_close=lambda: (encoder.close(), index.close()))
         except _errors() as e:
             fail(str(e))

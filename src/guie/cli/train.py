@@ -7,6 +7,7 @@ from typing import List, Optional
 import typer
 
 from .common import fail
+from .options import ModelOptions, model_options
 
 
 def register(app: typer.Typer) -> None:
@@ -44,32 +45,29 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"model: {final}")
 
     @app.command("fit-pca")
+    @model_options(model_help="backbone name, or a guie checkpoint whose backbone to keep")
     def fit_pca_cmd(source: Path = typer.Argument(..., help="images to fit on: manifest or folder (training images, "
                                                             "never the test classes)"),
                     out: Path = typer.Option(..., "--out", "-o", help="checkpoint to write (.pt)"),
-                    model: str = typer.Option("efficientnet_lite0", help="backbone name, or a guie checkpoint whose "
-                                                                         "backbone to keep"),
                     dim: int = typer.Option(64, help="embedding size (<= 64)"),
                     whiten: bool = typer.Option(False, help="scale each principal axis to unit variance"),
                     where: Optional[List[str]] = typer.Option(None, help="keep rows with column=value (repeatable)"),
-                    image_size: Optional[int] = typer.Option(None, help="input resolution (default: the model's)"),
-                    crop_pct: Optional[float] = typer.Option(None, help="centre-crop fraction (1.0: whole image)"),
                     cache: Optional[Path] = typer.Option(None, help="feature cache folder (default $GUIE_CACHE)"),
-                    device: str = typer.Option("auto"),
-                    progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar")):
+                    progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
+                    opts: ModelOptions = None):
         """The zero-shot baseline as a model: backbone + a PCA head fitted on its features, written as a normal
         guie checkpoint (embed, evaluate, export and search accept it)."""
-        from ..data.manifest import ManifestError, filter_rows, read_manifest
+        from ..data.manifest import ManifestError, read_manifest, select_rows
         from ..models.embedder import save_embedder
         from ..train.pca import fit_pca_embedder
 
         try:
-            df = filter_rows(read_manifest(source), where)
-            if df.empty:
-                fail(f"{source}: no rows left after --where {' '.join(where or [])}")
-            pca = fit_pca_embedder(df["path"].tolist(), model, dim=dim, whiten=whiten, image_size=image_size,
-                                   preprocess={"crop_pct": crop_pct} if crop_pct else None, cache_dir=cache,
-                                   device=None if device == "auto" else device, progress=progress)
+            df = select_rows(read_manifest(source), where, str(source))
+            pca = fit_pca_embedder(df["path"].tolist(), opts.model, dim=dim, whiten=whiten, image_size=opts.image_size,
+                                   preprocess={"crop_pct": opts.crop_pct} if opts.crop_pct else None, cache_dir=cache,
+                                   progress=progress, batch_size=opts.batch_size,
+                                   **{**opts.inference, "precision": "fp32" if opts.precision == "auto" else
+                                      opts.precision})
         except (ManifestError, ValueError, FileNotFoundError) as e:
             fail(str(e))
         save_embedder(pca, out, extra={"pca": {"source": str(source), "images": len(df), "where": list(where or []),

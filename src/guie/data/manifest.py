@@ -7,6 +7,7 @@ shard references (``/abs/shard-000003.tar#<offset>:<size>:<member>``) that `load
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -42,8 +43,9 @@ def folder_files(folder: str | Path) -> tuple[list[Path], list[Path]]:
     return images, others
 
 
-def read_manifest(source: str | Path, require_labels: bool = False) -> pd.DataFrame:
-    """Read a folder, CSV or Parquet manifest into a DataFrame with absolute `path` strings.
+def read_manifest(source: str | Path, require_labels: bool = False, resolve: bool = True) -> pd.DataFrame:
+    """Read a folder, CSV or Parquet manifest into a DataFrame with absolute `path` strings (resolve=False: a
+    manifest's paths as it lists them; `resolved_paths` makes them absolute).
 
     Raises ManifestError (naming the source) for missing files, empty folders, a missing `path` column, or
     missing labels when `require_labels`.
@@ -90,9 +92,16 @@ def read_manifest(source: str | Path, require_labels: bool = False) -> pd.DataFr
         if empty.any():
             raise ManifestError(f"{source}: {int(empty.sum())} rows have an empty 'path' cell (the first is data row "
                                 f"{int(empty.argmax()) + 1}); fill them in or drop those rows")
-        base = source.resolve().parent
-        df["path"] = [str(p if Path(p).is_absolute() or "://" in p else (base / p)) for p in df["path"].astype(str)]
+        if resolve:
+            df["path"] = resolved_paths(df, source)
     return _check_labels(df, source, require_labels)
+
+
+def resolved_paths(df: pd.DataFrame, source: str | Path) -> list[str]:
+    """The `path` column of a manifest read from `source` with relative paths made absolute (relative to the
+    manifest's folder); absolute paths, URLs and shard references as they are."""
+    base = Path(source).resolve().parent if not Path(source).is_dir() else Path(source).resolve()
+    return [p if Path(p).is_absolute() or "://" in p else str(base / p) for p in df["path"].astype(str)]
 
 
 def _check_labels(df: pd.DataFrame, source: Path, require_labels: bool) -> pd.DataFrame:
@@ -137,26 +146,34 @@ def _relative_if_under(path: str, base: Path) -> str:
         return path
 
 
-def filter_rows(df: pd.DataFrame, where: list[str] | None) -> pd.DataFrame:
-    """Keep rows matching every `column=value` (or `column=v1,v2`) condition."""
-    for cond in where or []:
-        col, sep, values = cond.partition("=")
-        if not sep:
-            raise ValueError(f"filter {cond!r} must look like column=value")
-        if col not in df.columns:
-            raise ValueError(f"filter {cond!r}: no column {col!r} (columns: {list(df.columns)})")
-        df = df[df[col].astype(str).isin(values.split(","))]
-    return df.reset_index(drop=True)
+def parse_where(where: Sequence[str] | Mapping | None) -> dict[str, list[str]]:
+    """Row conditions as {column: [accepted values]}: from `column=value` / `column=v1,v2` strings (the command
+    line) or a recipe's `where:` mapping (a value or a list of values per column)."""
+    if not where:
+        return {}
+    if isinstance(where, Mapping):
+        return {str(c): [str(v) for v in (vs if isinstance(vs, (list, tuple)) else [vs])] for c, vs in where.items()}
+    out: dict[str, list[str]] = {}
+    for cond in where:
+        col, sep, values = str(cond).partition("=")
+        if not sep or not col:
+            raise ManifestError(f"row filter {cond!r} must look like column=value")
+        accepted = values.split(",")
+        out[col] = [v for v in out[col] if v in accepted] if col in out else accepted  # repeated: both must hold
+    return out
 
 
-def select_rows(df: pd.DataFrame, where: dict, what: str, allow_empty: bool = False) -> pd.DataFrame:
-    """Keep rows where each column's value is in the given value(s) (recipe `where:` mappings); `what` names
-    the data in errors. An empty result is an error unless allow_empty."""
-    for col, values in (where or {}).items():
+def select_rows(df: pd.DataFrame, where: Sequence[str] | Mapping | None, what: str = "rows",
+                allow_empty: bool = False) -> pd.DataFrame:
+    """The one row selection: keep rows whose column values are among the accepted ones (`parse_where`: every
+    condition must hold), with a fresh index. `what` names the data in errors; with allow_empty=False an empty
+    result is a ManifestError ("no rows left after filtering with ...")."""
+    conditions = parse_where(where)
+    for col, values in conditions.items():
         if col not in df.columns:
-            raise ValueError(f"{what}: filter on missing column {col!r} (columns: {list(df.columns)})")
-        values = values if isinstance(values, list) else [values]
-        df = df[df[col].astype(str).isin([str(v) for v in values])]
+            raise ManifestError(f"{what}: row filter on missing column {col!r} (columns: {list(df.columns)})")
+        df = df[df[col].astype(str).isin(values)]
     if df.empty and not allow_empty:
-        raise ValueError(f"{what}: no rows left after filtering with {where}")
+        shown = " ".join(f"{c}={','.join(v)}" for c, v in conditions.items())
+        raise ManifestError(f"{what}: no rows left after filtering with {shown or 'nothing'}")
     return df.reset_index(drop=True)

@@ -6,11 +6,13 @@ for vectors goes through here: `guie.embedding.files.embed_to_file` (resumable P
 (clean and augmented views), validation during training, search queries and the search server. Undecodable images
 are reported one line each and counted, never silently dropped and never fatal.
 
-Where decoding runs matters more than anything else for throughput:
+What runs the forward is an inference runtime (`guie.embedding.runtimes`: by default OpenVINO on a CPU, torch on
+CUDA); the pixels are the same whichever it is. Where decoding runs matters more than anything else for throughput:
   * model on CUDA: DataLoader worker processes decode while the GPU computes (or, with decode="gpu", workers only
     read bytes and nvJPEG decodes on the GPU);
-  * model on CPU: one single-threaded forward per intra-op thread runs side by side (`guie.runtime.forward_workers`,
-    threads of this process; torch releases the GIL inside its ops), and each of those threads decodes its own
+  * model on CPU: one single-threaded forward per intra-op thread runs side by side (the runtime's `parallel`:
+    OpenVINO streams, or torch's `guie.runtime.forward_workers`; threads of this process, the GIL released inside
+    the forward), and each of those threads decodes its own
     next batch right before its forward, so decoding never oversubscribes the cores. One forward split over all
     cores with OpenMP stalls as a whole whenever anything takes one of its cores (its threads meet at a barrier
     after every layer), including the decoding between forwards; independent forwards only lose the time taken
@@ -38,8 +40,9 @@ from tqdm.auto import tqdm
 from ..models.embedder import Embedder
 from ..models.preprocess import ImageTransform, PreprocessConfig, draft_size
 from ..pipeline.datasets import ImageFileDataset, KeyListSampler, collate_skip_failed, stack_images
-from ..runtime import forward_workers, tune_cpu_allocator
 from ..utils import resolve_device
+from .runtimes import InferenceRuntime, create_runtime
+from .runtimes.torch_runtime import TorchRuntime, torch_forward
 
 DECODERS = ("cpu", "gpu")
 
@@ -100,22 +103,9 @@ def make_loader(paths: Sequence[str], preprocess: PreprocessConfig, batch_size: 
                       prefetch_factor=2 if num_workers > 0 else None)
 
 
-def _model_fn(embedder: Embedder, features: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    return embedder.forward_features if features else embedder.forward
-
-
 def output_dim(embedder: Embedder, features: bool) -> int:
     """Width of what `iter_embeddings` returns: backbone features or the embedding."""
     return int(embedder.backbone.num_features) if features else int(embedder.embed_dim)
-
-
-def _prepare_model(embedder: Embedder, device: torch.device) -> None:
-    """Move the model to `device` in eval mode and channels_last; tune glibc's allocator once on CPU."""
-    if device.type == "cpu":
-        tune_cpu_allocator()  # activations are re-faulted from the kernel every forward otherwise (guie.runtime)
-    # Converted outside inference mode: parameters created inside it become inference tensors, which would break
-    # training the same model afterwards (e.g. validation during fine-tuning).
-    embedder.to(device).eval().to(memory_format=torch.channels_last)
 
 
 def iter_embeddings(embedder: Embedder, paths: Sequence[str], batch_size: int = 64, num_workers: int | None = None,
@@ -123,7 +113,9 @@ def iter_embeddings(embedder: Embedder, paths: Sequence[str], batch_size: int = 
                     preprocess: PreprocessConfig | None = None, decode: str = "cpu", compile: bool = False,
                     progress: bool = True, report_failure: Callable[[str], None] | None = None,
                     desc: str = "embed", transform: Callable | None = None,
-                    seeds: Sequence[int] | None = None, forwards: int | None = None) -> Iterator[EmbeddedBatch]:
+                    seeds: Sequence[int] | None = None, forwards: int | None = None,
+                    runtime: str | InferenceRuntime | None = "auto", precision: str | None = "auto",
+                    cache_dir=None) -> Iterator[EmbeddedBatch]:
     """Stream embeddings (or backbone features when features=True) of image files, batch by batch, in file order.
 
     Args:
@@ -142,23 +134,28 @@ def iter_embeddings(embedder: Embedder, paths: Sequence[str], batch_size: int = 
             threads, as on CUDA). With num_workers=0 each of those threads decodes its own batches. The vectors
             are those of a forward with that share of threads (float sums depend on the thread count, see
             `guie.runtime.intra_op_threads`). Not with compile, seeds or decode="gpu" (which run one forward).
+        runtime, precision: what runs the forward (`guie.embedding.runtimes.create_runtime`: "auto" is OpenVINO
+            on a CPU, torch on CUDA), or a runtime already created for this model and output kind. The pixels are
+            the same whichever runs it. compile=True runs torch.
+        cache_dir: where converted models are kept (default `<guie cache>/runtimes`).
     The model is moved to `device`, put in eval mode and channels_last; its train/eval mode is restored after, and
     so is torch's intra-op thread count. On CPU, glibc's allocator is tuned once for the process
     (`guie.runtime.tune_cpu_allocator`); parallel forwards each hold a batch's activations.
     """
-    device = resolve_device(device)
     preprocess = preprocess or embedder.preprocess
+    was_training = embedder.training
+    try:
+        rt = _runtime_for(embedder, runtime, precision, device, features, cache_dir, forwards, compile, batch_size)
+    except BaseException:
+        embedder.train(was_training)
+        raise
+    device = rt.device
     num_workers = embed_num_workers(device) if num_workers is None else num_workers
     report_failure = report_failure or (lambda msg: print(f"skipped {msg}", file=sys.stderr))
     split = loader_split(batch_size, num_workers)
-    n_forwards, threads_each = _cpu_forwards(device, forwards, decode, compile, seeds)
+    n_forwards, threads_each = _cpu_forwards(rt, forwards, decode, compile, seeds)
     loader = make_loader(paths, preprocess, batch_size // split, num_workers, pin_memory=device.type == "cuda",
                          decode=decode, transform=transform, seeds=seeds, threads=threads_each)
-    was_training = embedder.training
-    _prepare_model(embedder, device)
-    fn = _model_fn(embedder, features)
-    if compile:
-        fn = torch.compile(fn, dynamic=False)
     cuda, pending = device.type == "cuda", None
 
     def embed_batch(batch) -> tuple:
@@ -172,7 +169,7 @@ def iter_embeddings(embedder: Embedder, paths: Sequence[str], batch_size: int = 
             idx, images, failed = batch
         out, event = None, None
         if images is not None:
-            out = _forward(fn, images, device, batch_size if compile else 0)
+            out = rt(images)
             if cuda:  # copy back without a sync: the GPU keeps working while the next batch is prepared
                 host = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
                 out, event = host.copy_(out, non_blocking=True), torch.cuda.Event()
@@ -217,6 +214,25 @@ def iter_embeddings(embedder: Embedder, paths: Sequence[str], batch_size: int = 
         embedder.train(was_training)
 
 
+def _runtime_for(embedder: Embedder, runtime, precision, device, features: bool, cache_dir, forwards: int | None,
+                 compile: bool, batch_size: int) -> InferenceRuntime:
+    """The runtime `iter_embeddings` runs: the one given, torch.compile'd torch, or `create_runtime`'s choice."""
+    if isinstance(runtime, InferenceRuntime):
+        if runtime.features != features:
+            raise ValueError(f"the runtime given computes {'features' if runtime.features else 'embeddings'}, "
+                             f"not {'features' if features else 'embeddings'}")
+        return runtime
+    if compile:
+        if runtime not in (None, "auto", "torch"):
+            raise ValueError(f"compile runs torch, not runtime {runtime}")
+        from .runtimes import resolve_choice
+
+        dev = resolve_device(device)
+        choice = resolve_choice(embedder, "torch", precision, dev)
+        return TorchRuntime(embedder, choice.precision, dev, features, forwards, compile=True, pad_to=batch_size)
+    return create_runtime(embedder, runtime, precision, device, features, cache_dir, forwards)
+
+
 def loader_split(batch_size: int, num_workers: int) -> int:
     """How many worker batches make one model batch: the largest divisor of `batch_size` up to min(workers, 8).
 
@@ -247,12 +263,14 @@ def _regroup(batches: Iterator, split: int, decode: str, device: torch.device) -
         yield (torch.cat([b[0] for b in group]), torch.cat(images) if images else None, failed)
 
 
-def _cpu_forwards(device: torch.device, forwards: int | None, decode: str, compile: bool,
+def _cpu_forwards(rt: InferenceRuntime, forwards: int | None, decode: str, compile: bool,
                   seeds: Sequence[int] | None) -> tuple[int, int | None]:
-    """(forwards side by side, intra-op threads each, None: all) for `iter_embeddings`."""
-    if device.type == "cpu" and decode == "cpu" and not compile and seeds is None:
-        n, each = forward_workers(forwards)
-        return (n, each) if n > 1 else (1, None)
+    """(forward threads side by side, torch intra-op threads each, None: all) for `iter_embeddings`: the runtime's
+    `parallel` on CPU with CPU decoding (each thread decodes its own batches), else one forward."""
+    if rt.device.type == "cpu" and decode == "cpu" and not compile and seeds is None:
+        if isinstance(rt, TorchRuntime):
+            return (rt.parallel, rt.threads_each) if rt.parallel > 1 else (1, None)
+        return (rt.parallel, 1) if rt.parallel > 1 else (1, None)
     if forwards is not None and forwards > 1:
         raise ValueError(f"forwards={forwards}: parallel forwards run on CPU only, without compile, seeds or "
                          "decode='gpu'")
@@ -282,15 +300,7 @@ def _in_order(fn: Callable, items: Iterable, workers: int, threads_each: int) ->
         torch.set_num_threads(before)
 
 
-def _forward(fn, images: torch.Tensor, device: torch.device, pad_to: int) -> torch.Tensor:
-    """float32 [B, d] from uint8 images (bf16 autocast on CUDA); pads the batch to `pad_to` rows when > 0."""
-    n = images.shape[0]
-    images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-    if pad_to and n < pad_to:
-        images = torch.cat([images, images[-1:].expand(pad_to - n, -1, -1, -1)]).contiguous(
-            memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return fn(images)[:n].float()
+_forward = torch_forward  # (the name the tests know)
 
 
 def _collect(pending, bar) -> EmbeddedBatch:
@@ -306,7 +316,8 @@ def embed_images(embedder: Embedder, paths: Sequence[str], batch_size: int = 64,
                  device: str | torch.device | None = None, features: bool = False, progress: bool = True,
                  preprocess: PreprocessConfig | None = None, report_failure: Callable[[str], None] | None = None,
                  desc: str = "embed", decode: str = "cpu", compile: bool = False,
-                 forwards: int | None = None) -> EmbedResult:
+                 forwards: int | None = None, runtime: str | InferenceRuntime | None = "auto",
+                 precision: str | None = "auto", cache_dir=None) -> EmbedResult:
     """Embed image files with `embedder` (or extract backbone features when features=True), in memory.
 
     Arguments as `iter_embeddings`. Returns the vectors of the decodable images in path order, the ok mask and the
@@ -317,7 +328,8 @@ def embed_images(embedder: Embedder, paths: Sequence[str], batch_size: int = 64,
     ok = np.zeros(n, dtype=bool)
     errors: list[str] = []
     for b in iter_embeddings(embedder, paths, batch_size, num_workers, device, features, preprocess, decode,
-                             compile, progress, report_failure, desc, forwards=forwards):
+                             compile, progress, report_failure, desc, forwards=forwards, runtime=runtime,
+                             precision=precision, cache_dir=cache_dir):
         errors += [msg for _, msg in b.failed]
         if len(b.indices):
             out[b.indices] = b.embeddings
@@ -326,55 +338,61 @@ def embed_images(embedder: Embedder, paths: Sequence[str], batch_size: int = 64,
 
 
 def embed_decoded(embedder: Embedder, images: Sequence[Image.Image | torch.Tensor], batch_size: int = 64,
-                  device: str | torch.device | None = None, features: bool = False) -> np.ndarray:
+                  device: str | torch.device | None = None, features: bool = False,
+                  runtime: str | InferenceRuntime | None = "auto", precision: str | None = "auto") -> np.ndarray:
     """Embed images already in memory (PIL images, or uint8 [3,S,S] tensors at the model's resolution) -> float32
-    [N, d], in the order given: the path for uploads and query images, with the same forward as `iter_embeddings`.
+    [N, d], in the order given: the path for uploads and query images, with the same forward as `iter_embeddings`
+    (`runtime`, `precision`: as there, or a runtime already created).
     """
-    device = resolve_device(device)
     transform = embedder.transform
     pixels = [im if isinstance(im, torch.Tensor) else transform(im) for im in images]
     out = np.empty((len(pixels), output_dim(embedder, features)), dtype=np.float32)
     was_training = embedder.training
-    _prepare_model(embedder, device)
-    fn = _model_fn(embedder, features)
     try:
+        rt = _runtime_for(embedder, runtime, precision, device, features, None, None, False, batch_size)
         for lo in range(0, len(pixels), batch_size):
-            out[lo:lo + batch_size] = _forward(fn, stack_images(pixels[lo:lo + batch_size]), device, 0).cpu().numpy()
+            out[lo:lo + batch_size] = rt.numpy(stack_images(pixels[lo:lo + batch_size]))
     finally:
         embedder.train(was_training)
     return out
 
 
-def pixel_forward(embedder: Embedder, device: str | torch.device | None = None,
-                  features: bool = False) -> Callable[[torch.Tensor], np.ndarray]:
+def pixel_forward(embedder: Embedder, device: str | torch.device | None = None, features: bool = False,
+                  runtime: str | InferenceRuntime | None = "auto", precision: str | None = "auto",
+                  forwards: int | None = None) -> Callable[[torch.Tensor], np.ndarray]:
     """A function uint8 images [B, 3, S, S] (the model's input, `embedder.transform` of each) -> float32 [B, d],
-    with the model prepared once (eval mode, device, channels_last) and the same forward as `iter_embeddings`.
+    with the runtime prepared once (`guie.embedding.runtimes.create_runtime`) and the same forward as
+    `iter_embeddings`; safe to call from `forward.parallel` threads at once (its runtime's layout).
 
     For callers that assemble batches themselves, e.g. the search server's `DynamicBatcher` merging concurrent
     requests into one forward. The model is left in eval mode."""
-    device = resolve_device(device)
-    _prepare_model(embedder, device)
-    fn = _model_fn(embedder, features)
+    rt = _runtime_for(embedder, runtime, precision, device, features, None, forwards, False, 0)
 
     def forward(images: torch.Tensor) -> np.ndarray:
-        return _forward(fn, images, device, 0).cpu().numpy()
+        return rt.numpy(images)
 
+    forward.runtime = rt
+    forward.parallel = rt.parallel
     return forward
 
 
 def path_embedder(model, image_size: int | None = None, batch_size: int = 64, progress: bool = False,
-                  device: str | torch.device | None = None) -> Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]:
+                  device: str | torch.device | None = None, runtime: str | None = "auto",
+                  precision: str | None = "auto",
+                  crop_pct: float | None = None) -> Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]:
     """A function paths -> (float32 [N, d] with zero rows where an image could not be read, ok mask [N]) that embeds
-    with `model` (an Embedder, checkpoint path or backbone name; default efficientnet_lite0), loaded once.
+    with `model` (an Embedder, checkpoint path or backbone name; default efficientnet_lite0), loaded once, on
+    `runtime` at `precision` (created once).
 
     This is how code below the engine (e.g. `guie.data.dedup`'s embedding detector) gets embeddings without
     importing it."""
     from ..models.embedder import resolve_embedder
 
-    embedder = resolve_embedder(model, image_size=image_size)
+    embedder = resolve_embedder(model, image_size=image_size, crop_pct=crop_pct)
+    rt = create_runtime(embedder, runtime, precision, device)
 
     def embed(paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        res = embed_images(embedder, [str(p) for p in paths], batch_size=batch_size, device=device,
+        res = embed_images(embedder, [str(p) for p in paths], batch_size=batch_size, runtime=rt,
                            progress=progress, report_failure=lambda msg: None, desc="embed")
         full = np.zeros((len(paths), res.embeddings.shape[1]), dtype=np.float32)
         full[res.ok] = res.embeddings

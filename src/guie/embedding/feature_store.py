@@ -47,13 +47,14 @@ def _view_transform(preprocess: PreprocessConfig, view: int, augment: dict | Non
 
 
 def _compute(embedder: Embedder, paths: list[str], transform, seeds: list[int] | None, device, batch_size: int,
-             num_workers: int | None, progress: bool, desc: str) -> tuple[np.ndarray, np.ndarray]:
+             num_workers: int | None, progress: bool, desc: str, runtime, precision: str
+             ) -> tuple[np.ndarray, np.ndarray]:
     """Backbone features (float16) of `paths` through the embedding engine, and the ok mask."""
     feats = np.zeros((len(paths), embedder.backbone.num_features), dtype=np.float16)
     ok = np.zeros(len(paths), dtype=bool)
     for b in iter_embeddings(embedder, paths, batch_size, num_workers, device, features=True, progress=progress,
                              report_failure=lambda msg: log.warning("skipped %s", msg), desc=desc,
-                             transform=transform, seeds=seeds):
+                             transform=transform, seeds=seeds, runtime=runtime, precision=precision):
         feats[b.indices] = b.embeddings.astype(np.float16)
         ok[b.indices] = True
     return feats, ok
@@ -62,21 +63,29 @@ def _compute(embedder: Embedder, paths: list[str], transform, seeds: list[int] |
 def cached_features(embedder: Embedder, paths: Sequence[str], cache_dir: str | Path, *,
                     preprocess: PreprocessConfig | None = None, view: int = 0, augment: dict | None = None,
                     seed: int = 0, batch_size: int = 64, num_workers: int | None = None, device=None,
-                    progress: bool = True, rank: int = 0, world_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                    progress: bool = True, rank: int = 0, world_size: int = 1, runtime: str = "auto",
+                    precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
     """Backbone features of `paths`, aligned with them: (float32 [N, F] with zero rows where decoding failed,
     ok mask [N]).
 
     view 0 is the clean evaluation view; view k > 0 is augmented with `augment` (AugmentConfig fields), seeded
     per (seed, k, path). With world_size > 1 (torchrun), every rank must call this; each computes a slice.
+    `runtime`, `precision`: what computes missing features (`guie.embedding.runtimes`; fp32 by default, as the
+    features train heads). fp32 features of every runtime share one store (they agree within ~1e-6, below the
+    store's float16); features of another precision are stored apart.
     """
+    from .runtimes import resolve_choice
+
     device = resolve_device(device)
+    choice = resolve_choice(embedder, runtime, precision, device)
     paths = [str(p) for p in paths]
     preprocess = preprocess or embedder.preprocess
     saved_pre = embedder.preprocess
     embedder.preprocess = preprocess
     try:
         key = json.dumps({"model": model_fingerprint(embedder, preprocess, True), "view": view,
-                          "augment": augment if view else None, "seed": seed if view else None}, sort_keys=True)
+                          "augment": augment if view else None, "seed": seed if view else None,
+                          **({"precision": choice.precision} if choice.precision != "fp32" else {})}, sort_keys=True)
         store = Path(cache_dir) / "features" / hashlib.sha256(key.encode()).hexdigest()[:20]
         index = _read_index(store)
         missing = sorted(set(paths) - set(index))
@@ -86,7 +95,8 @@ def cached_features(embedder: Embedder, paths: Sequence[str], cache_dir: str | P
                 transform = _view_transform(preprocess, view, augment)
                 seeds = [path_seed(seed, view, p) for p in mine] if view else None
                 feats, ok = _compute(embedder, mine, transform, seeds, device, batch_size, num_workers,
-                                     progress and rank == 0, f"features view {view}" if view else "features")
+                                     progress and rank == 0, f"features view {view}" if view else "features",
+                                     choice.runtime, choice.precision)
                 part = f"part-{uuid.uuid4().hex[:12]}"
                 _save_npy(feats, store / f"{part}.npy")
                 save_parquet_atomic(pd.DataFrame({"path": mine, "row": np.arange(len(mine)), "ok": ok,

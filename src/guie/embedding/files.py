@@ -98,7 +98,8 @@ def embed_to_file(embedder: Embedder, manifest: pd.DataFrame, out_path: str | Pa
                   shard_size: int = 4096, preprocess: PreprocessConfig | None = None, progress: bool = True,
                   overwrite: bool = False, decode: str = "cpu", compile: bool = False,
                   report_failure: Callable[[str], None] | None = None, rank: int = 0,
-                  world_size: int = 1) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
+                  world_size: int = 1, paths: list[str] | None = None, runtime="auto", precision: str = "auto",
+                  cache_dir=None) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
     """Embed every row of `manifest` into a Parquet file (its columns + `embedding`), resumably.
 
     Under torchrun (world_size > 1, process group initialised) every rank calls this: rank r embeds the unfinished
@@ -108,6 +109,10 @@ def embed_to_file(embedder: Embedder, manifest: pd.DataFrame, out_path: str | Pa
     as soon as its last row is done. A rerun skips finished shards if the model and manifest are the same, and
     refuses (ResumeError, unless overwrite) if not. At the end the shards are merged into `out_path` and failures
     listed in ``<out>.failed.csv``. Returns (kept metadata rows, embeddings, failure messages).
+
+    `paths`: the files to read, one per row, when the manifest's `path` column is not directly readable (relative
+    paths kept as listed: `guie.data.manifest.resolved_paths`); the output keeps the manifest's own column.
+    `runtime`, `precision`, `cache_dir`: what runs the forward (`guie.embedding.engine.iter_embeddings`).
     """
     from ..distributed import barrier_world
 
@@ -127,7 +132,9 @@ def embed_to_file(embedder: Embedder, manifest: pd.DataFrame, out_path: str | Pa
         raise ValueError(f"manifest columns cannot be stored in Parquet: {e}") from None
     parts = out_path.with_name(out_path.name + ".parts")
     preprocess = preprocess or embedder.preprocess
-    paths = manifest["path"].astype(str).tolist()
+    paths = manifest["path"].astype(str).tolist() if paths is None else [str(p) for p in paths]
+    if len(paths) != len(manifest):
+        raise ValueError(f"{len(paths)} paths for a manifest of {len(manifest)} rows")
     fp = {"model": model_fingerprint(embedder, preprocess, features), "manifest": _manifest_hash(manifest),
           "shard_size": shard_size}
     meta_file = parts / "meta.json"
@@ -140,7 +147,8 @@ def embed_to_file(embedder: Embedder, manifest: pd.DataFrame, out_path: str | Pa
     if len(todo) < n_shards and rank == 0 and world_size == 1:
         log.info("resuming %s: %d/%d shards already done", out_path, n_shards - len(todo), n_shards)
     _embed_shards(embedder, manifest, schema, paths, todo, parts, part, shard_size, batch_size, num_workers, device,
-                  features, preprocess, decode, compile, progress and rank == 0, report_failure, n_shards)
+                  features, preprocess, decode, compile, progress and rank == 0, report_failure, n_shards,
+                  {"runtime": runtime, "precision": precision, "cache_dir": cache_dir})
     barrier_world(world_size)
     if rank == 0:
         _merge_parts(parts, part, n_shards, out_path)
@@ -167,10 +175,19 @@ def _prepare_parts(parts: Path, meta_file: Path, fp: dict, overwrite: bool) -> N
 
 
 def _embed_shards(embedder, manifest, schema, paths, todo, parts, part, shard_size, batch_size, num_workers, device,
-                  features, preprocess, decode, compile, progress, report_failure, n_shards) -> None:
+                  features, preprocess, decode, compile, progress, report_failure, n_shards, inference: dict) -> None:
     if not todo:
         return
-    from .engine import iter_embeddings, output_dim
+    import time
+
+    from .engine import _runtime_for, iter_embeddings, output_dim
+
+    was_training = embedder.training
+    # the runtime first (a converting one may take a while the first time), so the rate below is the embedding's
+    inference["runtime"] = _runtime_for(embedder, inference["runtime"], inference["precision"], device, features,
+                                        inference.pop("cache_dir"), None, compile, batch_size)
+    embedder.train(was_training)
+    started = time.perf_counter()
 
     ranges = [(s * shard_size, min(len(paths), (s + 1) * shard_size)) for s in todo]
     starts = np.cumsum([0] + [hi - lo for lo, hi in ranges])
@@ -186,7 +203,7 @@ def _embed_shards(embedder, manifest, schema, paths, todo, parts, part, shard_si
 
     stream = iter_embeddings(embedder, todo_paths, batch_size, num_workers, device, features, preprocess, decode,
                              compile, progress, report_failure,
-                             desc=f"embed {len(todo)} of {n_shards} shards")
+                             desc=f"embed {len(todo)} of {n_shards} shards", **inference)
     for b in stream:
         touched = set()
         ks = np.searchsorted(starts, b.indices, side="right") - 1
@@ -213,6 +230,8 @@ def _embed_shards(embedder, manifest, schema, paths, todo, parts, part, shard_si
                 del open_shards[k]
     if open_shards:  # pragma: no cover - iter_embeddings covers every position
         raise RuntimeError(f"internal error: shards {sorted(open_shards)} did not complete")
+    took = time.perf_counter() - started
+    log.info("embedded %d images in %.1f s (%.1f images/s)", len(todo_paths), took, len(todo_paths) / max(took, 1e-9))
 
 
 def _merge_parts(parts: Path, part, n_shards: int, out_path: Path) -> None:

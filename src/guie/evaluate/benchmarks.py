@@ -33,27 +33,32 @@ def benchmark_frame(name: str, split: str = "test", cache_dir: str | Path | None
 
 @torch.no_grad()
 def score_on_benchmark(model: str | Path | Embedder, name: str, split: str = "test",
-                       cache_dir: str | Path | None = None, device=None, progress: bool = True) -> Evaluation:
-    """GUIE mP@5 of `model` (checkpoint, Embedder, or backbone name = raw features) on one benchmark split."""
+                       cache_dir: str | Path | None = None, device=None, progress: bool = True,
+                       batch_size: int = 64, runtime: str = "auto", precision: str = "auto") -> Evaluation:
+    """GUIE mP@5 of `model` (checkpoint, Embedder, or backbone name = raw features) on one benchmark split; the
+    backbone features run on `runtime` at `precision` (`guie.embedding.runtimes`)."""
     embedder = resolve_embedder(model)
     bench = get_benchmark(name)
     df = benchmark_frame(name, split, cache_dir)
     feats, ok = cached_features(embedder, df["path"].tolist(), cache_dir or default_cache_dir(), device=device,
-                                progress=progress)
+                                progress=progress, batch_size=batch_size, runtime=runtime, precision=precision)
     emb = embedder.eval().embed_features(torch.as_tensor(feats[ok])).numpy()
     return evaluate_folds(df[ok].reset_index(drop=True), emb, by=bench.folds_by)
 
 
 def transfer_table(models: dict[str, str | Path | Embedder], benchmarks: Sequence[str] = tuple(BENCHMARKS),
                    split: str = "test", cache_dir: str | Path | None = None, device=None,
-                   progress: bool = True) -> pd.DataFrame:
-    """mP@5 of every model (rows, by display name) on every benchmark (columns), plus their mean."""
+                   progress: bool = True, image_size: int | None = None, crop_pct: float | None = None,
+                   batch_size: int = 64, runtime: str = "auto", precision: str = "auto") -> pd.DataFrame:
+    """mP@5 of every model (rows, by display name) on every benchmark (columns), plus their mean. `image_size`,
+    `crop_pct` adapt every model (`resolve_embedder`); `runtime`, `precision`: what runs the forward."""
     rows = []
     for label, model in models.items():
-        embedder = resolve_embedder(model)
+        embedder = resolve_embedder(model, image_size=image_size, crop_pct=crop_pct)
         row = {"model": label, "dim": embedder.embed_dim}
         for name in benchmarks:
-            row[name] = score_on_benchmark(embedder, name, split, cache_dir, device, progress).score
+            row[name] = score_on_benchmark(embedder, name, split, cache_dir, device, progress, batch_size, runtime,
+                                           precision).score
         row["mean"] = float(np.mean([row[b] for b in benchmarks]))
         rows.append(row)
     return pd.DataFrame(rows)

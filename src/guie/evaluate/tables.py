@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..data.manifest import filter_rows, read_manifest
+from ..data.manifest import read_manifest, select_rows
 from ..embedding.files import EMBEDDING_COLUMN, read_embeddings
 from ..utils import log
 
@@ -27,28 +27,27 @@ def is_embeddings_file(source: Path) -> bool:
 
 def load_table(source: str | Path, model=None, where: Sequence[str] | None = None, batch_size: int = 64,
                workers: int | None = None, device=None, image_size: int | None = None,
-               progress: bool = True) -> tuple[pd.DataFrame, np.ndarray]:
+               progress: bool = True, crop_pct: float | None = None, runtime: str = "auto",
+               precision: str = "auto") -> tuple[pd.DataFrame, np.ndarray]:
     """(metadata rows, float32 [N, d]) of an embeddings file (rows kept by `where`, column=value filters), or of a
-    labelled manifest/folder embedded with `model` (checkpoint, backbone name or Embedder); images that cannot be
-    read are left out, with one warning line."""
+    labelled manifest/folder embedded with `model` (checkpoint, backbone name or Embedder; `image_size`, `crop_pct`
+    adapt it) on `runtime` at `precision`; images that cannot be read are left out, with one warning line."""
     source = Path(source)
     if is_embeddings_file(source):
         df, emb = read_embeddings(source)
         if emb.shape[0] == 0:
             raise ValueError(f"{source}: holds no embeddings (0 rows)")
         if where:
-            keep = filter_rows(df.assign(_row=range(len(df))), where)["_row"].to_numpy()
+            keep = select_rows(df.assign(_row=range(len(df))), where, str(source))["_row"].to_numpy()
             df, emb = df.iloc[keep].reset_index(drop=True), emb[keep]
-            if emb.shape[0] == 0:
-                raise ValueError(f"{source}: no rows left after --where {' '.join(where)}")
         return df, emb
     from ..embedding.engine import embed_images
     from ..models.embedder import resolve_embedder
 
-    df = filter_rows(read_manifest(source, require_labels=True), where)
-    embedder = resolve_embedder(model, image_size=image_size)
+    df = select_rows(read_manifest(source, require_labels=True), where, str(source))
+    embedder = resolve_embedder(model, image_size=image_size, crop_pct=crop_pct)
     res = embed_images(embedder, df["path"].tolist(), batch_size=batch_size, num_workers=workers, device=device,
-                       progress=progress)
+                       progress=progress, runtime=runtime, precision=precision)
     if res.errors:
         log.warning("%s: %d images could not be read and were left out", source, len(res.errors))
     if not np.asarray(res.ok).any():

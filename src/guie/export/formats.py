@@ -23,15 +23,19 @@ def format_for(out: str | Path, format: str = "auto") -> str:
 
 
 def export_model(members: Embedder | Sequence[Embedder | str | Path], out: str | Path, tta: TTAConfig | None = None,
-                 format: str = "auto", checkpoints: Sequence[str | None] | None = None, device: str = "cpu",
+                 format: str = "auto", checkpoints: Sequence[str | None] | None = None, device: str = "auto",
                  max_dim: int | None = MAX_EMBED_DIM) -> ExportResult:
     """Export a model, or a shared-head ensemble (several members), as a competition-format TorchScript (.pt) or
     ONNX (.onnx) file: raw uint8 RGB images of any size in, float32 [B, d] L2-normalised embeddings out.
 
     `members` are Embedders or guie checkpoint files (loaded with `load_members`, which refuses members without a
-    shared head; their paths are recorded as `checkpoints`). `device` is where TorchScript traces.
+    shared head; their paths are recorded as `checkpoints`). `device` is where TorchScript traces ("auto":
+    `guie.utils.resolve_device`).
     """
+    from ..utils import resolve_device
     from .ensemble import load_members
+
+    device = resolve_device(device)
 
     if isinstance(members, Embedder):
         members = [members]

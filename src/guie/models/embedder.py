@@ -177,6 +177,8 @@ def load_embedder(path: str | Path, map_location: str | torch.device = "cpu") ->
         raise CheckpointError(f"{path}: its weights do not fit its architecture ({spec.backbone}, embed_dim "
                               f"{spec.embed_dim}): {problem}")
     embedder.load_state_dict(state, strict=True)
+    # accuracy checks of other precisions (bf16, int8) recorded with the weights: what lets inference choose them
+    embedder.precision_checks = dict((payload.get("extra") or {}).get("precision_checks") or {})
     return embedder.eval()
 
 
@@ -205,29 +207,36 @@ def is_backbone_name(name: str) -> bool:
 
 
 def resolve_embedder(model: str | Path | Embedder | None, image_size: int | None = None, seed: int = 0,
-                     **kwargs) -> Embedder:
+                     crop_pct: float | None = None, **kwargs) -> Embedder:
     """An Embedder from an instance, a checkpoint file, or a backbone name (raw features unless embed_dim given).
 
-    `image_size` applies to all three (a checkpoint or instance is adapted with `Embedder.set_image_size`);
-    `seed` initialises a fresh head (see `create_embedder`); other keyword arguments go to `create_embedder` and are
-    refused for a checkpoint, which fixes them itself.
+    `image_size` and `crop_pct` (the centre-crop fraction, 1.0: the whole image) apply to all three (a checkpoint or
+    instance is adapted with `Embedder.set_image_size` / `set_preprocess`); `seed` initialises a fresh head (see
+    `create_embedder`); other keyword arguments go to `create_embedder` and are refused for a checkpoint, which fixes
+    them itself. A reference that names a file (a .pt suffix or a path) that does not exist is "file not found".
     """
     if image_size is not None:
         image_size = check_image_size(image_size)
     if model is not None and not isinstance(model, Embedder) and not is_backbone_name(str(model)) \
-            and not Path(str(model)).is_file() and _looks_like_path(str(model)):
-        raise MissingFileError(model, "model file") if not Path(str(model)).is_dir() else \
+            and not Path(str(model)).expanduser().is_file() and _looks_like_path(str(model)):
+        raise MissingFileError(model, "model file") if not Path(str(model)).expanduser().is_dir() else \
             CheckpointError(f"{model}: a folder, not a model checkpoint file")
-    if isinstance(model, Embedder) or (model is not None and Path(str(model)).is_file()):
+    if isinstance(model, Embedder) or (model is not None and Path(str(model)).expanduser().is_file()):
         if any(v is not None for v in kwargs.values()):
-            raise ValueError(f"{sorted(k for k, v in kwargs.items() if v is not None)} cannot be changed on a trained "
-                             f"model ({model if not isinstance(model, Embedder) else 'an Embedder'})")
-        embedder = model if isinstance(model, Embedder) else load_embedder(model)
-        return embedder.set_image_size(image_size) if image_size else embedder
+            raise InputError(f"{sorted(k for k, v in kwargs.items() if v is not None)} cannot be changed on a "
+                             f"trained model ({model if not isinstance(model, Embedder) else 'an Embedder'})")
+        embedder = model if isinstance(model, Embedder) else load_embedder(Path(str(model)).expanduser())
+        if image_size:
+            embedder.set_image_size(image_size)
+        if crop_pct is not None and crop_pct != embedder.preprocess.crop_pct:
+            embedder.set_preprocess(embedder.preprocess.replace(crop_pct=float(crop_pct)))
+        return embedder
     if model is None:
         model = "efficientnet_lite0"
     kwargs.setdefault("embed_dim", None)
-    return create_embedder(str(model), image_size=image_size, seed=seed, **kwargs).eval()
+    preprocess = {**(kwargs.pop("preprocess", None) or {}), **({"crop_pct": float(crop_pct)} if crop_pct else {})}
+    return create_embedder(str(model), image_size=image_size, seed=seed, preprocess=preprocess or None,
+                           **kwargs).eval()
 
 
 def _looks_like_path(name: str) -> bool:

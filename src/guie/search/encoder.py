@@ -24,22 +24,25 @@ def describe_model(embedder, model: str | Path) -> dict:
             "preprocess": embedder.preprocess.to_dict(), "dim": int(embedder.embed_dim)}
 
 
-def load_model(model: str | Path, image_size: int | None = None):
+def load_model(model: str | Path, image_size: int | None = None, crop_pct: float | None = None):
     """An Embedder from a checkpoint path or backbone name, in eval mode."""
     from ..models.embedder import resolve_embedder
 
-    return resolve_embedder(str(model), image_size=image_size).eval()
+    return resolve_embedder(str(model), image_size=image_size, crop_pct=crop_pct).eval()
 
 
-def load_index_model(index: ImageIndex, model: str | Path | None = None):
-    """The index's model (from its header, or `model` given instead), refused unless its fingerprint is the one the
-    index was built with."""
+def load_index_model(index: ImageIndex, model: str | Path | None = None, image_size: int | None = None,
+                     crop_pct: float | None = None):
+    """The index's model (from its header, or `model` given instead; `image_size`, `crop_pct` default to the
+    index's), refused unless its fingerprint is the one the index was built with."""
     from ..embedding.files import model_fingerprint
     from ..errors import MissingFileError
 
     stored = index.model
+    pre = stored.get("preprocess") or {}
     try:
-        embedder = load_model(model or stored["ref"], image_size=(stored.get("preprocess") or {}).get("image_size"))
+        embedder = load_model(model or stored["ref"], image_size=image_size or pre.get("image_size"),
+                              crop_pct=crop_pct if crop_pct is not None else pre.get("crop_pct"))
     except MissingFileError:
         if model:
             raise
@@ -49,39 +52,27 @@ def load_index_model(index: ImageIndex, model: str | Path | None = None):
     return embedder
 
 
-def embed_query_files(embedder, paths: Sequence[str | Path]) -> np.ndarray:
+def embed_query_files(embedder, paths: Sequence[str | Path], batch_size: int = 64, device=None,
+                      runtime: str = "auto", precision: str = "auto") -> np.ndarray:
     """Embed a few query image files -> float32 [Q, d] (one-line ImageLoadError naming a bad file)."""
     from ..embedding.engine import embed_decoded
     from ..pipeline.datasets import transform_file
 
-    return embed_decoded(embedder, [transform_file(embedder.transform, p) for p in paths])
-
-
-def serving_workers(workers: int | None = None, device: str | None = None) -> int:
-    """How many forwards the server runs at once, and the process's torch intra-op threads set to match.
-
-    On CPU the default is one forward per intra-op thread (at most 4), each forward then single-threaded
-    (`guie.runtime.forward_workers`; `torch.set_num_threads`, process-wide): a forward split over the cores stalls
-    whenever a request takes one of them (`guie.embedding.batching`). `workers` given: that many, sharing the
-    threads. On CUDA: one forward. Call it once, from the serving process, before the model runs."""
-    import torch
-
-    from ..runtime import forward_workers
-    from ..utils import resolve_device
-
-    if resolve_device(device).type != "cpu":
-        return max(1, workers or 1)
-    workers, threads_each = forward_workers(workers)
-    torch.set_num_threads(threads_each)
-    return workers
+    return embed_decoded(embedder, [transform_file(embedder.transform, p) for p in paths], batch_size=batch_size,
+                         device=device, runtime=runtime, precision=precision)
 
 
 class EngineEncoder:
-    """The server's `QueryEncoder`: the model's preprocessing plus a `DynamicBatcher` over the engine's forward,
-    run by `workers` threads (see `serving_workers` for the choice on CPU)."""
+    """The server's `QueryEncoder`: the model's preprocessing plus a `DynamicBatcher` over the engine's forward
+    (`runtime` at `precision`, `guie.embedding.runtimes`), run by as many threads as the runtime serves at once
+    (`workers` given: that many forwards at once; on CPU by default one single-threaded forward per core, up
+    to 4 for torch, or one OpenVINO stream per core: a forward split over the cores stalls whenever a request takes
+    one of them, `guie.embedding.batching`)."""
 
     def __init__(self, embedder, max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 128,
-                 device: str | None = None, workers: int = 1):
+                 device: str | None = None, workers: int | None = 1, runtime: str = "auto", precision: str = "auto"):
+        import torch
+
         from ..embedding.batching import DynamicBatcher
         from ..embedding.engine import pixel_forward
         from ..embedding.files import model_fingerprint
@@ -89,8 +80,12 @@ class EngineEncoder:
         self.embedder = embedder
         self.fingerprint = model_fingerprint(embedder, embedder.preprocess, False)
         self.transform = embedder.transform
-        self.batcher = DynamicBatcher(pixel_forward(embedder, device), max_batch=max_batch, max_wait_ms=max_wait_ms,
-                                      max_queue=max_queue, workers=workers)
+        forward = pixel_forward(embedder, device, runtime=runtime, precision=precision, forwards=workers)
+        if forward.runtime.threads_each:  # torch on CPU: each batcher thread runs a forward on its share (process-wide)
+            torch.set_num_threads(forward.runtime.threads_each)
+        self.runtime = forward.runtime
+        self.batcher = DynamicBatcher(forward, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                                      workers=workers or forward.parallel)
 
     def expect(self):
         """Announce a request still being received (`DynamicBatcher.expect`); yields the ticket for `submit`."""

@@ -29,7 +29,7 @@ import pandas as pd
 
 from ..utils import disk_full_as_error
 from .folder import file_lock
-from .image_index import ImageIndex, SearchIndexError
+from .image_index import ImageIndex
 from .store import ITEM_COLUMNS, NewItem
 
 PENDING = "pending"
@@ -110,20 +110,20 @@ def _unreadable(paths: Sequence[str]) -> list[str]:
 
 def add_source(index: ImageIndex, source: str | Path, embedder, where: Sequence[str] | None = None,
                batch_size: int = 64, shard_size: int = 1024, progress: bool = True, workers: int | None = None,
-               report: Callable[[str], None] | None = None) -> AddReport:
+               report: Callable[[str], None] | None = None, device=None, runtime: str = "auto",
+               precision: str = "auto") -> AddReport:
     """Embed and commit the images of `source` (folder, manifest or shard folder) that the index lacks.
 
-    `embedder` must be the index's model (its fingerprint is checked). Returns an AddReport."""
+    `embedder` must be the index's model (its fingerprint is checked); `device`, `runtime`, `precision`: where and
+    how its forward runs (`guie.embedding.runtimes`). Returns an AddReport."""
     from ..data.dedup import file_digests
-    from ..data.manifest import filter_rows, read_manifest
+    from ..data.manifest import read_manifest, select_rows
     from ..embedding.files import embed_to_file, model_fingerprint
 
     say = report or (lambda msg: print(msg, file=sys.stderr))
     index.check_model(model_fingerprint(embedder, embedder.preprocess, features=False))
     everything = read_manifest(source)
-    df = filter_rows(everything, list(where or []))
-    if df.empty:
-        raise SearchIndexError(f"{source}: no rows to add" + (f" after --where {' '.join(where)}" if where else ""))
+    df = select_rows(everything, list(where or []), str(source))
     n_rows = len(df)
     if workers is None and len(df) < 4096:
         workers = 1  # hashing a few thousand files is quicker than starting a process pool
@@ -144,7 +144,8 @@ def add_source(index: ImageIndex, source: str | Path, embedder, where: Sequence[
                                          "resumes the finished shards)"):
             kept, vectors, failed = embed_to_file(embedder, new, pending / "embeddings.parquet",
                                                   batch_size=batch_size, shard_size=shard_size, progress=progress,
-                                                  overwrite=True, report_failure=lambda msg: say(f"skipped {msg}"))
+                                                  overwrite=True, report_failure=lambda msg: say(f"skipped {msg}"),
+                                                  device=device, runtime=runtime, precision=precision)
         errors += failed
         result = index.add(vectors, items_from_rows(kept, kept["content_hash"].tolist(), root),
                            op=f"add {Path(source).name}")

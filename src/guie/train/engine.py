@@ -398,11 +398,13 @@ class Trainer:
         if use_features:
             feats, ok = cached_features(self.embedder, df["path"].tolist(), self.cfg.cache_dir or default_cache_dir(),
                                         batch_size=batch_size, num_workers=self.cfg.num_workers,
-                                        device=self.device, progress=False)
+                                        device=self.device, progress=False, runtime=self.cfg.runtime,
+                                        precision=self.cfg.precision)
             emb = self.embedder.embed_features(torch.as_tensor(feats[ok], device=self.device)).cpu().numpy()
         else:
-            res = embed_images(self.embedder, df["path"].tolist(), batch_size=batch_size,
-                               num_workers=self.cfg.num_workers, device=self.device, progress=False)
+            res = embed_images(self.embedder, df["path"].tolist(), batch_size=batch_size,  # weights change: torch
+                               num_workers=self.cfg.num_workers, device=self.device, progress=False, runtime="torch",
+                               precision="fp32" if self.device.type == "cpu" else "auto")
             emb, ok = res.embeddings, res.ok
         vdf = df[ok].reset_index(drop=True)
         if vset.folds_by:

@@ -26,7 +26,7 @@ def _view_features(trainer, paths: np.ndarray, view: int, augment: dict | None, 
     feats, _ = cached_features(embedder or trainer.embedder, list(uniq), cfg.cache_dir or default_cache_dir(),
                                view=view, augment=augment, seed=cfg.seed, num_workers=cfg.num_workers,
                                device=trainer.device, progress=trainer.progress, rank=dist.rank,
-                               world_size=dist.world_size)
+                               world_size=dist.world_size, runtime=cfg.runtime, precision=cfg.precision)
     return torch.from_numpy(feats.astype(np.float16))[torch.as_tensor(inverse)]
 
 

@@ -19,6 +19,7 @@ from ..utils import default_cache_dir, log
 def fit_pca_embedder(paths: Sequence[str], model: str | Path | Embedder = "efficientnet_lite0", dim: int = 64,
                      whiten: bool = False, image_size: int | None = None, preprocess: dict | None = None,
                      cache_dir: str | Path | None = None, device=None, progress: bool = True,
+                     batch_size: int = 64, runtime: str = "auto", precision: str = "fp32",
                      **backbone_kwargs) -> Embedder:
     """Backbone of `model` (a backbone name or a guie checkpoint, whose head is replaced) + a `dim`-d PCA head
     fitted on the backbone features of `paths` (computed once into the feature cache).
@@ -28,7 +29,9 @@ def fit_pca_embedder(paths: Sequence[str], model: str | Path | Embedder = "effic
         model: backbone name (``efficientnet_lite2``, ``timm:...``) or a checkpoint whose backbone to keep.
         dim: output dimension (<= 64, the GUIE limit).
         whiten: scale each principal axis to unit variance.
-        image_size, preprocess, backbone_kwargs: as `create_embedder` (backbone names only).
+        image_size, preprocess, backbone_kwargs: as `create_embedder` (backbone names only; preprocess's
+            crop_pct also adapts a checkpoint).
+        runtime, precision, batch_size: how the features are computed (`guie.embedding.feature_store`).
     """
     if not 1 <= dim <= MAX_EMBED_DIM:
         raise ValueError(f"--dim must be in 1..{MAX_EMBED_DIM}, got {dim}")
@@ -36,11 +39,11 @@ def fit_pca_embedder(paths: Sequence[str], model: str | Path | Embedder = "effic
     if is_name:
         base = resolve_embedder(model, image_size=image_size, preprocess=preprocess or None, **backbone_kwargs)
     else:
-        if preprocess or backbone_kwargs:
+        if set(preprocess or {}) - {"crop_pct"} or backbone_kwargs:
             raise ValueError("preprocess/backbone options apply to backbone names, not to a trained model")
-        base = resolve_embedder(model, image_size=image_size)
+        base = resolve_embedder(model, image_size=image_size, crop_pct=(preprocess or {}).get("crop_pct"))
     feats, ok = cached_features(base, list(map(str, paths)), cache_dir or default_cache_dir(), device=device,
-                                progress=progress)
+                                progress=progress, batch_size=batch_size, runtime=runtime, precision=precision)
     if ok.sum() < dim + 1:
         raise ValueError(f"PCA to {dim} dims needs at least {dim + 1} readable images, got {int(ok.sum())}")
     log.info("PCA %d -> %d on %d images", feats.shape[1], dim, int(ok.sum()))

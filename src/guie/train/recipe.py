@@ -254,10 +254,18 @@ class RunConfig:
     cpu_threads: int | None = None
     device: str = "auto"
     cache_dir: Path | None = None      # feature caches / benchmark data (default $GUIE_CACHE)
+    # what computes the frozen backbone's cached features (head stages, validation on features): auto (OpenVINO on
+    # a CPU, torch on CUDA), torch, openvino, onnxruntime; at `precision` (fp32: the features train heads). The
+    # backbone's own training always runs on torch.
+    runtime: str = "auto"
+    precision: str = "fp32"
 
     def __post_init__(self):
         if not self.stages:
             raise ValueError("a run needs at least one stage")
+        from ..embedding.runtimes import check_choice
+
+        check_choice(self.runtime, self.precision)
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be >= 1 (or null for all cores), got {self.cpu_threads}")
         names = [s.name for s in self.stages]

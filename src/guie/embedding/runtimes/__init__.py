@@ -1,0 +1,255 @@
+"""Inference runtimes: which engine runs a model's forward for vectors (torch, OpenVINO, ONNX Runtime), at which
+precision, with which thread layout. Training always runs on torch; this is the inference side only.
+
+A runtime is one registry entry (`register_runtime`): its name, the precisions and devices it serves, a check that
+says why it cannot run here (or None), and a builder. `create_runtime(embedder, runtime, precision, device)` resolves
+"auto" and returns an `InferenceRuntime`: a callable uint8 images [B, 3, S, S] (the model's input, as
+`embedder.transform` makes it) -> float32 [B, d] on the runtime's device, safe to call from several threads at once.
+A new runtime or precision (e.g. int8) is one more entry; nothing else changes.
+
+Choices of "auto" (logged once per process with the reason, `guie.utils.log`):
+  * runtime: OpenVINO on a CPU (2-2.5x torch's eager fp32 forward on the same numbers, benchmarks/cpu_runtimes.py);
+    torch on CUDA; torch where OpenVINO is missing or cannot run (one line says why).
+  * precision: on CUDA bf16 autocast (as before); on a CPU fp32, unless the CPU has native bf16 (AMX or
+    AVX512-BF16) *and* the model carries a passed bf16 accuracy check (`precision_checks`: mP@5 within 0.002 of fp32
+    on every domain it was checked on): bf16 changes the vectors (max abs ~0.01-0.02), so it is never chosen
+    unmeasured. int8 is explicit only.
+
+The pixels are the same whatever runs the forward: preprocessing (`guie.imaging.geometry`, `ImageTransform`) happens
+before the runtime; converted models take the same uint8 input and normalise inside, as the torch module does.
+`GUIE_RUNTIME` / `GUIE_PRECISION` pin what "auto" means (the test suite pins torch, as `GUIE_DEVICE` pins the CPU).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ...errors import EnvironmentProblem, InputError
+from ...utils import log
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from ...models.embedder import Embedder
+
+RUNTIME_CHOICES = ("auto", "torch", "openvino", "onnxruntime")
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "int8")
+BF16_TOLERANCE = 0.002  # mP@5 a precision may lose on any domain and still be chosen by "auto"
+
+
+class RuntimeUnavailable(EnvironmentProblem):
+    """The runtime asked for cannot run here (not installed, unsupported CPU, a model it cannot convert)."""
+
+
+@dataclass(frozen=True)
+class RuntimeEntry:
+    """One registry entry: a runtime, what it serves, why it cannot run here (None: it can), how to build it."""
+
+    name: str
+    devices: tuple[str, ...]          # device types it runs on ("cpu", "cuda")
+    precisions: tuple[str, ...]       # precisions it offers (never "auto")
+    unavailable: Callable[[], str | None]
+    build: Callable[..., InferenceRuntime]
+
+
+_REGISTRY: dict[str, RuntimeEntry] = {}
+
+
+def register_runtime(entry: RuntimeEntry) -> RuntimeEntry:
+    """Add (or replace) a runtime in the registry."""
+    _REGISTRY[entry.name] = entry
+    return entry
+
+
+def list_runtimes() -> list[str]:
+    """Names of the registered runtimes (without "auto")."""
+    _load_builtin()
+    return list(_REGISTRY)
+
+
+class InferenceRuntime:
+    """A model prepared for inference: call it with uint8 images [B, 3, S, S] for float32 [B, d] (a torch tensor on
+    `device`). Thread-safe. `parallel` is how many callers it serves at once at full speed (the engine and the
+    search server run that many forward threads), `threads_each` the torch intra-op threads each of those uses
+    (None: leave torch's count alone)."""
+
+    name: str = "?"
+    precision: str = "fp32"
+    parallel: int = 1
+    threads_each: int | None = None
+
+    def __init__(self, device: torch.device, features: bool):
+        self.device, self.features = device, features
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def numpy(self, images: torch.Tensor) -> np.ndarray:
+        """The forward as a float32 numpy array on the host."""
+        return self(images).cpu().numpy()
+
+    @property
+    def layout(self) -> str:
+        """The thread layout in words, for the log line."""
+        return f"{self.parallel} forward(s) at once"
+
+    def close(self) -> None:
+        """Free the runtime's resources (idempotent)."""
+
+
+def _env_choice(value: str, env: str, choices: tuple[str, ...], what: str) -> str:
+    if value in (None, "auto"):
+        value = os.environ.get(env) or "auto"
+    value = str(value).strip().lower()
+    if value not in choices:
+        raise InputError(f"unknown {what} {value!r}: choose from {', '.join(choices)}")
+    return value
+
+
+def check_choice(runtime: str | None = "auto", precision: str | None = "auto") -> tuple[str, str]:
+    """Validate runtime and precision names ("auto" resolved only later, by `create_runtime`)."""
+    return (_env_choice(runtime, "GUIE_RUNTIME", RUNTIME_CHOICES, "runtime"),
+            _env_choice(precision, "GUIE_PRECISION", PRECISION_CHOICES, "precision"))
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX-BF16 or AVX512-BF16 on x86; BF16 on ARM), from /proc/cpuinfo."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return bool(flags & {"amx_bf16", "avx512_bf16", "bf16"})
+
+
+def precision_checks(embedder: Embedder) -> dict:
+    """A model's recorded accuracy checks per precision: {"bf16": {"domains": {name: mP@5 loss}}, ...} (from its
+    checkpoint's `extra["precision_checks"]`; empty for a fresh model)."""
+    return dict(getattr(embedder, "precision_checks", None) or {})
+
+
+def precision_passes(embedder: Embedder, precision: str, tolerance: float = BF16_TOLERANCE) -> bool:
+    """Whether the model's recorded check of `precision` lost at most `tolerance` mP@5 on every domain."""
+    losses = (precision_checks(embedder).get(precision) or {}).get("domains") or {}
+    return bool(losses) and all(float(v) <= tolerance for v in losses.values())
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What `resolve_choice` picked and why."""
+
+    runtime: str
+    precision: str
+    reason: str
+
+
+def resolve_choice(embedder: Embedder | None, runtime: str, precision: str, device: torch.device) -> Choice:
+    """Resolve "auto" for runtime and precision on `device` (see the module docstring); explicit choices are checked
+    against the registry (one-line errors)."""
+    _load_builtin()
+    runtime, precision = check_choice(runtime, precision)
+    why = []
+    if runtime == "auto":
+        if device.type != "cpu":
+            runtime, reason = "torch", f"torch on {device.type}"
+        else:
+            problem = _REGISTRY["openvino"].unavailable()
+            runtime = "torch" if problem else "openvino"
+            reason = f"OpenVINO unavailable ({problem}): torch" if problem else "OpenVINO on CPU"
+            if problem:
+                log.warning("runtime auto: %s cannot run here (%s); using torch", "OpenVINO", problem)
+        why.append(reason)
+    entry = _REGISTRY[runtime]
+    if device.type not in entry.devices:
+        raise InputError(f"runtime {runtime} runs on {', '.join(entry.devices)}, not on {device}")
+    if precision == "auto":
+        if device.type == "cuda":
+            precision, reason = "bf16", "bf16 autocast on CUDA"
+        elif "bf16" in entry.precisions and cpu_has_native_bf16() and embedder is not None \
+                and precision_passes(embedder, "bf16"):
+            precision, reason = "bf16", "native bf16 CPU and a passed bf16 check of this model"
+        else:
+            precision = "fp32"
+            reason = ("fp32: no bf16 check recorded for this model" if cpu_has_native_bf16()
+                      else "fp32: this CPU has no native bf16")
+        why.append(reason)
+    if precision not in entry.precisions:
+        if precision == "int8":
+            raise InputError(f"precision int8 is not available yet for runtime {runtime} (use fp32 or bf16)")
+        raise InputError(f"runtime {runtime} does not offer precision {precision} "
+                         f"(it offers {', '.join(entry.precisions)})")
+    if precision == "bf16" and device.type == "cpu" and runtime != "torch" and not cpu_has_native_bf16():
+        raise InputError(f"precision bf16 with runtime {runtime} needs a CPU with native bf16 (AMX or AVX512-BF16); "
+                         "this one has none: use fp32 (or runtime torch, which emulates bf16 slowly)")
+    return Choice(runtime, precision, "; ".join(why) or "as asked")
+
+
+_logged: set = set()
+_log_lock = threading.Lock()
+
+
+def _log_once(rt: InferenceRuntime, choice: Choice) -> None:
+    key = (rt.name, rt.precision, rt.layout, choice.reason)
+    with _log_lock:
+        if key in _logged:
+            return
+        _logged.add(key)
+    log.info("inference: %s %s on %s, %s (%s)", rt.name, rt.precision, rt.device, rt.layout, choice.reason)
+
+
+def create_runtime(embedder: Embedder, runtime: str | None = "auto", precision: str | None = "auto",
+                   device: str | torch.device | None = None, features: bool = False,
+                   cache_dir: str | Path | None = None, forwards: int | None = None) -> InferenceRuntime:
+    """The forward of `embedder` (its embedding, or backbone features with features=True) on `runtime` at
+    `precision` ("auto": see the module docstring), for `device` (None/"auto": `guie.utils.resolve_device`).
+
+    Converting runtimes keep the converted model in `cache_dir` (default `<guie cache>/runtimes`), so a second run
+    starts at once. `forwards`: forwards to run at once on CPU (default one single-threaded forward per intra-op
+    thread, at most 4). An explicitly asked runtime that cannot run raises `RuntimeUnavailable` (one line); with
+    "auto", a model OpenVINO cannot convert falls back to torch with one warning. The embedder is put in eval mode.
+    """
+    from ...utils import resolve_device
+
+    asked_runtime, _ = check_choice(runtime, precision)
+    if device in (None, "auto") and asked_runtime not in ("auto", "torch"):
+        _load_builtin()
+        device = "cpu" if "cpu" in _REGISTRY[asked_runtime].devices else device  # a CPU runtime asked by name
+    device = resolve_device(device)
+    choice = resolve_choice(embedder, runtime, precision, device)
+    entry = _REGISTRY[choice.runtime]
+    problem = entry.unavailable()
+    if problem:
+        raise RuntimeUnavailable(f"runtime {choice.runtime} cannot run here: {problem}")
+    try:
+        rt = entry.build(embedder, precision=choice.precision, device=device, features=features,
+                         cache_dir=cache_dir, forwards=forwards)
+    except RuntimeUnavailable as e:
+        if asked_runtime != "auto":
+            raise
+        log.warning("runtime auto: %s; using torch", e)
+        choice = Choice("torch", choice.precision, f"{choice.reason}; conversion failed, torch")
+        rt = _REGISTRY["torch"].build(embedder, precision=choice.precision, device=device, features=features,
+                                      cache_dir=cache_dir, forwards=forwards)
+    _log_once(rt, choice)
+    return rt
+
+
+_builtin_loaded = False
+
+
+def _load_builtin() -> None:
+    """Register the built-in runtimes (on first use, so importing this package stays light)."""
+    global _builtin_loaded
+    if _builtin_loaded:
+        return
+    _builtin_loaded = True
+    from . import onnxruntime_runtime, openvino_runtime, torch_runtime  # noqa: F401 - they register themselves
