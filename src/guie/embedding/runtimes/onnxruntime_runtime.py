@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import InferenceRuntime, RuntimeEntry, RuntimeUnavailable, register_runtime
+from .base import InferenceRuntime, RuntimeEntry, RuntimeUnavailable, register_runtime
 from .cache import load_or_convert
 from .openvino_runtime import ForwardModule, conversion_key, example_images
 

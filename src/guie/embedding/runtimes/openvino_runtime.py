@@ -27,7 +27,7 @@ import warnings
 import numpy as np
 import torch
 
-from . import InferenceRuntime, RuntimeEntry, RuntimeUnavailable, cpu_has_native_bf16, register_runtime
+from .base import InferenceRuntime, RuntimeEntry, RuntimeUnavailable, cpu_has_native_bf16, register_runtime
 from .cache import load_or_convert
 
 _PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ...runtime import forward_workers, tune_cpu_allocator
-from . import InferenceRuntime, RuntimeEntry, register_runtime
+from .base import InferenceRuntime, RuntimeEntry, register_runtime
 
 
 def prepare_model(embedder, device: torch.device) -> None:
