@@ -16,6 +16,7 @@ from guie.search.app import ServerSettings, create_app, safe_name
 from guie.search.image_index import ImageIndex, NewItem
 
 KEY = "s3cret-key-for-tests"
+LOCAL = "http://127.0.0.1"  # a Host the loopback server accepts (TestClient's default, testserver, is refused)
 
 
 class PixelEncoder:
@@ -68,7 +69,7 @@ def served(tmp_path):
     index.add(vecs, items)
 
     def client(**settings):
-        return TestClient(create_app(index, encoder, ServerSettings(**settings)))
+        return TestClient(create_app(index, encoder, ServerSettings(**settings)), base_url=LOCAL)
 
     yield index, pics, client
     encoder.batcher.close()
@@ -170,7 +171,7 @@ def test_a_full_queue_answers_503(served):
         raise Overloaded("busy: 128 images already queued")
 
     full.submit = refuse
-    c = TestClient(create_app(index, full, ServerSettings()))
+    c = TestClient(create_app(index, full, ServerSettings()), base_url=LOCAL)
     r = c.post("/search", files=[("files", ("a.png", png_bytes(pics[0]), "image/png"))])
     assert r.status_code == 503 and r.headers["retry-after"] == "1" and "busy" in r.json()["detail"]
     full.batcher.close()
