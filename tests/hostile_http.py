@@ -31,7 +31,7 @@ def multipart(fields: list[tuple[str, str | bytes, str | None]]) -> tuple[dict, 
 
 def write_hostile_images(root: Path) -> dict[str, Path]:
     """Images that decode (they are under the declared-pixel cap) but cost far more to decode than their bytes:
-    kind -> path. `decode_heavy`: the issue's 4 KB 1-bit 5700x5700 PNG (32.5 Mpx); `heavy_query`: a 1-bit
+    kind -> path. `decode_heavy`: the issue's 1-bit 5700x5700 PNG (32.5 Mpx in 11 KB); `heavy_query`: a 1-bit
     3900x3900 PNG (15.2 Mpx, under the query cap); `bomb`: a PNG header declaring 40,000 x 40,000."""
     root.mkdir(parents=True, exist_ok=True)
     return {"decode_heavy": png_one_bit(root / "heavy-5700.png", 5700, 5700),
@@ -70,7 +70,7 @@ def hostile_cases(images: dict[str, Path], good_png: bytes) -> list[tuple]:
         ("far more files than max_files", "POST", "/search", key,
          multipart([("files", good_png, f"{i}.png") for i in range(40)]), 413, "at most 8"),
         # decode work (item 4)
-        ("a 4 KB PNG decoding to 32.5 Mpx", "POST", "/search", key, multipart([("files", heavy, "h.png")]), 413,
+        ("an 11 KB PNG decoding to 32.5 Mpx", "POST", "/search", key, multipart([("files", heavy, "h.png")]), 413,
          "a query image may have"),
         ("five 15 Mpx PNGs in one search", "POST", "/search", key,
          multipart([("files", query, f"q{i}.png") for i in range(5)]), 413, "one search may decode"),

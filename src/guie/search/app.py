@@ -179,8 +179,7 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
             return await request.form(max_files=settings.max_files, max_fields=32, max_part_size=64 * 1024)
         except StarletteHTTPException as e:  # Starlette's multipart limits answer 400; too many files is a size limit
             if "Too many files" in str(e.detail):
-                raise HTTPException(413, f"more than {settings.max_files} files; at most {settings.max_files} per "
-                                         "request") from None
+                raise HTTPException(413, f"Too many files: at most {settings.max_files} per request") from None
             raise
 
     async def read_uploads(form, field_name: str = "files") -> list[tuple[str, bytes]]:
