@@ -214,3 +214,22 @@ def test_decode_heavy_requests_are_decoded_one_lane_at_a_time(served, hostile_im
     assert normal[0] == 200
     slowest_heavy = max(t for c, t in results if c == 200)
     assert normal[1] < max(2.0, slowest_heavy), (normal, results)
+
+
+def test_milvus_lite_listens_on_a_private_unix_socket_not_a_tcp_port(tmp_path):
+    """Issue 26 item 2: pymilvus serves a Milvus Lite file on an unauthenticated 127.0.0.1 TCP port; guie's milvus
+    backend serves it on a unix socket in a folder only this user may enter, and opens no TCP port."""
+    pytest.importorskip("milvus_lite")
+    import numpy as np
+    import psutil
+
+    from guie.search.image_index import ImageIndex, NewItem
+
+    me = psutil.Process()
+    listening = {c.laddr for c in me.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    with ImageIndex.create(tmp_path / "m", dim=4, model={"ref": "x", "fingerprint": "x"}, backend="milvus") as index:
+        index.add(np.eye(4, dtype=np.float32)[:2], [NewItem(f"h{i}", f"p{i}.png", None, {}) for i in range(2)])
+        assert [h.id for h in index.search(np.eye(4, dtype=np.float32)[:1], 1)[0]] == [0]
+        assert {c.laddr for c in me.net_connections("tcp") if c.status == psutil.CONN_LISTEN} == listening
+        sockets = [c.laddr for c in me.net_connections("unix") if str(c.laddr).endswith("milvus.sock")]
+        assert sockets and all(os.stat(os.path.dirname(s)).st_mode & 0o077 == 0 for s in sockets)

@@ -69,8 +69,11 @@ class MilvusBackend(VectorBackend):
             self.folder.mkdir(parents=True, exist_ok=True)
         self._synced = int(synced)
         token = token if token is not None else os.environ.get("GUIE_MILVUS_TOKEN", "")
-        try:
-            self.client = MilvusClient(uri=self.uri, token=token)
+        from .milvus_local import local_uri
+
+        lite = not self.uri.startswith(("http://", "https://", "tcp://", "unix:"))
+        try:  # Milvus Lite through a private unix socket, not pymilvus's open 127.0.0.1 port (`milvus_local`)
+            self.client = MilvusClient(uri=(lite and local_uri(self.uri)) or self.uri, token=token)
         except Exception as e:  # pymilvus raises its own and gRPC errors
             raise BackendError(f"milvus at {self._where()}: cannot connect ({type(e).__name__}: "
                                f"{str(e).splitlines()[0][:200]})") from None
