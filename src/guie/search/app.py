@@ -81,6 +81,7 @@ class ServerSettings:
     heavy_pixels: int = 4_000_000          # a request decoding more goes through the one-thread heavy lane
     heavy_per_client: int = 2              # heavy requests admitted at once per client address
     heavy_queue: int = 8                   # heavy requests admitted at once in all
+    refusal_delay_s: float = 1.0           # a refusal of decode work (413/429/503) is answered after this pause
     max_k: int = 100
     max_inflight: int = 64                 # requests being decoded/embedded at once; more get 503
     max_readers: int = 256                 # request bodies arriving at once; more get 503
@@ -203,10 +204,10 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
         if query:
             for (name, _), cost in zip(uploads, costs):
                 if cost > settings.max_query_pixels:
-                    raise HTTPException(413, f"{name}: decodes to {cost:,} pixels, over the "
+                    raise DecodeRefused(413, f"{name}: decodes to {cost:,} pixels, over the "
                                              f"{settings.max_query_pixels:,} a query image may have (send it smaller)")
             if sum(costs) > settings.max_request_pixels:
-                raise HTTPException(413, f"these {len(uploads)} images decode to {sum(costs):,} pixels, over the "
+                raise DecodeRefused(413, f"these {len(uploads)} images decode to {sum(costs):,} pixels, over the "
                                          f"{settings.max_request_pixels:,} one search may decode (send fewer)")
         return sum(costs)
 
@@ -411,6 +412,9 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
 
     @app.exception_handler(DecodeRefused)
     async def decode_refused(request: Request, exc: DecodeRefused):
+        # Answered after a pause, every slot already released: a client that keeps sending what it is refused
+        # (decode-heavy images, back to back) gets through a request a second instead of hundreds.
+        await asyncio.sleep(settings.refusal_delay_s)
         return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers={"Retry-After": "1"})
 
     return app

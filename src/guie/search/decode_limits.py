@@ -12,12 +12,15 @@ is decoded (`decode_cost`: the pixels the decoder will produce, after JPEG's red
 - per client and overall: a request whose images decode to more than `heavy_pixels` is *heavy* and is decoded in
   a lane of its own, one thread (at most one core, whatever the number of heavy requests), never in the batcher's
   workers that serve everyone else; a client (peer address) may have `heavy_per_client` heavy requests admitted at
-  once (429 beyond) and the lane holds `heavy_queue` requests (503 beyond).
+  once (429 beyond) and the lane holds `heavy_queue` requests (503 beyond). The lane's thread runs at a lower
+  CPU priority (nice 10), and every refusal is answered after a pause (`ServerSettings.refusal_delay_s`), so that a
+  client sending heavy requests back to back cannot turn cheap refusals into a flood either.
 """
 from __future__ import annotations
 
 import asyncio
 import io
+import os
 import threading
 import warnings
 from collections import Counter
@@ -63,7 +66,7 @@ class DecodeLane:
 
     def __init__(self, heavy_pixels: int, heavy_per_client: int = 2, heavy_queue: int = 8):
         self.heavy_pixels, self.per_client, self.capacity = int(heavy_pixels), int(heavy_per_client), int(heavy_queue)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="guie-heavy-decode")
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="guie-heavy-decode", initializer=_lower_priority)
         self._clients: Counter = Counter()
         self._admitted = 0
         self._lock = threading.Lock()
@@ -100,3 +103,12 @@ class DecodeLane:
     def close(self) -> None:
         """Stop the lane's thread once its work is done."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _lower_priority(niceness: int = 10) -> None:
+    """Run the calling thread at a lower CPU priority (Linux: a thread is a task with its own nice value), so that
+    a core shared with the batcher's workers goes to them first."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the lane still holds one thread only
+        pass
