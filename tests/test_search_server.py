@@ -14,6 +14,7 @@ from PIL import Image
 from conftest import png_header_only
 from guie.embedding.batching import DynamicBatcher, Overloaded
 from guie.search.app import ServerSettings, create_app, safe_name
+from guie.search.http_limits import BodyGuard
 from guie.search.image_index import ImageIndex, NewItem
 
 KEY = "s3cret-key-for-tests"
@@ -347,3 +348,55 @@ def test_decode_cost_is_read_from_headers_at_the_jpeg_scale(tmp_path):
     png = png_one_bit(tmp_path / "heavy.png", 5700, 5700).read_bytes()
     assert len(png) < 16_000 and decode_cost(png, 256) == 5700 * 5700
     assert decode_cost(b"not an image", 256) == 0
+
+
+def test_a_full_body_pool_evicts_the_slowest_upload_for_a_new_request(served):
+    """Stalled uploads beyond the body pool get 503 at once; once they have stalled for a second, each new request
+    evicts the slowest of them (answered 408 at its next byte) instead of being refused."""
+    import socket
+
+    import httpx
+    import uvicorn
+
+    index, pics, client = served
+    encoder = PixelEncoder()
+    app = create_app(index, encoder, ServerSettings(max_readers=4, body_grace_s=30))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    stalled = []
+    try:
+        deadline = time.time() + 20
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        head = (f"POST /search HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: multipart/form-data; "
+                "boundary=zz\r\nContent-Length: 100000\r\n\r\n--zz\r\n").encode()
+        for _ in range(16):
+            stalled.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            stalled[-1].sendall(head)
+        time.sleep(0.3)
+        refused, held = [], []
+        for s in stalled:
+            s.setblocking(False)
+            try:
+                refused.append(s.recv(64).split(b" ")[1])
+            except BlockingIOError:
+                held.append(s)
+        assert refused == [b"503"] * 12 and len(held) == 4  # the pool holds 4; none has stalled a second yet
+        time.sleep(BodyGuard.EVICT_AFTER_S + 0.2)
+        for _ in range(4):
+            r = httpx.post(f"http://127.0.0.1:{port}/search", data={"item": "1", "k": "2"}, timeout=10)
+            assert r.status_code == 200, r.text
+        for s in held:
+            s.setblocking(True)
+            s.sendall(b"x")
+        assert [s.recv(64).split(b" ")[1] for s in held] == [b"408"] * 4  # each was evicted by a search
+    finally:
+        for s in stalled:
+            s.close()
+        server.should_exit = True
+        thread.join(10)
+        encoder.batcher.close()
