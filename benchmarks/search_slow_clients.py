@@ -207,7 +207,11 @@ def main() -> None:
                 emit(row)
         finally:
             server.terminate()
-            server.wait(30)
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:  # an older server may still be decoding what it was sent
+                server.kill()
+                server.wait()
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
 
