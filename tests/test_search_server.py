@@ -391,7 +391,7 @@ def test_a_full_body_pool_evicts_the_slowest_upload_for_a_new_request(served):
             r = httpx.post(f"http://127.0.0.1:{port}/search", data={"item": "1", "k": "2"}, timeout=10)
             assert r.status_code == 200, r.text
         for s in held:
-            s.setblocking(True)
+            s.settimeout(10)
             s.sendall(b"x")
         assert [s.recv(64).split(b" ")[1] for s in held] == [b"408"] * 4  # each was evicted by a search
     finally:
