@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import os
 from pathlib import Path
 
 from ..errors import InputError
@@ -61,11 +60,6 @@ def read_api_key(key: str | None = None, key_file: str | Path | None = None) -> 
         if not key:
             raise InputError(f"{path}: the API key file is empty (write the key on its first line)")
     return key
-
-
-def key_from_environment() -> str | None:
-    """GUIE_API_KEY when set and not empty."""
-    return os.environ.get("GUIE_API_KEY") or None
 
 
 def presented_key(headers) -> str | None:
