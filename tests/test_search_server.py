@@ -351,8 +351,9 @@ def test_decode_cost_is_read_from_headers_at_the_jpeg_scale(tmp_path):
 
 
 def test_a_full_body_pool_evicts_the_slowest_upload_for_a_new_request(served):
-    """Stalled uploads beyond the body pool get 503 at once; once they have stalled for a second, each new request
-    evicts the slowest of them (answered 408 at its next byte) instead of being refused."""
+    """Stalled uploads beyond the body pool get 503 at once; once they have stalled for a second, a new request
+    that finds the pool full evicts the slowest of them (answered 408 at its next byte) instead of being
+    refused."""
     import socket
 
     import httpx
@@ -390,10 +391,15 @@ def test_a_full_body_pool_evicts_the_slowest_upload_for_a_new_request(served):
         for _ in range(4):
             r = httpx.post(f"http://127.0.0.1:{port}/search", data={"item": "1", "k": "2"}, timeout=10)
             assert r.status_code == 200, r.text
-        for s in held:
-            s.settimeout(10)
+        answers = []
+        for s in held:  # an evicted upload is answered 408 at its next byte; the others are still waiting
+            s.settimeout(3)
             s.sendall(b"x")
-        assert [s.recv(64).split(b" ")[1] for s in held] == [b"408"] * 4  # each was evicted by a search
+            try:
+                answers.append(s.recv(64).split(b" ")[1])
+            except TimeoutError:
+                answers.append(b"waiting")
+        assert sorted(answers) == [b"408"] + [b"waiting"] * 3  # the first search evicted one; then there was room
     finally:
         for s in stalled:
             s.close()
