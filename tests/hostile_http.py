@@ -1,5 +1,5 @@
 """The hostile-request corpus of the search service: requests a hostile or broken client sends to `guie serve`,
-each with the answer it must get (never a 500, never data it may not see). `tests/test_search_hostile.py` sends
+each with the answer it must get (never a 500, never data it may not see). `tests/test_search_serve_hostile.py` sends
 every case to a real `guie serve` process; the hostile images and files live in `conftest.py`
 (`write_bad_files`, `png_header_only`, `png_one_bit`) and `write_hostile_images` here.
 
