@@ -72,6 +72,59 @@ def _imports(module: str, path: Path) -> list[tuple[int, str]]:
     return found
 
 
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan), each sorted: the import cycles."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def connect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    return out
+
+
+def test_no_import_cycles_between_files():
+    """No two files import each other, directly or through others, at module level or inside functions (a lazy
+    import still ties the two files together). A package's `__init__` counts as its own file: a backend that
+    imports its package's `__init__`, which imports the backend, is a cycle (search.backends had one)."""
+    graph = {module: {t for _, t in _imports(module, path) if t in MODULES and t != module}
+             for module, path in MODULES.items()}
+    cycles = _cycles(graph)
+    assert not cycles, "import cycles between files:\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+def test_the_cycle_check_sees_a_cycle():
+    """The check finds a cycle through a package `__init__`, and the import walk sees `from . import module`."""
+    graph = {"p": {"p.a"}, "p.a": {"p.base"}, "p.base": set(), "q": {"q.a"}, "q.a": {"q"}}
+    assert _cycles(graph) == [["q", "q.a"]]
+    imports = {t for _, t in _imports("guie.search.backends", MODULES["guie.search.backends"])}
+    assert {"guie.search.backends.base", "guie.search.backends.faiss_backend"} <= imports
+
+
 def test_every_import_runs_downhill():
     uphill = []
     for module, path in MODULES.items():

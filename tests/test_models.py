@@ -296,7 +296,7 @@ def test_round_trip_keeps_backbone_options_and_resized_vit(tiny_clip_config, tmp
 
 
 def test_load_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="model checkpoint not found"):
+    with pytest.raises(FileNotFoundError, match="none.pt: model file not found"):
         load_embedder(tmp_path / "none.pt")
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a guie embedder checkpoint"):

@@ -31,6 +31,13 @@ class MissingFileError(GuieError, FileNotFoundError):
         super().__init__(f"{path}: {what} not found")
         self.filename = str(path)
 
+    def __str__(self) -> str:  # OSError's own would print "[Errno None] None: '<path>'" once filename is set
+        return str(self.args[0])
+
 
 class EnvironmentProblem(GuieError, RuntimeError):
     """The machine lacks something guie needs (a program, a library, disk space, a device): the message says what."""
+
+
+class DiskFullError(EnvironmentProblem):
+    """A write ran out of disk space (or quota); the message names what was being written."""

@@ -1,10 +1,12 @@
 """Small helpers shared by every module: atomic writes, device choice, logging."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,3 +111,31 @@ def save_parquet_atomic(df, path: str | Path) -> Path:
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return atomic_write_bytes(buf.getvalue(), path)
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether an exception means "no space left": an OSError ENOSPC/EDQUOT, or a C++ library's RuntimeError that
+    says so (FAISS, pyarrow and SQLite report it in their own words)."""
+    if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+        return True
+    text = str(exc).lower()
+    return any(s in text for s in ("no space left", "disk quota exceeded", "database or disk is full"))
+
+
+@contextmanager
+def disk_full_as_error(what: str | Path, hint: str = "free some space and run it again"):
+    """Turn running out of disk space inside the block into one `DiskFullError` line naming `what` (and `hint`);
+    any other exception passes through unchanged."""
+    from .errors import DiskFullError
+
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:  # noqa: BLE001 - only disk-full errors are translated; the rest is re-raised as is
+        if not is_disk_full(e):
+            raise
+        raise DiskFullError(f"{what}: disk full (no space left on its file system); {hint}") from None

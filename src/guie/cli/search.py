@@ -135,7 +135,11 @@ def register(app: typer.Typer) -> None:
                grid: Optional[Path] = typer.Option(None, help="write a PNG: each query followed by its results"),
                as_json: bool = typer.Option(False, "--json", help="print one JSON line per query")):
         """The k nearest indexed images of each query image (Euclidean distance, nearest first)."""
+        from ..imaging.draw import picture_format
         from ..search.encoder import embed_query_files, load_index_model
+
+        if grid:
+            picture_format(grid)  # a name no picture can have is refused before the search
 
         try:
             with _open(name, write=False) as index:
@@ -154,10 +158,10 @@ def register(app: typer.Typer) -> None:
                 for r in results:
                     typer.echo(f"  {r['id']:>8}  {r['distance']:.4f}  {r['label']}  {r['path']}")
         if grid:
-            from ..imaging.draw import hits_grid
+            from ..imaging.draw import hits_grid, save_picture
 
-            hits_grid(images, [[(f, h.distance, h.item.get("label")) for f, h in zip(fs, row)]
-                               for fs, row in zip(files, hits)]).save(grid)
+            save_picture(hits_grid(images, [[(f, h.distance, h.item.get("label")) for f, h in zip(fs, row)]
+                                            for fs, row in zip(files, hits)]), grid)
             typer.echo(f"grid: {grid}")
 
     @index_app.command("reindex")

@@ -15,13 +15,14 @@ Leakage (evaluation images that also occur in training data) is the most common 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from ..imaging.io import ImageLoadError, load_image, read_image_bytes
+from ..imaging.io import ImageLoadError, check_image_header, load_image, parse_shard_ref, read_image_bytes
 from .validate import parallel_map
 
 METHODS = ("exact", "phash", "embedding")
@@ -57,16 +58,44 @@ def bytes_digest(data: bytes) -> str:
     return hashlib.sha1(data).hexdigest()
 
 
+def file_digest(path: str) -> str:
+    """`bytes_digest` of a file (or shard member) read in chunks, so a huge file costs no memory. Raises
+    ImageLoadError (missing, empty, a folder) naming it."""
+    if parse_shard_ref(path) is not None:  # a member's bytes are bounded by its recorded size
+        return bytes_digest(read_image_bytes(path))
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise ImageLoadError(path, "empty file (0 bytes)", "empty")
+            return hashlib.file_digest(f, "sha1").hexdigest()
+    except FileNotFoundError:
+        raise ImageLoadError(path, "file not found", "missing") from None
+    except IsADirectoryError:
+        raise ImageLoadError(path, "is a folder, not an image", "format") from None
+
+
 def _digest(path: str) -> str | None:
     try:
-        return bytes_digest(read_image_bytes(path))
-    except ImageLoadError:
+        return file_digest(path)
+    except (ImageLoadError, OSError):
         return None
 
 
-def file_digests(paths: Sequence[str], workers: int | None = None, progress: bool = False) -> list[str | None]:
-    """SHA-1 hex digest of each file's bytes (shard references included); None where the file cannot be read."""
-    return parallel_map(_digest, list(paths), workers, chunksize=64, progress=progress, desc="sha1")
+def _image_digest(path: str) -> str | None:
+    try:
+        check_image_header(path)
+        return file_digest(path)
+    except (ImageLoadError, OSError):
+        return None
+
+
+def file_digests(paths: Sequence[str], workers: int | None = None, progress: bool = False,
+                 images_only: bool = False) -> list[str | None]:
+    """SHA-1 hex digest of each file's bytes (shard references included), read in chunks; None where the file
+    cannot be read, or (`images_only`) where its header is not an image's, which is checked first so a stray
+    non-image is never read whole."""
+    return parallel_map(_image_digest if images_only else _digest, list(paths), workers, chunksize=64,
+                        progress=progress, desc="sha1")
 
 
 def _phash(path: str) -> bytes | None:

@@ -86,6 +86,10 @@ def read_manifest(source: str | Path, require_labels: bool = False) -> pd.DataFr
             raise ManifestError(f"{source}: manifest has no 'path' column (columns: {list(df.columns)})")
         if df.empty:
             raise ManifestError(f"{source}: manifest has no rows")
+        empty = (df["path"].isna() | (df["path"].astype(str).str.strip() == "")).to_numpy()
+        if empty.any():
+            raise ManifestError(f"{source}: {int(empty.sum())} rows have an empty 'path' cell (the first is data row "
+                                f"{int(empty.argmax()) + 1}); fill them in or drop those rows")
         base = source.resolve().parent
         df["path"] = [str(p if Path(p).is_absolute() or "://" in p else (base / p)) for p in df["path"].astype(str)]
     return _check_labels(df, source, require_labels)

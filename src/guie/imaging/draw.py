@@ -42,3 +42,27 @@ def hits_grid(images: Sequence[str | Path], results: Sequence[Sequence[tuple]], 
             grid.paste(thumbnail(str(path or ""), thumb, BLUE), (x, y))
             draw.text((x + 2, y + cell), f"{distance:.3f} {label or ''}"[:20], fill=(0, 0, 0))
     return grid
+
+
+def picture_format(path: str | Path) -> str:
+    """The image format a picture file name asks for (PIL's name, e.g. "PNG"); InputError when its suffix names
+    none that PIL writes, so a command can refuse the name before doing any work."""
+    from ..errors import InputError
+
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise InputError(f"{path}: name it .png, .jpg or .webp (no image format is written as {path.suffix!r})")
+    return fmt
+
+
+def save_picture(image: Image.Image, path: str | Path) -> Path:
+    """Save a picture atomically, creating its folder (format from the suffix, see `picture_format`)."""
+    import io
+
+    from ..utils import atomic_write_bytes
+
+    fmt = picture_format(path)
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return atomic_write_bytes(buf.getvalue(), path)

@@ -128,6 +128,19 @@ def image_source(path: str | Path):
     return path
 
 
+def check_image_header(path: str | Path) -> str:
+    """The format of an image file judged by its header alone (PIL reads a few bytes, decodes no pixels), so that
+    a stray non-image is refused before anything reads it whole. Raises ImageLoadError (missing, empty, format)."""
+    source = image_source(path)
+    try:
+        with Image.open(source) as im:
+            return str(im.format)
+    except UnidentifiedImageError:
+        raise ImageLoadError(path, _unidentified_reason(path, source), "format") from None
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise ImageLoadError(path, f"unreadable image header ({type(e).__name__}: {e})", "format") from None
+
+
 def to_rgb(image: Image.Image, background=(255, 255, 255)) -> Image.Image:
     """Convert any PIL mode to RGB; transparent pixels are composited onto `background`."""
     mode = image.mode

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..errors import InputError
 from .efficientnet_lite import LITE_VARIANTS, create_efficientnet_lite
 from .preprocess import PreprocessConfig
 
@@ -150,7 +151,7 @@ def _split_name(name: str) -> tuple[str, str, str | None]:
     if family in BACKBONES and not rest:
         return family, "", None
     if family not in FAMILIES or not rest:
-        raise ValueError(f"unknown backbone {name!r}; use one of {sorted(BACKBONES)}, "
+        raise InputError(f"unknown backbone {name!r}; use one of {sorted(BACKBONES)}, "
                          f"'timm:<model name>' or 'open_clip:<arch>[:<pretrained tag or file>]'")
     arch, _, source = rest.partition(":")
     return family, arch, source or None

@@ -13,12 +13,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError, MissingFileError
 from ..utils import atomic_save
-from .backbones import Backbone, create_backbone
+from .backbones import BACKBONES, FAMILIES, Backbone, create_backbone
 from .heads import ProjectionHead
-from .preprocess import ImageNormalize, ImageTransform, PreprocessConfig
+from .preprocess import ImageNormalize, ImageTransform, PreprocessConfig, check_image_size
 
 CHECKPOINT_FORMAT = "guie-embedder/1"
+
+
+class CheckpointError(InputError):
+    """A model file that is not a usable guie checkpoint (not one at all, empty, damaged, weights that do not fit
+    its architecture); the message names the file."""
 
 
 @dataclass
@@ -136,19 +142,66 @@ def embedder_from_spec(spec: EmbedderSpec) -> Embedder:
 
 
 def load_embedder(path: str | Path, map_location: str | torch.device = "cpu") -> Embedder:
-    """Rebuild an Embedder from `save_embedder` output (random init, then the stored weights: no hub access)."""
+    """Rebuild an Embedder from `save_embedder` output (random init, then the stored weights: no hub access).
+
+    Anything but a guie checkpoint whose weights fit its architecture is refused with one line naming the file:
+    MissingFileError (no such file) or CheckpointError (empty, not a checkpoint, another format, missing or
+    unexpected weights, shapes of another architecture)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"model checkpoint not found: {path}")
-    payload = torch.load(path, map_location=map_location, weights_only=False)
+        raise MissingFileError(path, "model file") if not path.is_dir() else \
+            CheckpointError(f"{path}: a folder, not a model checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a model checkpoint")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - torch raises many types (unpickling, zip, EOF, value errors) for non-checkpoints
+        raise CheckpointError(f"{path}: not a guie model checkpoint (torch cannot read it: {type(e).__name__}: "
+                              f"{_first_line(e)})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a guie embedder checkpoint (expected format {CHECKPOINT_FORMAT!r})")
-    spec = EmbedderSpec(**payload["spec"])
-    pre = PreprocessConfig.from_dict(payload["preprocess"])
-    embedder = embedder_from_spec(spec)
+        raise CheckpointError(f"{path}: not a guie embedder checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    try:
+        spec = EmbedderSpec(**payload["spec"])
+        pre = PreprocessConfig.from_dict(payload["preprocess"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: damaged checkpoint header ({type(e).__name__}: {_first_line(e)})") from None
+    try:
+        embedder = embedder_from_spec(spec)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: its architecture ({spec.backbone}) cannot be built ({_first_line(e)})") \
+            from None
     embedder.preprocess = pre
-    embedder.load_state_dict(payload["state_dict"], strict=True)
+    state = payload.get("state_dict")
+    problem = _state_dict_mismatch(embedder, state)
+    if problem:
+        raise CheckpointError(f"{path}: its weights do not fit its architecture ({spec.backbone}, embed_dim "
+                              f"{spec.embed_dim}): {problem}")
+    embedder.load_state_dict(state, strict=True)
     return embedder.eval()
+
+
+def _state_dict_mismatch(embedder: nn.Module, state) -> str | None:
+    """Why `state` cannot be loaded strictly into `embedder` (missing, unexpected, mis-shaped weights), or None."""
+    if not isinstance(state, dict):
+        return "no state_dict"
+    own = embedder.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shaped = [k for k in own if k in state and tuple(getattr(state[k], "shape", ())) != tuple(own[k].shape)]
+    parts = [f"{len(keys)} {what} (e.g. {keys[0]!r})"
+             for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", shaped)) if keys]
+    return "; ".join(parts) or None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
+def is_backbone_name(name: str) -> bool:
+    """Whether `name` names a backbone (a registered one, or `timm:...` / `open_clip:...`) rather than a file."""
+    family, _, rest = name.partition(":")
+    return (family in BACKBONES and not rest) or (family in FAMILIES and bool(rest))
 
 
 def resolve_embedder(model: str | Path | Embedder | None, image_size: int | None = None, seed: int = 0,
@@ -159,6 +212,12 @@ def resolve_embedder(model: str | Path | Embedder | None, image_size: int | None
     `seed` initialises a fresh head (see `create_embedder`); other keyword arguments go to `create_embedder` and are
     refused for a checkpoint, which fixes them itself.
     """
+    if image_size is not None:
+        image_size = check_image_size(image_size)
+    if model is not None and not isinstance(model, Embedder) and not is_backbone_name(str(model)) \
+            and not Path(str(model)).is_file() and _looks_like_path(str(model)):
+        raise MissingFileError(model, "model file") if not Path(str(model)).is_dir() else \
+            CheckpointError(f"{model}: a folder, not a model checkpoint file")
     if isinstance(model, Embedder) or (model is not None and Path(str(model)).is_file()):
         if any(v is not None for v in kwargs.values()):
             raise ValueError(f"{sorted(k for k, v in kwargs.items() if v is not None)} cannot be changed on a trained "
@@ -169,3 +228,9 @@ def resolve_embedder(model: str | Path | Embedder | None, image_size: int | None
         model = "efficientnet_lite0"
     kwargs.setdefault("embed_dim", None)
     return create_embedder(str(model), image_size=image_size, seed=seed, **kwargs).eval()
+
+
+def _looks_like_path(name: str) -> bool:
+    """A model argument that is meant as a file: it has a folder part, a file suffix, or exists as a folder."""
+    p = Path(name).expanduser()
+    return p.name != name or bool(p.suffix) or name.startswith(("~", ".")) or p.is_dir()

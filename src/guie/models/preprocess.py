@@ -13,8 +13,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..errors import InputError
 from ..imaging.geometry import INTERPOLATIONS, RESIZE_MODES, resize_array, resize_pil, short_side_ratio
 from ..imaging.io import DEFAULT_MAX_PIXELS, load_pixels
+
+MIN_IMAGE_SIZE = 8  # below this no backbone's stem has a pixel left
 
 
 @dataclass(frozen=True)
@@ -30,13 +33,12 @@ class PreprocessConfig:
 
     def __post_init__(self):
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation {self.interpolation!r}: choose from {sorted(INTERPOLATIONS)}")
+            raise InputError(f"interpolation {self.interpolation!r}: choose from {sorted(INTERPOLATIONS)}")
         if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"resize_mode {self.resize_mode!r}: choose from {RESIZE_MODES}")
+            raise InputError(f"resize_mode {self.resize_mode!r}: choose from {RESIZE_MODES}")
         if not 0 < self.crop_pct <= 1:
-            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
-        if self.image_size < 8:
-            raise ValueError(f"image_size must be >= 8, got {self.image_size}")
+            raise InputError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        check_image_size(self.image_size)
 
     @property
     def short_side(self) -> tuple[int, int]:
@@ -57,6 +59,14 @@ class PreprocessConfig:
             if key in d:
                 d[key] = tuple(float(x) for x in d[key])
         return cls(**d)
+
+
+def check_image_size(image_size) -> int:
+    """The one rule for a model's input resolution: a whole number of pixels, at least `MIN_IMAGE_SIZE`
+    (InputError naming the value otherwise)."""
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < MIN_IMAGE_SIZE:
+        raise InputError(f"image_size must be a whole number of pixels >= {MIN_IMAGE_SIZE}, got {image_size!r}")
+    return int(image_size)
 
 
 def resize_image(image: Image.Image, cfg: PreprocessConfig) -> Image.Image:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .image_index import ImageIndex
+from .image_index import ImageIndex, SearchIndexError
 
 
 def model_reference(model: str | Path) -> str:
@@ -35,9 +35,16 @@ def load_index_model(index: ImageIndex, model: str | Path | None = None):
     """The index's model (from its header, or `model` given instead), refused unless its fingerprint is the one the
     index was built with."""
     from ..embedding.files import model_fingerprint
+    from ..errors import MissingFileError
 
     stored = index.model
-    embedder = load_model(model or stored["ref"], image_size=(stored.get("preprocess") or {}).get("image_size"))
+    try:
+        embedder = load_model(model or stored["ref"], image_size=(stored.get("preprocess") or {}).get("image_size"))
+    except MissingFileError:
+        if model:
+            raise
+        raise SearchIndexError(f"{stored['ref']}: model file not found (index {index.name!r} was built with it: "
+                               "restore it, or give a copy of the same model)") from None
     index.check_model(model_fingerprint(embedder, embedder.preprocess, False))
     return embedder
 

@@ -8,7 +8,8 @@ Folder layout (`NAME/`):
     faiss-<seq>.index    faiss backend: the snapshot of commit <seq> (+ tombstones-<seq>.npy for hnsw)
     milvus.db            milvus backend without --uri: the Milvus Lite file
     pending/             an unfinished `guie index add`: its resumable embedding parts (`guie.search.ingest`)
-    .writer.lock         held (flock) by the one process writing at a time
+    .writer.lock         held (flock) by the one process committing at a time (`guie.search.folder`)
+    .add.lock            held by the one `guie index add` running (`guie.search.ingest`)
 
 Commit protocol, for add and remove alike:
     1. the store commits (one SQLite transaction: rows, removal log, commit counter)  <- the commit point
@@ -16,15 +17,21 @@ Commit protocol, for add and remove alike:
 A kill -9 before 1 leaves the previous commit (the backend was not touched on disk); a kill -9 between 1 and 2
 leaves the new commit in the store and an older backend state, which the next open brings up to date from the
 store (items added and ids removed after the backend's commit). So an opened index always holds exactly the items
-of the last completed commit.
+of the last completed commit. A write that changes nothing (every item indexed already, no id found) commits
+nothing.
+
+Integrity on open: the backend's persisted state is checked (a FAISS snapshot against the check file written with
+it: index identity, commit, size, SHA-256), brought up to date, then verified against the store (the live ids'
+count, min, max and sum equal to the store's, 16 stored vectors spread over the ids equal to the backend's; for
+Milvus the row count and the same spot checks).
+Whatever disagrees is rebuilt from the store, which holds every vector, with one warning line saying why.
 """
 from __future__ import annotations
 
-import fcntl
-import os
-import re
+import logging
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,35 +40,19 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..utils import default_cache_dir
-from .backends import BackendError, VectorBackend, check_backend_options, open_backend
-from .backends.milvus_backend import collection_name
+from ..utils import disk_full_as_error
+from .backends import BackendError, IdSummary, VectorBackend, backend_class, check_backend_options, open_backend
+from .folder import LOCK_FILE, index_home, resolve_index, writer_lock
 from .store import STORE_FILE, MetadataStore, NewItem, StoreError, parse_where
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-LOCK_FILE = ".writer.lock"
+log = logging.getLogger(__name__)
+
 UPLOADS = "@index/uploads/"  # item paths of images added over HTTP: kept in the index folder, not the image root
 RERANK_FACTOR = 8  # candidates per requested neighbour re-ranked with exact vectors when the backend is approximate
 
 
 class SearchIndexError(InputError):
     """An index cannot be created or opened, or refuses an operation (another model, a bad filter ...)."""
-
-
-def index_home() -> Path:
-    """Where named indexes live: $GUIE_INDEX_HOME, else <guie cache>/indexes."""
-    env = os.environ.get("GUIE_INDEX_HOME")
-    return Path(env) if env else default_cache_dir() / "indexes"
-
-
-def resolve_index(name: str | Path) -> Path:
-    """A bare name (letters, digits, `_.-`) is a folder under `index_home()`; anything with a slash is a path."""
-    s = str(name)
-    if "/" in s or os.sep in s or s.startswith("."):
-        return Path(s).expanduser()
-    if not _NAME.match(s):
-        raise SearchIndexError(f"index name {s!r}: use letters, digits, '_', '.', '-' (or give a path with a '/')")
-    return index_home() / s
 
 
 @dataclass
@@ -117,25 +108,23 @@ class ImageIndex:
         for key in ("ref", "fingerprint"):
             if not model.get(key):
                 raise SearchIndexError(f"model description lacks {key!r}")
-        options: dict = {"kind": kind}
-        if backend == "milvus":
-            options["collection"] = collection_name(folder.name)
-            if uri:
-                options["uri"] = uri
-        header = {"name": folder.name, "created": time.time(), "dim": int(dim), "model": model,
-                  "backend": backend, "backend_options": options,
+        options = backend_class(backend).initial_options(folder.name, kind, uri)
+        header = {"name": folder.name, "uid": uuid.uuid4().hex, "created": time.time(), "dim": int(dim),
+                  "model": model, "backend": backend, "backend_options": options,
                   "image_root": str(Path(image_root).resolve()) if image_root else None, **(extra or {})}
         folder.mkdir(parents=True, exist_ok=True)
-        with _flock(folder):
+        with writer_lock(folder):
             store = MetadataStore.create(folder / STORE_FILE, header)
             try:
-                be = open_backend(folder, header, store.header(), token=token)
-                be.persist(0)
+                be = open_backend(folder, store.header(), store.header(), token=token)
+                with disk_full_as_error(folder, "nothing was created: free some space and create it again"):
+                    be.persist(0)
+                store.set_info("backend_seq", 0)
+                store.set_info("backend_layout", be.layout)
             except BaseException:
                 store.close()
                 (folder / STORE_FILE).unlink(missing_ok=True)
                 raise
-            store.set_info("backend_seq", 0)
         return cls(folder, store, be)
 
     @classmethod
@@ -156,6 +145,8 @@ class ImageIndex:
         index = cls(folder, store, backend)
         try:
             index._catch_up(persist=write)
+            index._verify()
+            index._clean_orphans()
         except BaseException:
             index.close()
             raise
@@ -258,7 +249,7 @@ class ImageIndex:
                 finally:
                     self._flock_depth -= 1
                 return
-            with _flock(self.folder):
+            with writer_lock(self.folder):
                 self._flock_depth = 1
                 try:
                     yield
@@ -278,17 +269,20 @@ class ImageIndex:
         with self.writing():
             seq, ids = self.store.commit_add(items, vectors, op=op)
             fresh = ids >= 0
-            attrs = [{"path": it.path, "label": it.label, **it.meta} for it, f in zip(items, fresh) if f]
-            self.backend.add(ids[fresh], vectors[fresh], attrs)
-            self._persist(seq)
+            if fresh.any():
+                attrs = [{"path": it.path, "label": it.label, **it.meta} for it, f in zip(items, fresh) if f]
+                self.backend.add(ids[fresh], vectors[fresh], attrs)
+                self._persist(seq)
         return AddResult(seq, ids)
 
     def remove(self, ids: Sequence[int] | np.ndarray, op: str = "remove") -> tuple[int, np.ndarray]:
-        """Commit the removal of the indexed items among `ids`. Returns (the commit's seq, the removed ids)."""
+        """Commit the removal of the indexed items among `ids`. Returns (the commit's seq, the removed ids); when
+        none of them is indexed, nothing is committed (the seq is the last commit's)."""
         with self.writing():
             seq, removed = self.store.commit_remove(ids, op=op)
-            self.backend.remove(removed)
-            self._persist(seq)
+            if len(removed):
+                self.backend.remove(removed)
+                self._persist(seq)
         return seq, removed
 
     def remove_where(self, where: Sequence[str] | dict) -> tuple[int, np.ndarray]:
@@ -307,34 +301,57 @@ class ImageIndex:
             self.store.set_info("backend_options", options)
             self.header = self.store.header()
             self.backend.close()
-            for p in self.folder.glob("faiss-*.index"):
+            for p in [*self.folder.glob("faiss-*.index"), *self.folder.glob("faiss-*.check.json")]:
                 p.unlink()
             self.backend = open_backend(self.folder, self.header, {"backend_seq": -1})
-            ids, vectors, attrs = self.store.all_rows()
-            self.backend.rebuild(ids, vectors, attrs, self.store.seq)
-            self.store.set_info("backend_seq", self.store.seq)
+            self._rebuild(None)
 
     def _persist(self, seq: int) -> None:
         """Make the backend durable as commit `seq` (rebuilding it first when it asks to be)."""
-        if self.backend.needs_rebuild(len(self.store)):
-            ids, vectors, attrs = self.store.all_rows()
-            self.backend.rebuild(ids, vectors, attrs, seq)
-        else:
-            self.backend.persist(seq)
+        rebuild = self.backend.needs_rebuild(len(self.store))
+        try:
+            with disk_full_as_error(self.folder, f"commit {seq} is safe in {STORE_FILE}; free some space: the next "
+                                                 "write or open brings the vector backend up to it"):
+                if rebuild:
+                    ids, vectors, attrs = self.store.all_rows()
+                    self.backend.rebuild(ids, vectors, attrs, seq)
+                else:
+                    self.backend.persist(seq)
+        except BaseException:
+            # the change is applied in memory, only its snapshot is missing (a failed rebuild: nothing is certain)
+            self.backend.note_applied(-1 if rebuild else seq)
+            raise
         self.store.set_info("backend_seq", seq)
         self._data_version = self.store.data_version()
 
+    def _rebuild(self, reason: str | None) -> None:
+        """Rebuild the backend from every item of the store (under the folder's writer lock, so that the rows and
+        the commit they are read at agree); `reason` (why the backend could not be used) is logged as one line."""
+        with self._lock, self._folder_lock():
+            ids, vectors, attrs = self.store.all_rows()
+            seq = self.store.seq
+            with disk_full_as_error(self.folder, f"the index is intact in {STORE_FILE}; free some space and open it "
+                                                 "again"):
+                self.backend.rebuild(ids, vectors, attrs, seq)
+            self.store.set_info("backend_seq", seq)
+            self.store.set_info("backend_layout", self.backend.layout)
+            self._data_version = self.store.data_version()
+        if reason:
+            log.warning("%s; rebuilt it from %s (%d items)", reason, self.folder / STORE_FILE, len(ids))
+
     def _catch_up(self, persist: bool) -> None:
-        """Bring the backend to the store's last commit by replaying what changed after the backend's commit."""
+        """Bring the backend to the store's last commit by replaying what changed after the backend's commit (or
+        by a rebuild when it holds nothing usable)."""
         with self._lock:
             base = self.backend.synced_seq()
             if base == self.store.seq:
                 return
             if base < 0 or base > self.store.seq:  # nothing usable (or a store restored from an older copy)
-                with self._folder_lock():
-                    ids, vectors, attrs = self.store.all_rows()
-                    self.backend.rebuild(ids, vectors, attrs, self.store.seq)
-                    self.store.set_info("backend_seq", self.store.seq)
+                reason = self.backend.problem
+                if base > self.store.seq:
+                    reason = f"{self.folder}: the vector backend is at commit {base}, the store at {self.store.seq}"
+                self.backend.problem = None
+                self._rebuild(reason)
                 return
             last, removed, ids, vectors, attrs = self.store.changes_after(base)
             self.backend.remove(removed)
@@ -344,6 +361,30 @@ class ImageIndex:
                     self._persist(last)
             else:
                 self.backend.note_applied(last)  # in memory only: this process does not write
+
+    def _verify(self) -> None:
+        """Compare the (caught-up) backend with the store's items and rebuild it when they differ. The ids are read
+        at one commit; if another process committed meanwhile, catch up to it and compare again."""
+        with self._lock:
+            for _ in range(5):
+                seq, summary, samples = self.store.id_summary()
+                if seq != self.backend.synced_seq():
+                    self._catch_up(persist=False)
+                    continue
+                problem = self.backend.verify(IdSummary(*summary), samples, self.store.vectors)
+                if problem:
+                    self._rebuild(problem)
+                return
+
+    def _clean_orphans(self) -> None:
+        """Delete what killed writes left in the folder, unless a writer holds the folder now (it may be writing
+        those very files; it cleans them itself when it persists)."""
+        with self._lock, writer_lock(self.folder, blocking=False) as held:
+            if held:
+                gone = self.backend.clean_orphans()
+                if gone:
+                    log.info("%s: deleted %d temp files of an interrupted write (%s)", self.folder, len(gone),
+                             ", ".join(p.name for p in gone[:3]) + (" ..." if len(gone) > 3 else ""))
 
     def refresh(self) -> bool:
         """Pick up commits another process made since (cheap when there are none). Returns whether any were."""
@@ -428,18 +469,5 @@ def _describe_where(conditions: dict[str, list[str]]) -> str:
     return " ".join(f"{c}={','.join(v)}" for c, v in conditions.items())
 
 
-@contextmanager
-def _flock(folder: Path):
-    """The folder's writer lock (an flock, released by the kernel even on kill -9)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
-__all__ = ["AddResult", "BackendError", "Hit", "ImageIndex", "NewItem", "SearchIndexError", "index_home",
+__all__ = ["LOCK_FILE", "AddResult", "BackendError", "Hit", "ImageIndex", "NewItem", "SearchIndexError", "index_home",
            "resolve_index"]

@@ -9,9 +9,15 @@ embedding path, in one commit.
 
 A kill -9 at any point leaves the index at its previous commit (or, past step 3's commit point, the new one); a
 rerun of the same command finishes the work.
+
+One add runs at a time per index: steps 1-3 hold the folder's `.add.lock` (an flock, released by the kernel even
+on kill -9), because `pending/` is the running add's. A second `guie index add` logs that it waits for the first,
+then finds the first one's images indexed already (same content, same item): both adds land, every image once.
+Hashing reads files in chunks after a header check, so a stray huge non-image is refused without being read.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -21,11 +27,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..utils import disk_full_as_error
+from .folder import file_lock
 from .image_index import ImageIndex, SearchIndexError
 from .store import ITEM_COLUMNS, NewItem
 
 PENDING = "pending"
+ADD_LOCK = ".add.lock"
 SKIP_COLUMNS = {"embedding", "content_hash"}
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,6 +81,33 @@ def items_from_rows(df: pd.DataFrame, hashes: Sequence[str], root: Path | None) 
             for p, h, lbl, meta in zip(df["path"].astype(str), hashes, labels, metas)]
 
 
+def add_lock(index: ImageIndex):
+    """Hold the index's add lock (`ADD_LOCK`): the one running `add_source` owns `pending/`. A second caller logs
+    that it waits (naming the holder's pid) and blocks until the first is done (or killed)."""
+    def say(pid: str) -> None:
+        log.warning("%s: another add to this index is running (pid %s); waiting for it to finish", index.folder, pid)
+
+    return file_lock(index.folder / ADD_LOCK, on_wait=say)
+
+
+def _unreadable(paths: Sequence[str]) -> list[str]:
+    """Why each of these files could not be hashed (re-checked one by one: only the failures pay for it)."""
+    from ..data.dedup import file_digest
+    from ..imaging.io import ImageLoadError, check_image_header
+
+    out = []
+    for p in paths:
+        try:
+            check_image_header(p)
+            file_digest(p)
+            out.append(f"{p}: cannot be read")
+        except ImageLoadError as e:
+            out.append(str(e))
+        except OSError as e:
+            out.append(f"{p}: cannot be read ({e.strerror})")
+    return out
+
+
 def add_source(index: ImageIndex, source: str | Path, embedder, where: Sequence[str] | None = None,
                batch_size: int = 64, shard_size: int = 1024, progress: bool = True, workers: int | None = None,
                report: Callable[[str], None] | None = None) -> AddReport:
@@ -88,25 +125,28 @@ def add_source(index: ImageIndex, source: str | Path, embedder, where: Sequence[
     if df.empty:
         raise SearchIndexError(f"{source}: no rows to add" + (f" after --where {' '.join(where)}" if where else ""))
     n_rows = len(df)
-    root = index.set_image_root(source_root(source, everything["path"].astype(str).tolist()))
     if workers is None and len(df) < 4096:
         workers = 1  # hashing a few thousand files is quicker than starting a process pool
-    digests = file_digests(df["path"].astype(str).tolist(), workers=workers, progress=progress)
-    errors = [f"{p}: cannot be read" for p, d in zip(df["path"], digests) if d is None]
+    digests = file_digests(df["path"].astype(str).tolist(), workers=workers, progress=progress, images_only=True)
+    errors = _unreadable([p for p, d in zip(df["path"].astype(str), digests) if d is None])
     df = df.assign(content_hash=digests)[[d is not None for d in digests]]
-    known = index.ids_for_hashes(df["content_hash"].tolist())
-    new = df[~df["content_hash"].isin(known) & ~df["content_hash"].duplicated()].reset_index(drop=True)
-    duplicates = len(df) - len(new)
-    pending = index.folder / PENDING
-    if new.empty:
+    with add_lock(index):
+        root = index.set_image_root(source_root(source, everything["path"].astype(str).tolist()))
+        known = index.ids_for_hashes(df["content_hash"].tolist())
+        new = df[~df["content_hash"].isin(known) & ~df["content_hash"].duplicated()].reset_index(drop=True)
+        duplicates = len(df) - len(new)
+        pending = index.folder / PENDING
+        if new.empty:
+            shutil.rmtree(pending, ignore_errors=True)
+            return AddReport(index.seq, n_rows, 0, duplicates, errors)
+        # overwrite=True: finished shards of the same rows and model are resumed, anything else is discarded
+        with disk_full_as_error(pending, "nothing was committed; free some space and run the same add again (it "
+                                         "resumes the finished shards)"):
+            kept, vectors, failed = embed_to_file(embedder, new, pending / "embeddings.parquet",
+                                                  batch_size=batch_size, shard_size=shard_size, progress=progress,
+                                                  overwrite=True, report_failure=lambda msg: say(f"skipped {msg}"))
+        errors += failed
+        result = index.add(vectors, items_from_rows(kept, kept["content_hash"].tolist(), root),
+                           op=f"add {Path(source).name}")
         shutil.rmtree(pending, ignore_errors=True)
-        return AddReport(index.seq, n_rows, 0, duplicates, errors)
-    # overwrite=True: finished shards of the same rows and model are resumed, anything else is discarded
-    kept, vectors, failed = embed_to_file(embedder, new, pending / "embeddings.parquet", batch_size=batch_size,
-                                          shard_size=shard_size, progress=progress, overwrite=True,
-                                          report_failure=lambda msg: say(f"skipped {msg}"))
-    errors += failed
-    result = index.add(vectors, items_from_rows(kept, kept["content_hash"].tolist(), root),
-                       op=f"add {Path(source).name}")
-    shutil.rmtree(pending, ignore_errors=True)
     return AddReport(result.seq, n_rows, result.added, duplicates + int((result.ids < 0).sum()), errors)

@@ -18,21 +18,26 @@ Tables:
 """
 from __future__ import annotations
 
+import functools
 import json
-import math
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import DiskFullError, InputError
+from .filters import TEXT_COLUMNS, json_scalar, parse_where, sql_where
 
 STORE_FILE = "index.sqlite"
 SCHEMA_VERSION = 1
-ITEM_COLUMNS = ("path", "label")  # stored in their own columns; every other manifest column goes into `meta`
+ITEM_COLUMNS = TEXT_COLUMNS  # stored in their own columns; every other manifest column goes into `meta`
+SQLITE_MAGIC = b"SQLite format 3\x00"
+SPOT_CHECKS = 16  # stored ids whose vectors are compared with a backend's on open
+DAMAGED_FIX = "guie leaves the file as it is: restore it from a backup, or create the index again"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -68,48 +73,41 @@ class NewItem:
     meta: dict
 
 
-def parse_where(conditions: Sequence[str] | dict | None) -> dict[str, list[str]]:
-    """`["vendor=apple,google", "split=test"]` (or a dict) -> {"vendor": ["apple", "google"], "split": ["test"]}.
-
-    Values are compared as text, like `guie embed --where`."""
-    if not conditions:
-        return {}
-    if isinstance(conditions, dict):
-        return {str(k): [str(x) for x in (v if isinstance(v, (list, tuple)) else [v])] for k, v in conditions.items()}
-    out: dict[str, list[str]] = {}
-    for cond in conditions:
-        col, sep, values = str(cond).partition("=")
-        if not sep or not col:
-            raise ValueError(f"filter {cond!r} must look like column=value")
-        out.setdefault(col.strip(), []).extend(values.split(","))
-    return out
-
-
-def _json_cell(value):
-    """A manifest cell as a JSON value: numpy scalars to Python, NaN/NaT to null."""
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+def _guarded(method):
+    """Run a store method with SQLite's errors turned into one line naming the file (`MetadataStore.error`)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
         try:
-            value = value.item()
-        except (ValueError, AttributeError):
-            value = str(value)
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return str(value)
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as e:
+            raise self.error(e) from None
+    return run
 
 
 class MetadataStore:
     """The SQLite file of one index (see the module docstring). Not shared between threads without a lock:
-    `ImageIndex` serialises writers; readers may use their own `MetadataStore` on the same file."""
+    `ImageIndex` serialises writers; readers may use their own `MetadataStore` on the same file.
+
+    A file that is not a SQLite database (emptied, overwritten) is refused before SQLite opens it, so it is never
+    turned into a fresh empty database; SQLite's own errors (a damaged page, a full disk, a lock held too long)
+    become one `StoreError`/`DiskFullError` line naming the file."""
 
     def __init__(self, path: str | Path, readonly: bool = False):
         self.path = Path(path)
         if not self.path.is_file():
             raise StoreError(f"{self.path.parent}: not a guie index (no {self.path.name})")
-        self._db = self._connect(self.path, readonly)
-        version = self.get_info("schema_version")
+        check_sqlite_file(self.path)
+        try:
+            self._db = self._connect(self.path, readonly)
+        except sqlite3.DatabaseError as e:
+            raise self.error(e) from None
+        try:
+            version = self.get_info("schema_version")
+        except BaseException:
+            self._db.close()
+            raise
         if version != SCHEMA_VERSION:
+            self._db.close()
             raise StoreError(f"{self.path}: index format version {version}, this guie reads {SCHEMA_VERSION}")
 
     @staticmethod
@@ -122,6 +120,25 @@ class MetadataStore:
             db.execute("PRAGMA synchronous = FULL")  # a commit survives power loss, not only kill -9
         return db
 
+    def error(self, e: sqlite3.DatabaseError) -> Exception:
+        """The one-line error for a SQLite error on this file (disk full, damaged, locked, not an index); an
+        error that points at guie's own SQL is returned unchanged (a bug keeps its traceback)."""
+        name = getattr(e, "sqlite_errorname", "") or ""
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if name == "SQLITE_FULL" or "disk is full" in msg or (name.startswith("SQLITE_IOERR") and _nearly_full(
+                self.path.parent)):  # a full file system can also surface as an I/O error growing -wal or -shm
+            return DiskFullError(f"{self.path}: disk full ({msg}); nothing was committed: free some space and run "
+                                 "it again")
+        if name in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or "malformed" in msg or "not a database" in msg:
+            return StoreError(f"{self.path}: damaged SQLite file ({msg}); {DAMAGED_FIX}")
+        if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+            return StoreError(f"{self.path}: locked by another process for over 30 s ({msg}); try again later")
+        if name.startswith(("SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM")):
+            return StoreError(f"{self.path}: cannot be read or written ({msg})")
+        if msg.startswith(("no such table", "no such column")):
+            return StoreError(f"{self.path}: not a guie index store, or a damaged one ({msg}); {DAMAGED_FIX}")
+        return e
+
     @classmethod
     def create(cls, path: str | Path, header: dict) -> MetadataStore:
         """A new store at `path` holding `header` (refuses to overwrite an existing one)."""
@@ -131,15 +148,26 @@ class MetadataStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.creating")
         tmp.unlink(missing_ok=True)
-        db = sqlite3.connect(tmp, isolation_level=None)
-        db.executescript(_SCHEMA)
-        rows = {**header, "schema_version": SCHEMA_VERSION, "seq": 0, "next_id": 0}
-        db.execute("BEGIN")
-        db.executemany("INSERT INTO info VALUES (?, ?)", [(k, json.dumps(v)) for k, v in rows.items()])
-        db.execute("INSERT INTO commits VALUES (0, 'create', 0, ?)", (time.time(),))
-        db.execute("COMMIT")
-        db.close()
-        tmp.replace(path)  # a half-created store is never mistaken for an index
+        try:
+            db = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                db.executescript(_SCHEMA)
+                rows = {**header, "schema_version": SCHEMA_VERSION, "seq": 0, "next_id": 0}
+                db.execute("BEGIN")
+                db.executemany("INSERT INTO info VALUES (?, ?)", [(k, json.dumps(v)) for k, v in rows.items()])
+                db.execute("INSERT INTO commits VALUES (0, 'create', 0, ?)", (time.time(),))
+                db.execute("COMMIT")
+            finally:
+                db.close()
+            tmp.replace(path)  # a half-created store is never mistaken for an index
+        except sqlite3.DatabaseError as e:
+            tmp.unlink(missing_ok=True)
+            err = cls.__new__(cls)
+            err.path = path
+            raise err.error(e) from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return cls(path)
 
     def close(self) -> None:
@@ -147,15 +175,18 @@ class MetadataStore:
         self._db.close()
 
     # -- header and counters -------------------------------------------------------------------------------------
+    @_guarded
     def get_info(self, key: str, default=None):
         """One header value (JSON-decoded), or `default`."""
         row = self._db.execute("SELECT value FROM info WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else default
 
+    @_guarded
     def header(self) -> dict:
         """Every header value, counters included."""
         return {k: json.loads(v) for k, v in self._db.execute("SELECT key, value FROM info")}
 
+    @_guarded
     def set_info(self, key: str, value) -> None:
         """Set one header value (its own transaction)."""
         self._db.execute("INSERT OR REPLACE INTO info VALUES (?, ?)", (key, json.dumps(value)))
@@ -170,20 +201,35 @@ class MetadataStore:
         """The id the next added item gets (ids are never reused)."""
         return int(self.get_info("next_id"))
 
+    @_guarded
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM items").fetchone()[0])
 
     # -- commits ---------------------------------------------------------------------------------------------------
+    @contextmanager
+    def _transaction(self):
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error; when SQLite has already rolled back itself (a full
+        disk does that), the original error is what surfaces, not "cannot rollback - no transaction is active"."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    @_guarded
     def commit_add(self, items: Sequence[NewItem], vectors: np.ndarray, op: str = "add") -> tuple[int, np.ndarray]:
         """Add `items` with their `vectors` [n, dim] in one transaction; items whose content hash is already stored
-        are skipped. Returns (the new commit's seq, the ids of the added items, in input order; -1 for skipped)."""
+        are skipped. Returns (the new commit's seq, the ids of the added items, in input order; -1 for skipped).
+        When every item is stored already nothing is committed and the seq is the last commit's."""
         vectors = np.ascontiguousarray(vectors, dtype="<f4")
         dim = int(self.get_info("dim"))
         if len(items) != len(vectors) or (len(vectors) and vectors.shape[1] != dim):
             raise StoreError(f"{len(items)} items and vectors of shape {vectors.shape}; the index is {dim}-d")
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as db:
             seq, next_id = self.seq + 1, self.next_id
             ids = np.full(len(items), -1, dtype=np.int64)
             seen = {h for (h,) in db.execute("SELECT content_hash FROM items WHERE content_hash IN (SELECT value FROM "
@@ -195,33 +241,29 @@ class MetadataStore:
                 seen.add(it.content_hash)
                 ids[i] = next_id
                 rows.append((next_id, it.content_hash, it.path, it.label,
-                             json.dumps({k: _json_cell(x) for k, x in it.meta.items()}), v.tobytes(), seq))
+                             json.dumps({k: json_scalar(x) for k, x in it.meta.items()}), v.tobytes(), seq))
                 next_id += 1
+            if not rows:
+                return seq - 1, ids
             db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             self._bump(seq, op, len(rows), next_id)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return seq, ids
 
+    @_guarded
     def commit_remove(self, ids: Iterable[int], op: str = "remove") -> tuple[int, np.ndarray]:
         """Remove the stored items among `ids` in one transaction, logging each removal with the commit's seq.
-        Returns (the new commit's seq, the ids actually removed)."""
+        Returns (the new commit's seq, the ids actually removed). When none of `ids` is stored nothing is
+        committed and the seq is the last commit's."""
         wanted = json.dumps(sorted({int(i) for i in ids}))
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as db:
             found = [i for (i,) in db.execute("SELECT id FROM items WHERE id IN (SELECT value FROM json_each(?))",
                                               (wanted,))]
             seq = self.seq + 1
+            if not found:
+                return seq - 1, np.empty(0, np.int64)
             db.execute("DELETE FROM items WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(found),))
             db.executemany("INSERT OR REPLACE INTO removed VALUES (?, ?)", [(i, seq) for i in found])
             self._bump(seq, op, len(found), self.next_id)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return seq, np.asarray(found, dtype=np.int64)
 
     def _bump(self, seq: int, op: str, n: int, next_id: int) -> None:
@@ -229,21 +271,46 @@ class MetadataStore:
                              [("seq", json.dumps(seq)), ("next_id", json.dumps(next_id))])
         self._db.execute("INSERT INTO commits VALUES (?, ?, ?, ?)", (seq, op, n, time.time()))
 
+    @contextmanager
+    def _reading(self):
+        """One read transaction: no commit of another process lands half-way through."""
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            yield db
+        finally:
+            if db.in_transaction:
+                db.execute("COMMIT")
+
+    @_guarded
     def changes_after(self, seq: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, list[dict]]:
         """What a backend that reflects commit `seq` lacks, read in one consistent snapshot:
         (the last commit, ids removed after `seq`, then ids, vectors and filter attributes of items added after it).
         """
-        db = self._db
-        db.execute("BEGIN")  # one read transaction: no commit of another process lands half-way through
-        try:
+        with self._reading() as db:
             last = self.seq
             removed = np.asarray([i for (i,) in db.execute("SELECT id FROM removed WHERE seq > ? ORDER BY id",
                                                            (seq,))], dtype=np.int64)
             ids, vectors, attrs = self._rows("WHERE added_seq > ?", (seq,))
-        finally:
-            db.execute("COMMIT")
         return last, removed, ids, vectors, attrs
 
+    @_guarded
+    def id_summary(self, samples: int = SPOT_CHECKS) -> tuple[int, tuple[int, int, int, int], np.ndarray]:
+        """(the last commit, (count, min, max, sum) of the stored ids, up to `samples` stored ids spread evenly
+        between min and max), read in one consistent snapshot, by SQL aggregates and index seeks (no scan in
+        Python): what a backend is verified against on open."""
+        with self._reading() as db:  # SQLite scans the small added_seq index for these, not the vectors
+            last = self.seq
+            n, low, high, total = db.execute("SELECT COUNT(*), MIN(id), MAX(id), SUM(id) FROM items").fetchone()
+            picks: list[int] = []
+            if n:
+                for target in np.linspace(low, high, min(samples, n)).astype(np.int64):
+                    seek = "SELECT id FROM items WHERE id >= ? ORDER BY id LIMIT 1"
+                    picks.append(db.execute(seek, (int(target),)).fetchone()[0])
+        summary = (int(n), int(low), int(high), int(total)) if n else (0, -1, -1, 0)
+        return last, summary, np.unique(np.asarray(picks, np.int64))
+
+    @_guarded
     def all_rows(self) -> tuple[np.ndarray, np.ndarray, list[dict]]:
         """(ids, vectors, filter attributes) of every item, ascending id: what a backend is rebuilt from."""
         return self._rows("", ())
@@ -254,30 +321,38 @@ class MetadataStore:
         ids, chunks, attrs = [], [], []
         while rows := cur.fetchmany(batch):
             ids.extend(r[0] for r in rows)
-            chunks.append(np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(-1, dim))
+            blob = b"".join(r[1] for r in rows)
+            if len(blob) != len(rows) * dim * 4:
+                raise StoreError(f"{self.path}: stored vectors are not {dim}-d float32; {DAMAGED_FIX}")
+            chunks.append(np.frombuffer(blob, dtype="<f4").reshape(-1, dim))
             attrs.extend({"path": r[2], "label": r[3], **json.loads(r[4])} for r in rows)
         vecs = np.concatenate(chunks).astype(np.float32) if chunks else np.empty((0, dim), np.float32)
         return np.asarray(ids, dtype=np.int64), vecs, attrs
 
+    @_guarded
     def data_version(self) -> int:
         """Changes whenever another connection commits to the file (SQLite's `PRAGMA data_version`)."""
         return int(self._db.execute("PRAGMA data_version").fetchone()[0])
 
+    @_guarded
     def commits(self, last: int = 10) -> list[dict]:
         """The last `last` commits, newest first."""
         cur = self._db.execute("SELECT seq, op, n, time FROM commits ORDER BY seq DESC LIMIT ?", (last,))
         return [{"seq": s, "op": op, "n": n, "time": t} for s, op, n, t in cur]
 
     # -- reads -----------------------------------------------------------------------------------------------------
+    @_guarded
     def ids(self) -> np.ndarray:
         """Every stored id, ascending."""
         return np.asarray([i for (i,) in self._db.execute("SELECT id FROM items ORDER BY id")], dtype=np.int64)
 
+    @_guarded
     def vectors(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """(ids, float32 [n, dim]) of the stored items among `ids`, ascending id (exact re-ranking reads these)."""
         ids_, vecs, _ = self._rows("WHERE id IN (SELECT value FROM json_each(?))", (json.dumps([int(i) for i in ids]),))
         return ids_, vecs
 
+    @_guarded
     def items(self, ids: Sequence[int]) -> dict[int, dict]:
         """id -> {id, path, label, content_hash, added_seq, **meta} for the stored ones among `ids`."""
         cur = self._db.execute("SELECT id, content_hash, path, label, meta, added_seq FROM items "
@@ -287,37 +362,34 @@ class MetadataStore:
             out[i] = {"id": i, "path": path, "label": label, **json.loads(meta), "content_hash": h, "added_seq": seq}
         return out
 
+    @_guarded
     def known_hashes(self, hashes: Sequence[str]) -> set[str]:
         """The content hashes among `hashes` that are already stored."""
         cur = self._db.execute("SELECT content_hash FROM items WHERE content_hash IN (SELECT value FROM json_each(?))",
                                (json.dumps(list(hashes)),))
         return {h for (h,) in cur}
 
+    @_guarded
     def ids_for_hashes(self, hashes: Sequence[str]) -> dict[str, int]:
         """content hash -> id of the stored items among `hashes`."""
         cur = self._db.execute("SELECT content_hash, id FROM items WHERE content_hash IN (SELECT value FROM "
                                "json_each(?))", (json.dumps(list(hashes)),))
         return {h: i for h, i in cur}
 
+    @_guarded
     def ids_where(self, where: dict[str, list[str]] | Sequence[str]) -> np.ndarray:
-        """Ids of the items matching every condition (`parse_where` form; values compared as text)."""
-        clauses, args = [], []
-        for col, values in parse_where(where).items():
-            if col in ("id", *ITEM_COLUMNS):
-                expr = f"CAST({col} AS TEXT)"
-            else:
-                expr = "CAST(json_extract(meta, ?) AS TEXT)"
-                args.append(f'$."{col}"')
-            clauses.append(f"{expr} IN (SELECT value FROM json_each(?))")
-            args.append(json.dumps([str(v) for v in values]))
-        sql = "SELECT id FROM items" + (" WHERE " + " AND ".join(clauses) if clauses else "") + " ORDER BY id"
+        """Ids of the items matching every condition (`parse_where` form, typed as `guie.search.filters` says)."""
+        clause, args = sql_where(parse_where(where))
+        sql = f"SELECT id FROM items WHERE {clause} ORDER BY id"
         return np.asarray([i for (i,) in self._db.execute(sql, args)], dtype=np.int64)
 
+    @_guarded
     def columns(self) -> list[str]:
         """The metadata columns items have (path, label and the keys of `meta`)."""
         keys = {k for (k,) in self._db.execute("SELECT DISTINCT j.key FROM items, json_each(items.meta) AS j")}
         return ["path", "label", *sorted(keys)]
 
+    @_guarded
     def value_counts(self, column: str, top: int = 20) -> list[tuple[str, int]]:
         """The most frequent values of one metadata column, for `stats`."""
         expr = column if column in ITEM_COLUMNS else "json_extract(meta, ?)"
@@ -325,3 +397,31 @@ class MetadataStore:
         cur = self._db.execute(f"SELECT CAST({expr} AS TEXT) AS v, COUNT(*) FROM items GROUP BY v "
                                "ORDER BY COUNT(*) DESC, v LIMIT ?", (*args, top))
         return [(v, n) for v, n in cur]
+
+
+def _nearly_full(folder: Path, margin: int = 16 << 20) -> bool:
+    """Whether the file system holding `folder` has less than `margin` bytes free."""
+    import shutil
+
+    try:
+        return shutil.disk_usage(folder).free < margin
+    except OSError:
+        return False
+
+
+def check_sqlite_file(path: Path) -> None:
+    """Refuse a store file that is not a SQLite database (emptied, truncated, overwritten) before SQLite opens it:
+    SQLite would treat an empty file as a new database and write one into it."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(SQLITE_MAGIC))
+    except OSError as e:
+        raise StoreError(f"{path}: cannot be read ({e.strerror})") from None
+    if not magic:
+        raise StoreError(f"{path}: empty file (0 bytes), not an index store; {DAMAGED_FIX}")
+    if magic != SQLITE_MAGIC:
+        raise StoreError(f"{path}: not a SQLite file (damaged or replaced); {DAMAGED_FIX}")
+
+
+__all__ = ["ITEM_COLUMNS", "STORE_FILE", "MetadataStore", "NewItem", "StoreError", "check_sqlite_file",
+           "parse_where"]

@@ -4,7 +4,8 @@ pymilvus opens a `.db` path by asking milvus-lite (3.x) to start a gRPC server o
 with no authentication: any local user who finds the port (`ss -ltn`) can read, change or drop the collection while
 the index is open. Here the same server (milvus-lite's own servicer over the same data folder) listens on a unix
 socket instead, in a fresh folder only this user may enter (mode 0700), and pymilvus connects through it
-(`unix:` URIs are pymilvus's own). One server per data folder and process, stopped at exit, as pymilvus does.
+(`unix:` URIs are pymilvus's own). One server per data folder and process, stopped when its last user closes
+it (`release`) or at exit.
 
 milvus-lite 2.x ran a C++ server on a unix socket already; where the 3.x servicer is missing, `local_uri` returns
 None and the caller lets pymilvus start its own.
@@ -53,11 +54,24 @@ def local_uri(data: str | Path, workers: int = 8) -> str | None:
         return uri
 
 
+def release(data: str | Path) -> None:
+    """Stop the server of `data` (its last user in this process closed it), which releases the data folder."""
+    with _lock:
+        entry = _servers.pop(str(Path(data).resolve()), None)
+    if entry is not None:
+        _stop(entry)
+
+
+def _stop(entry: tuple) -> None:
+    _, server, db, folder = entry
+    server.stop(grace=2).wait(5)
+    db.close()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def stop_all() -> None:
     """Stop every server `local_uri` started (at exit)."""
     with _lock:
         entries, _ = list(_servers.values()), _servers.clear()
-    for _, server, db, folder in entries:
-        server.stop(grace=2).wait(5)
-        db.close()
-        shutil.rmtree(folder, ignore_errors=True)
+    for entry in entries:
+        _stop(entry)
