@@ -25,6 +25,7 @@ from guie.cli import app
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SCREENSHOT_ENV = "GUIE_SEARCH_SCREENSHOT"  # set to a path to keep the page's screenshot (docs/search-page.png)
+LONG_KEY = "a_metadata_column_with_a_very_long_name_and_no_spaces_" * 2  # must wrap inside its card
 
 
 def cli(*args):
@@ -52,7 +53,7 @@ def generated_set(tmp: Path, tiny_embedder) -> dict:
     root = write_labelled_folder(tmp / "gen", classes=6, domains=("apple", "google", "twitter"))
     paths = sorted(root.rglob("*.png"))
     manifest = pd.DataFrame({"path": [str(p) for p in paths], "label": [p.parent.name for p in paths],
-                             "vendor": [p.stem.split("_")[0] for p in paths]})
+                             "vendor": [p.stem.split("_")[0] for p in paths], LONG_KEY: "long"})
     manifest.to_csv(tmp / "gen.csv", index=False)
     model = save_embedder(tiny_embedder(embed_dim=8, image_size=32), tmp / "tiny.pt")
     return {"manifest": tmp / "gen.csv", "model": model, "size": [], "label": "class2",
@@ -66,6 +67,7 @@ def emoji_set(tmp: Path, manifest: Path) -> dict:
     labels = sorted(m.groupby("label")["vendor"].nunique().loc[lambda s: s == 4].index)[:12]
     sub = m[m["label"].isin(labels)].copy()
     sub["path"] = [str(manifest.parent / p) for p in sub["path"]]
+    sub[LONG_KEY] = "long"
     sub.to_csv(tmp / "emoji.csv", index=False)
     label = labels[0]
     return {"manifest": tmp / "emoji.csv", "model": "efficientnet_lite0", "size": ["--image-size", "64"],
@@ -91,7 +93,8 @@ class LiveServer:
 
         self.index = ImageIndex.open(name)
         self.encoder = EngineEncoder(load_index_model(self.index), max_wait_ms=2)
-        web = create_app(self.index, self.encoder, ServerSettings(api_key="a-key-for-tests"))
+        self.key = "a-key-for-tests"
+        web = create_app(self.index, self.encoder, ServerSettings(api_key=self.key))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -153,7 +156,8 @@ def test_cli_http_and_page_agree(dataset, index_home, tmp_path):
     driver = None
     try:
         with open(query, "rb") as f:
-            r = httpx.post(server.url + "search", data={"k": "8"}, files=[("files", ("q.png", f.read()))])
+            r = httpx.post(server.url + "search", data={"k": "8"}, files=[("files", ("q.png", f.read()))],
+                           headers={"X-API-Key": server.key})
         assert r.status_code == 200, r.text
         hits = r.json()["results"][0]["hits"]
         assert [h["id"] for h in hits[:4]] == [s["id"] for s in second]
@@ -165,8 +169,14 @@ def test_cli_http_and_page_agree(dataset, index_home, tmp_path):
         from selenium.webdriver.support.ui import WebDriverWait
 
         wait = WebDriverWait(driver, 20)
-        driver.get(server.url)
+        driver.get(server.url)  # a keyed server: the page asks for the key once and keeps it for the tab
+        wait.until(lambda d: d.find_element(By.ID, "key-form").is_displayed())
+        driver.find_element(By.ID, "api-key").send_keys(server.key)
+        driver.find_element(By.CSS_SELECTOR, "#key-form button").click()
         wait.until(lambda d: "images" in d.find_element(By.ID, "index-info").text)
+        driver.refresh()  # sessionStorage keeps it: no second prompt
+        wait.until(lambda d: "images" in d.find_element(By.ID, "index-info").text)
+        assert not driver.find_element(By.ID, "key-form").is_displayed()
         driver.find_element(By.ID, "k").clear()
         driver.find_element(By.ID, "k").send_keys("8")
         driver.find_element(By.ID, "file-input").send_keys(str(query))
@@ -176,6 +186,11 @@ def test_cli_http_and_page_agree(dataset, index_home, tmp_path):
         assert cards[0].get_attribute("data-label") == dataset["label"] and "apple" in cards[0].text
         wait.until(lambda d: all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0",
                                                   img) for img in d.find_elements(By.CSS_SELECTOR, ".hit .thumb")))
+        broken = driver.execute_script(  # a card whose content overflows it, or a value squeezed out of sight
+            "return [...document.querySelectorAll('#results .hit')].filter(c => c.scrollWidth > c.clientWidth + 1"
+            " || [...c.querySelectorAll('dd')].some(dd => dd.getBoundingClientRect().width < 30"
+            " || dd.getBoundingClientRect().right > c.getBoundingClientRect().right)).length")
+        assert broken == 0 and LONG_KEY in cards[0].text.replace("\n", "")
         if os.environ.get(SCREENSHOT_ENV):
             driver.save_screenshot(os.environ[SCREENSHOT_ENV])
         clicked = int(cards[1].get_attribute("data-id"))

@@ -321,7 +321,8 @@ def test_a_remove_or_delete_that_matches_nothing_commits_nothing(tmp_path):
     encoder = PixelEncoder()
     try:
         with ImageIndex.open(folder) as index:
-            client = TestClient(create_app(index, encoder, ServerSettings(api_key="a-key-for-tests")))
+            client = TestClient(create_app(index, encoder, ServerSettings(api_key="a-key-for-tests")),
+                                base_url="http://127.0.0.1")  # a Host the loopback server accepts
             for _ in range(6):
                 assert client.delete("/items/9999", headers={"X-API-Key": "a-key-for-tests"}).status_code == 404
             assert index.seq == 2 and len(index.store.commits(100)) == 3  # create, add, remove

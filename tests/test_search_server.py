@@ -1,6 +1,7 @@
 """The search service with a tiny stand-in encoder (no model): search, items, thumbnails, keys, caps, 503s;
 and the dynamic batcher on its own."""
 import io
+import json
 import threading
 import time
 
@@ -13,9 +14,11 @@ from PIL import Image
 from conftest import png_header_only
 from guie.embedding.batching import DynamicBatcher, Overloaded
 from guie.search.app import ServerSettings, create_app, safe_name
+from guie.search.http_limits import BodyGuard
 from guie.search.image_index import ImageIndex, NewItem
 
 KEY = "s3cret-key-for-tests"
+LOCAL = "http://127.0.0.1"  # a Host the loopback server accepts (TestClient's default, testserver, is refused)
 
 
 class PixelEncoder:
@@ -68,7 +71,7 @@ def served(tmp_path):
     index.add(vecs, items)
 
     def client(**settings):
-        return TestClient(create_app(index, encoder, ServerSettings(**settings)))
+        return TestClient(create_app(index, encoder, ServerSettings(**settings)), base_url=LOCAL)
 
     yield index, pics, client
     encoder.batcher.close()
@@ -141,7 +144,7 @@ def test_uploads_are_capped_in_bytes_files_and_pixels(served, tmp_path):
     c = client(max_upload_bytes=20_000, max_files=2, max_pixels=100_000)
     png = png_bytes(pics[0])
     r = c.post("/search", files=[("files", (f"{i}.png", png, "image/png")) for i in range(3)])
-    assert r.status_code in (400, 413) and ("3 files" in r.text or "Too many files" in r.text)
+    assert r.status_code == 413 and "Too many files: at most 2 per request" in r.text  # issue 26 item 17: not 400
     big = png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 100, 3), dtype=np.uint8)))
     assert 20_000 < len(big) < 100_000  # over the per-file cap, under the request cap
     r = c.post("/search", files=[("files", ("big.png", big, "image/png"))])
@@ -170,7 +173,7 @@ def test_a_full_queue_answers_503(served):
         raise Overloaded("busy: 128 images already queued")
 
     full.submit = refuse
-    c = TestClient(create_app(index, full, ServerSettings()))
+    c = TestClient(create_app(index, full, ServerSettings()), base_url=LOCAL)
     r = c.post("/search", files=[("files", ("a.png", png_bytes(pics[0]), "image/png"))])
     assert r.status_code == 503 and r.headers["retry-after"] == "1" and "busy" in r.json()["detail"]
     full.batcher.close()
@@ -254,3 +257,152 @@ def test_dynamic_batcher_waits_for_announced_requests_only():
         pass  # a request announced but refused before submitting releases its announcement
     assert batcher.submit(torch.zeros(1, 3, 1, 1, dtype=torch.uint8)).result(5).shape == (1, 3)
     batcher.close()
+
+
+def test_a_set_key_guards_every_read_and_loopback_checks_the_host(served):
+    """Issue 26 items 1-2: a key set on 127.0.0.1 is needed for every read (the schema too); without a key the
+    Host header must name the server (DNS rebinding), with extra names allowed by setting."""
+    index, pics, client = served
+    keyed = client(api_key=KEY)
+    for method, path in [("get", "/items/1"), ("get", "/items/1/thumbnail"), ("get", "/openapi.json")]:
+        assert getattr(keyed, method)(path).status_code == 401, path
+        assert getattr(keyed, method)(path, headers={"X-API-Key": KEY}).status_code == 200, path
+    assert keyed.post("/search", data={"item": "1"}).status_code == 401
+    assert keyed.get("/health").json() == {"status": "ok"}
+    assert keyed.get("/docs").status_code == 404 and keyed.get("/redoc").status_code == 404
+    open_reads = client()
+    assert open_reads.get("/items/1").status_code == 200  # keyless loopback: reads open to local clients
+    rebound = open_reads.get("/items/1", headers={"Host": "attacker.rebind.example"})
+    assert rebound.status_code == 400 and "vendor" not in rebound.text
+    assert open_reads.post("/search", data={"item": "1"}, headers={"Host": "evil.example:8000"}).status_code == 400
+    for host in ("localhost:8000", "127.0.0.1", "[::1]:8000"):
+        assert open_reads.get("/items/1", headers={"Host": host}).status_code == 200, host
+    lan = client(allowed_hosts=["search.lan", "*.corp.example"])
+    assert lan.get("/items/1", headers={"Host": "search.lan:8000"}).status_code == 200
+    assert lan.get("/items/1", headers={"Host": "a.corp.example"}).status_code == 200
+    assert lan.get("/items/1", headers={"Host": "search.lan.evil.example"}).status_code == 400
+    assert client(host="::1").get("/items/1", headers={"Host": "[::1]:8000"}).status_code == 200
+
+
+def test_settings_and_key_files_are_checked_with_one_line_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from guie.cli import app
+    from guie.errors import InputError
+    from guie.search.auth import read_api_key
+
+    with pytest.raises(InputError, match=r"port 99999 is not a TCP port \(1-65535\)"):
+        ServerSettings(port=99999).check()
+    with pytest.raises(InputError, match="allowed host 'a\\*b'"):
+        ServerSettings(allowed_hosts=["a*b"]).check()
+    r = CliRunner().invoke(app, ["serve", str(tmp_path / "none"), "--port", "99999"])
+    assert r.exit_code == 2 and r.output.strip() == "error: port 99999 is not a TCP port (1-65535)"
+    (tmp_path / "key").write_text(KEY + "\n# comment\n")
+    assert read_api_key(None, tmp_path / "key") == KEY
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(InputError, match="API key file is empty"):
+        read_api_key(None, tmp_path / "empty")
+    with pytest.raises(InputError, match="not found"):
+        read_api_key(None, tmp_path / "missing")
+    with pytest.raises(InputError, match="not both"):
+        read_api_key(KEY, tmp_path / "key")
+
+
+def test_delete_removes_the_uploaded_bytes_and_nested_metadata_is_json(served):
+    """Issue 26 items 11 and 17: DELETE /items/{id} deletes the bytes POST /items stored; nested metadata values
+    are stored as JSON text, never Python reprs; a duplicate of an indexed image stores no file."""
+    index, pics, client = served
+    c, good = client(api_key=KEY), {"X-API-Key": KEY}
+    uploads = index.folder / "uploads"
+    meta = {"tags": {"colour": ["red", "blue"], "n": 2}, "k" * 300: "long key", "flag": True}
+    added = c.post("/items", files=[("files", ("new.png", png_bytes(picture(200)), "image/png"))],
+                   data={"metadata": json.dumps(meta)}, headers=good)
+    assert added.status_code == 200, added.text
+    new_id = added.json()["items"][0]["id"]
+    assert len(list(uploads.iterdir())) == 1
+    stored = c.get(f"/items/{new_id}", headers=good).json()["metadata"]
+    assert stored["tags"] == '{"colour":["red","blue"],"n":2}' and json.loads(stored["tags"]) == meta["tags"]
+    assert stored["flag"] is True and stored["k" * 300] == "long key"
+    from guie.data.dedup import bytes_digest
+
+    known = png_bytes(picture(300))  # indexed from the image root (as `guie index add` does), then uploaded
+    (index.image_root / "known.png").write_bytes(known)
+    index.add(np.zeros((1, 48), np.float32), [NewItem(bytes_digest(known), "known.png", "k", {})])
+    dup = c.post("/items", files=[("files", ("same.png", known, "image/png"))], headers=good).json()
+    assert dup["items"][0] == {"query": "upload 1 (same.png)", "id": new_id + 1, "duplicate": True}
+    assert len(list(uploads.iterdir())) == 1  # the duplicate's bytes were not stored a second time
+    assert c.delete(f"/items/{new_id}", headers=good).json()["removed"] == [new_id]
+    assert list(uploads.iterdir()) == []
+    assert c.delete(f"/items/{new_id + 1}", headers=good).status_code == 200
+    assert (index.image_root / "known.png").is_file()  # only bytes the server stored are deleted
+
+
+def test_decode_cost_is_read_from_headers_at_the_jpeg_scale(tmp_path):
+    from conftest import png_one_bit
+    from guie.search.decode_limits import decode_cost
+
+    buf = io.BytesIO()
+    Image.new("RGB", (2048, 1536), (9, 9, 9)).save(buf, "JPEG")
+    assert decode_cost(buf.getvalue(), 256) == 512 * 384  # decoded at 1/4: its short side stays >= 256
+    assert decode_cost(buf.getvalue(), None) == 2048 * 1536
+    png = png_one_bit(tmp_path / "heavy.png", 5700, 5700).read_bytes()
+    assert len(png) < 16_000 and decode_cost(png, 256) == 5700 * 5700
+    assert decode_cost(b"not an image", 256) == 0
+
+
+def test_a_full_body_pool_evicts_the_slowest_upload_for_a_new_request(served):
+    """Stalled uploads beyond the body pool get 503 at once; once they have stalled for a second, a new request
+    that finds the pool full evicts the slowest of them (answered 408 at its next byte) instead of being
+    refused."""
+    import socket
+
+    import httpx
+    import uvicorn
+
+    index, pics, client = served
+    encoder = PixelEncoder()
+    app = create_app(index, encoder, ServerSettings(max_readers=4, body_grace_s=30))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    stalled = []
+    try:
+        deadline = time.time() + 20
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        head = (f"POST /search HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: multipart/form-data; "
+                "boundary=zz\r\nContent-Length: 100000\r\n\r\n--zz\r\n").encode()
+        for _ in range(16):
+            stalled.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            stalled[-1].sendall(head)
+        time.sleep(0.3)
+        refused, held = [], []
+        for s in stalled:
+            s.setblocking(False)
+            try:
+                refused.append(s.recv(64).split(b" ")[1])
+            except BlockingIOError:
+                held.append(s)
+        assert refused == [b"503"] * 12 and len(held) == 4  # the pool holds 4; none has stalled a second yet
+        time.sleep(BodyGuard.EVICT_AFTER_S + 0.2)
+        for _ in range(4):
+            r = httpx.post(f"http://127.0.0.1:{port}/search", data={"item": "1", "k": "2"}, timeout=10)
+            assert r.status_code == 200, r.text
+        answers = []
+        for s in held:  # an evicted upload is answered 408 at its next byte; the others are still waiting
+            s.settimeout(3)
+            s.sendall(b"x")
+            try:
+                answers.append(s.recv(64).split(b" ")[1])
+            except TimeoutError:
+                answers.append(b"waiting")
+        assert sorted(answers) == [b"408"] + [b"waiting"] * 3  # the first search evicted one; then there was room
+    finally:
+        for s in stalled:
+            s.close()
+        server.should_exit = True
+        thread.join(10)
+        encoder.batcher.close()

@@ -190,15 +190,23 @@ def register(app: typer.Typer) -> None:
                    batch_size_help="images per forward, at most (dynamic batching)", model=None,
                    model_help=INDEX_MODEL_HELP)
     def serve(name: str = typer.Argument(..., help="index name"),
-              host: str = typer.Option("127.0.0.1", help="interface; anything but 127.0.0.1 requires --api-key"),
-              port: int = typer.Option(8000, help="TCP port"),
+              host: str = typer.Option("127.0.0.1", help="interface; anything but loopback requires an API key"),
+              port: int = typer.Option(8000, help="TCP port (1-65535)"),
+              api_key_file: Optional[Path] = typer.Option(None, help="read the API key from the first line of this "
+                                                                     "file (preferred: not visible to other users)"),
               api_key: Optional[str] = typer.Option(None, envvar="GUIE_API_KEY", show_default=False,
-                                                    help="key for writes (and for reads off loopback); "
-                                                         "or set GUIE_API_KEY"),
+                                                    help="the API key: once set, every read and write needs it. "
+                                                         "Prefer GUIE_API_KEY or --api-key-file: a key given here "
+                                                         "is visible to every local user in `ps`"),
+              allow_host: Optional[List[str]] = typer.Option(None, help="also accept this name in the Host header "
+                                                                        "(repeatable; loopback names and --host "
+                                                                        "always are)"),
               max_k: int = typer.Option(100, help="largest k a client may ask for"),
               max_files: int = typer.Option(8, help="images per request"),
               max_upload_mb: float = typer.Option(8.0, help="bytes per uploaded image, in MiB"),
-              max_pixels: int = typer.Option(40_000_000, help="decoded pixels per image"),
+              max_pixels: int = typer.Option(40_000_000, help="declared pixels per image (decompression bombs)"),
+              max_query_pixels: int = typer.Option(16_000_000, help="decoded pixels per query image (a JPEG "
+                                                                     "counts at the reduced scale it decodes at)"),
               batch_wait_ms: float = typer.Option(5.0, help="how long a forward waits for more requests"),
               queue: int = typer.Option(128, help="images waiting for a forward; beyond: 503"),
               workers: int = typer.Option(0, help="forwards run at once (0: on CPU one single-threaded forward "
@@ -206,17 +214,20 @@ def register(app: typer.Typer) -> None:
               cors_origin: Optional[List[str]] = typer.Option(None, help="allow this browser origin (repeatable); "
                                                                          "CORS is off by default"),
               opts: ModelOptions = None):
-        """Serve the index over HTTP with its search page at / (FastAPI; see docs/search.md)."""
+        """Serve the index over HTTP with its search page at / (FastAPI; see docs/search.md for the access model
+        and the limits)."""
         import uvicorn
 
         from ..search.app import ServerSettings, create_app
+        from ..search.auth import read_api_key
         from ..search.encoder import EngineEncoder, load_index_model
 
-        settings = ServerSettings(api_key=api_key, host=host, max_upload_bytes=int(max_upload_mb * 2**20),
-                                  max_files=max_files, max_pixels=max_pixels, max_k=max_k,
-                                  cors_origins=list(cor for cor in cors_origin or []))
+        settings = ServerSettings(api_key=read_api_key(api_key, api_key_file), host=host, port=port,
+                                  allowed_hosts=list(allow_host or []), max_upload_bytes=int(max_upload_mb * 2**20),
+                                  max_files=max_files, max_pixels=max_pixels, max_query_pixels=max_query_pixels,
+                                  max_k=max_k, cors_origins=list(cor for cor in cors_origin or []))
+        settings.check()
         try:
-            settings.check()
             index = _open(name)
             encoder = EngineEncoder(load_index_model(index, opts.model, opts.image_size, opts.crop_pct),
                                     max_batch=opts.batch_size, max_wait_ms=batch_wait_ms, max_queue=queue,

@@ -6,40 +6,45 @@
     GET    /items/{id}             an item's metadata (never its file path)
     GET    /items/{id}/thumbnail   a small WebP of the item, read from the image root
     POST   /items                  add uploaded images (write access)
-    DELETE /items/{id}             remove an item (write access)
+    DELETE /items/{id}             remove an item and the uploaded bytes it was stored from (write access)
+    GET    /openapi.json           the API's schema (read access)
 
-Safe by default (`ServerSettings`): writes always need the API key; reads need it too unless the server is bound to
-127.0.0.1; uploads are capped in bytes (the request body is counted as it arrives), files per request and decoded
-pixels; a bounded queue answers a burst with 503 instead of swapping; client file names are never echoed; CORS is
-off unless origins are given. Query images are embedded by a `DynamicBatcher`: concurrent requests share forwards.
+Safe by default (`ServerSettings`): who may read and write is `guie.search.auth`'s access model (a key that is set
+is needed for every read and write; without one, only loopback, reads only, and the Host header checked);
+`guie.search.http_limits` bounds request bodies (size, a minimum rate, a pool of their own), and
+`guie.search.decode_limits` the decoding a request and a client may cause; files per request and decoded pixels
+are capped; a bounded queue answers a burst with 503 instead of swapping; client file names are never echoed; CORS
+is off unless origins are given. Query images are embedded by a `DynamicBatcher`: concurrent requests share
+forwards.
 (No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at run time.)
 """
 import asyncio
-import hmac
 import io
-import json
 import re
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
 from typing import Protocol
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..data.dedup import bytes_digest
 from ..embedding.batching import Overloaded
-from ..imaging.io import ImageLoadError, load_image
+from ..errors import InputError
+from ..imaging.io import ImageLoadError
+from .auth import MIN_KEY_CHARS, host_header_names, is_loopback, key_matches, presented_key
+from .decode_limits import DecodeLane, DecodeRefused, decode_cost
+from .http_limits import BodyGuard, SecurityHeaders
 from .image_index import UPLOADS, ImageIndex, SearchIndexError
 from .store import NewItem, parse_where
+from .uploads import HIDDEN_FIELDS, Thumbnails, image_format, parse_metadata, safe_name
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-HIDDEN_FIELDS = ("id", "path", "label", "content_hash", "added_seq")
+_HOST_NAME = re.compile(r"^(\*\.)?[a-z0-9_.-]+$|^\[[0-9a-f:.]+\]$|^[0-9a-f:.]+$", re.IGNORECASE)
 
 
 class QueryEncoder(Protocol):
@@ -66,136 +71,52 @@ class ServerSettings:
 
     api_key: str | None = None
     host: str = "127.0.0.1"
+    port: int | None = None                # checked when given (the app itself does not listen)
+    allowed_hosts: list = field(default_factory=list)  # Host header names accepted besides the loopback ones
     max_upload_bytes: int = 8 * 2**20      # per image
     max_files: int = 8                     # images per request
-    max_pixels: int = 40_000_000           # decoded pixels per image (decompression bombs)
+    max_pixels: int = 40_000_000           # declared pixels per image (decompression bombs)
+    max_query_pixels: int = 16_000_000     # decoded pixels per query image (after JPEG's reduced-scale decode)
+    max_request_pixels: int = 64_000_000   # decoded pixels per search request, all its images together
+    heavy_pixels: int = 4_000_000          # a request decoding more goes through the one-thread heavy lane
+    heavy_per_client: int = 2              # heavy requests admitted at once per client address
+    heavy_queue: int = 8                   # heavy requests admitted at once in all
+    refusal_delay_s: float = 1.0           # a refusal of decode work (413/429/503) is answered after this pause
     max_k: int = 100
     max_inflight: int = 64                 # requests being decoded/embedded at once; more get 503
+    max_readers: int = 256                 # request bodies arriving at once; more get 503
+    body_grace_s: float = 5.0              # a body must arrive within grace + size / min rate
+    body_min_rate: float = 32 * 1024       # bytes/s
     thumbnail_px: int = 160
     thumbnail_cache: int = 1024
     cors_origins: list = field(default_factory=list)
 
     @property
     def keyed_reads(self) -> bool:
-        """Reads need the key unless the server listens on loopback only."""
-        return self.host not in LOOPBACK
+        """Reads need the key when one is set, and always off loopback (where one must be set)."""
+        return self.api_key is not None or not is_loopback(self.host)
+
+    @property
+    def host_names(self) -> list[str] | None:
+        """The Host header names accepted, or None when any is (a keyed server on a public interface without
+        `allowed_hosts`: clients reach it under names it cannot know, and the key guards it)."""
+        if is_loopback(self.host) or self.allowed_hosts:
+            return host_header_names(self.host, self.allowed_hosts)
+        return None
 
     def check(self) -> None:
-        """Refuse to expose an index without a key."""
-        if self.keyed_reads and not self.api_key:
-            raise ValueError(f"listening on {self.host} needs an API key (--api-key or GUIE_API_KEY): "
-                             "only 127.0.0.1 may be served without one")
-        if self.api_key is not None and len(self.api_key) < 8:
-            raise ValueError("the API key must be at least 8 characters")
-
-
-def safe_name(name: str | None, position: int) -> str:
-    """A client's file name reduced to a harmless label: `upload 2 (cat_photo.jpg)`; never echoed raw."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name or "").name)[:48].strip("._")
-    return f"upload {position}" + (f" ({stem})" if stem else "")
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-class BodyLimit:
-    """ASGI middleware: 413 when a request body (declared or streamed) exceeds `limit` bytes, before parsing."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, int(limit)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            return await _plain_413(send, self.limit)
-        received, started = 0, False
-
-        async def counting_receive():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise _BodyTooLarge()
-            return message
-
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await _plain_413(send, self.limit)
-
-
-SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
-                    (b"content-security-policy",
-                     b"default-src 'self'; img-src 'self' blob: data:; frame-ancestors 'none'")]
-
-
-class SecurityHeaders:
-    """ASGI middleware adding `SECURITY_HEADERS` to every response (plain ASGI: Starlette's `BaseHTTPMiddleware`
-    runs each request through an extra task and stream, a measurable share of a small request's CPU)."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-
-        async def send_with_headers(message):
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-
-async def _plain_413(send, limit: int) -> None:
-    body = json.dumps({"detail": f"request body larger than {limit:,} bytes"}).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
-
-class Thumbnails:
-    """Small WebP renderings of indexed images, from the image root (or the index's uploads), LRU-cached."""
-
-    def __init__(self, index: ImageIndex, size: int, capacity: int):
-        self.index, self.size, self.capacity = index, size, capacity
-        self._cache: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, item: dict) -> bytes | None:
-        """The thumbnail of an item (WebP bytes), or None when it has no readable image file."""
-        key = (item["id"], item.get("content_hash"))
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-        path = self.index.item_file(item)
-        if path is None:
-            return None
-        try:
-            im = load_image(path, draft_size=self.size)
-        except ImageLoadError:
-            return None
-        im.thumbnail((self.size, self.size))
-        buf = io.BytesIO()
-        im.save(buf, "WEBP", quality=80)
-        data = buf.getvalue()
-        with self._lock:
-            self._cache[key] = data
-            while len(self._cache) > self.capacity:
-                self._cache.popitem(last=False)
-        return data
+        """Refuse settings that would expose the index or not do what they say (one-line InputError)."""
+        if not is_loopback(self.host) and not self.api_key:
+            raise InputError(f"listening on {self.host} needs an API key (a key file or GUIE_API_KEY): only "
+                             "loopback (127.0.0.1, ::1, localhost) may be served without one")
+        if self.api_key is not None and len(self.api_key) < MIN_KEY_CHARS:
+            raise InputError(f"the API key must be at least {MIN_KEY_CHARS} characters")
+        if self.port is not None and not 1 <= self.port <= 65535:
+            raise InputError(f"port {self.port} is not a TCP port (1-65535)")
+        bad = [h for h in self.allowed_hosts if not _HOST_NAME.match(h.strip())]
+        if bad:
+            raise InputError(f"allowed host {bad[0]!r} is not a host name or address (a leading '*.' matches "
+                             "subdomains)")
 
 
 def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSettings | None = None,
@@ -206,30 +127,29 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
     settings.check()
     index.check_model(encoder.fingerprint)
     thumbs = Thumbnails(index, settings.thumbnail_px, settings.thumbnail_cache)
+    lane = DecodeLane(settings.heavy_pixels, settings.heavy_per_client, settings.heavy_queue)
+    draft = _draft_size(encoder)
     inflight = {"n": 0}
-    app = FastAPI(title="guie image search", version="2", docs_url=None, redoc_url=None)
+    uploads_lock = threading.Lock()  # an upload's bytes are written and deleted together with its item
+    app = FastAPI(title="guie image search", version="2", docs_url=None, redoc_url=None, openapi_url=None)
+    app.router.on_shutdown.append(lane.close)
     if on_close is not None:
         app.router.on_shutdown.append(on_close)
-    app.add_middleware(BodyLimit, limit=settings.max_files * settings.max_upload_bytes + 64 * 1024)
+    app.add_middleware(BodyGuard, limit=settings.max_files * settings.max_upload_bytes + 64 * 1024,
+                       grace_s=settings.body_grace_s, min_rate=settings.body_min_rate, max_readers=settings.max_readers)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST",
                            "DELETE"], allow_headers=["X-API-Key", "Authorization"])
+    if settings.host_names is not None:
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.host_names, www_redirect=False)
     app.add_middleware(SecurityHeaders)
 
-    def presented_key(request: Request) -> str | None:
-        key = request.headers.get("x-api-key")
-        auth = request.headers.get("authorization", "")
-        if key is None and auth.lower().startswith("bearer "):
-            key = auth[7:].strip()
-        return key
-
     def key_ok(request: Request) -> bool:
-        key = presented_key(request)
-        return bool(settings.api_key) and key is not None and hmac.compare_digest(key.encode(),
-                                                                                  settings.api_key.encode())
+        return key_matches(settings.api_key, presented_key(request.headers))
 
     def require_read(request: Request) -> None:
         if settings.keyed_reads and not key_ok(request):
@@ -237,12 +157,14 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
 
     def require_write(request: Request) -> None:
         if not settings.api_key:
-            raise HTTPException(403, "writes are disabled: start the server with --api-key (or GUIE_API_KEY)")
+            raise HTTPException(403, "writes are disabled: start the server with an API key (a key file or "
+                                     "GUIE_API_KEY)")
         if not key_ok(request):
             raise HTTPException(401, "an API key is required for writes (header X-API-Key)")
 
     class Admission:
-        """A slot among `max_inflight` requests doing real work; 503 when none is free."""
+        """A slot among `max_inflight` requests doing real work (taken once the body has arrived); 503 when none
+        is free."""
 
         def __enter__(self):
             if inflight["n"] >= settings.max_inflight:
@@ -252,6 +174,14 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
 
         def __exit__(self, *exc):
             inflight["n"] -= 1
+
+    async def read_form(request: Request):
+        try:
+            return await request.form(max_files=settings.max_files, max_fields=32, max_part_size=64 * 1024)
+        except StarletteHTTPException as e:  # Starlette's multipart limits answer 400; too many files is a size limit
+            if "Too many files" in str(e.detail):
+                raise HTTPException(413, f"Too many files: at most {settings.max_files} per request") from None
+            raise
 
     async def read_uploads(form, field_name: str = "files") -> list[tuple[str, bytes]]:
         uploads = [f for f in form.getlist(field_name) if hasattr(f, "read")]
@@ -268,6 +198,19 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
             out.append((name, data))
         return out
 
+    def decode_work(uploads: list[tuple[str, bytes]], query: bool) -> int:
+        """The pixels decoding `uploads` will produce; 413 past the query caps (searches only)."""
+        costs = [decode_cost(data, draft) for _, data in uploads]
+        if query:
+            for (name, _), cost in zip(uploads, costs):
+                if cost > settings.max_query_pixels:
+                    raise DecodeRefused(413, f"{name}: decodes to {cost:,} pixels, over the "
+                                             f"{settings.max_query_pixels:,} a query image may have (send it smaller)")
+            if sum(costs) > settings.max_request_pixels:
+                raise DecodeRefused(413, f"these {len(uploads)} images decode to {sum(costs):,} pixels, over the "
+                                         f"{settings.max_request_pixels:,} one search may decode (send fewer)")
+        return sum(costs)
+
     def decode(uploads: list[tuple[str, bytes]]):
         from ..pipeline.datasets import stack_images, transform_file
 
@@ -277,7 +220,7 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
                 pixels.append(transform_file(encoder.transform, io.BytesIO(data), max_pixels=settings.max_pixels))
             except ImageLoadError as e:
                 raise HTTPException(400, f"{name}: {e.reason}") from None
-            formats.append(_image_format(data))
+            formats.append(image_format(data))
         return stack_images(pixels), formats
 
     async def embed(images, prepare=None, finish=None, ticket=None):
@@ -286,6 +229,19 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
         except Overloaded as e:
             raise HTTPException(503, str(e), headers={"Retry-After": "1"}) from None
         return await asyncio.wrap_future(future)
+
+    async def embed_uploads(request: Request, uploads, query: bool, finish=None, ticket=None):
+        """Embed uploads (and `finish` in the batcher's worker); a heavy request is decoded in the lane first.
+        Returns (finish(embeddings) or embeddings, formats)."""
+        work = decode_work(uploads, query)
+        if not lane.is_heavy(work):
+            if finish is None:
+                images, formats = await run_in_threadpool(decode, uploads)
+                return await embed(images, ticket=ticket), formats
+            return await embed(len(uploads), lambda: decode(uploads)[0], finish, ticket), None
+        with lane.admit(request.client.host if request.client else "?"):
+            images, formats = await lane.run(lambda: decode(uploads))
+        return await embed(images, finish=finish, ticket=ticket), formats
 
     def hit_json(hit) -> dict:
         meta = {k: v for k, v in hit.item.items() if k not in HIDDEN_FIELDS}
@@ -317,6 +273,12 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
             raise HTTPException(404, "no such file")
         return Response(_static(name), media_type=kinds[name], headers={"Cache-Control": "no-cache"})
 
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi(request: Request):
+        """The API's OpenAPI schema (read access: it names the index's endpoints and limits)."""
+        require_read(request)
+        return app.openapi()
+
     @app.get("/health")
     def health(request: Request):
         """Liveness; the index's figures for callers with read access."""
@@ -330,36 +292,40 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
     async def search(request: Request):
         """Nearest indexed images of each uploaded image (`files`) or of an indexed item (`item`)."""
         require_read(request)
-        # Announced to the batcher while the body arrives: a forward being gathered waits for this request.
-        with Admission(), encoder.expect() as ticket:
-            form = await request.form(max_files=settings.max_files, max_fields=32, max_part_size=64 * 1024)
-            try:
-                k = form_int(form, "k", 5, 1, settings.max_k)
-                where = parse_where([str(w) for w in form.getlist("where") if str(w).strip()])
-            except ValueError as e:
-                raise HTTPException(422, str(e)) from None
-            uploads = await read_uploads(form)
-            item = form.get("item")
-            if bool(uploads) == (item is not None):
-                raise HTTPException(400, "send image files (field 'files') or one indexed item (field 'item')")
+        # Announced to the batcher while the body arrives: a forward being gathered waits (at most its wait time)
+        # for this request. The in-flight slot is taken only once the body is here (`BodyGuard` bounds that).
+        with encoder.expect() as ticket:
+            form = await read_form(request)
+            with Admission():
+                try:
+                    k = form_int(form, "k", 5, 1, settings.max_k)
+                    where = parse_where([str(w) for w in form.getlist("where") if str(w).strip()])
+                except ValueError as e:
+                    raise HTTPException(422, str(e)) from None
+                uploads = await read_uploads(form)
+                item = form.get("item")
+                if bool(uploads) == (item is not None):
+                    raise HTTPException(400, "send image files (field 'files') or one indexed item (field 'item')")
 
-            def answer(vectors, queries) -> bytes:
-                index.refresh()
-                hits = index.search(vectors, k, where=where)
-                return JSONResponse({"index": index.name, "k": k, "results": [
-                    {"query": q, "hits": [hit_json(h) for h in row]} for q, row in zip(queries, hits)]}).body
+                def answer(vectors, queries) -> bytes:
+                    index.refresh()
+                    hits = index.search(vectors, k, where=where)
+                    return JSONResponse({"index": index.name, "k": k, "results": [
+                        {"query": q, "hits": [hit_json(h) for h in row]} for q, row in zip(queries, hits)]}).body
 
-            if item is not None:
-                item_id = form_int(form, "item", 0, 0, 2**62)
-                _, vectors = await run_in_threadpool(index.vectors, [item_id])
-                if not len(vectors):
-                    raise HTTPException(404, f"no item {item_id}")
-                body = await run_in_threadpool(answer, vectors, [f"item {item_id}"])
-            else:
-                # Decoded, embedded, searched and encoded as JSON in the encoder's worker: the event loop only
-                # parses and answers, and each request crosses threads once.
-                queries = [name for name, _ in uploads]
-                body = await embed(len(uploads), lambda: decode(uploads)[0], lambda v: answer(v, queries), ticket)
+                if item is not None:
+                    if not str(item).strip():
+                        raise HTTPException(400, "item is empty: send an indexed item's id")
+                    item_id = form_int(form, "item", 0, 0, 2**62)
+                    _, vectors = await run_in_threadpool(index.vectors, [item_id])
+                    if not len(vectors):
+                        raise HTTPException(404, f"no item {item_id}")
+                    body = await run_in_threadpool(answer, vectors, [f"item {item_id}"])
+                else:
+                    # Decoded, embedded, searched and encoded as JSON in the encoder's worker: the event loop only
+                    # parses and answers, and each request crosses threads once.
+                    queries = [name for name, _ in uploads]
+                    body, _ = await embed_uploads(request, uploads, True, lambda v: answer(v, queries), ticket)
         return Response(body, media_type="application/json")
 
     def get_item(item_id: int) -> dict:
@@ -391,37 +357,32 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
         """Add uploaded images (`files`, with optional `label` and `metadata` JSON object); duplicates (same
         content) answer the existing id."""
         require_write(request)
+        form = await read_form(request)
         with Admission():
-            form = await request.form(max_files=settings.max_files, max_fields=32, max_part_size=64 * 1024)
             uploads = await read_uploads(form)
             if not uploads:
                 raise HTTPException(400, "no image files (field 'files')")
             label = form.get("label")
-            try:
-                extra = json.loads(str(form.get("metadata") or "{}"))
-            except json.JSONDecodeError as e:
-                raise HTTPException(422, f"metadata is not JSON: {e.msg}") from None
-            if not isinstance(extra, dict) or any(k in HIDDEN_FIELDS for k in extra):
-                raise HTTPException(422, f"metadata must be a JSON object without {', '.join(HIDDEN_FIELDS)}")
-            images, formats = await run_in_threadpool(decode, uploads)
-            vectors = await embed(images)
+            extra = parse_metadata(str(form.get("metadata") or "{}"))
+            vectors, formats = await embed_uploads(request, uploads, False)
             hashes = [bytes_digest(data) for _, data in uploads]  # the same identity `guie index add` uses
 
             def commit():
+                from ..utils import atomic_write_bytes
+
                 folder = index.folder / "uploads"
                 folder.mkdir(exist_ok=True)
-                items = []
-                for (_, data), h, fmt in zip(uploads, hashes, formats):
-                    target = folder / f"{h}.{fmt}"
-                    if not target.exists():
-                        from ..utils import atomic_write_bytes
-
-                        atomic_write_bytes(data, target)
-                    items.append(NewItem(h, f"{UPLOADS}{h}.{fmt}", None if label is None else str(label),
-                                         {"source": "upload", **extra}))
-                result = index.add(vectors, items, op="add (http)")
-                existing = index.ids_for_hashes(hashes)
-                return result, existing
+                with uploads_lock:
+                    known = index.ids_for_hashes(hashes)
+                    items = []
+                    for (_, data), h, fmt in zip(uploads, hashes, formats):
+                        target = folder / f"{h}.{fmt}"
+                        if h not in known and not target.exists():  # a duplicate keeps its own file, if any
+                            atomic_write_bytes(data, target)
+                        items.append(NewItem(h, f"{UPLOADS}{h}.{fmt}", None if label is None else str(label),
+                                             {"source": "upload", **extra}))
+                    result = index.add(vectors, items, op="add (http)")
+                    return result, index.ids_for_hashes(hashes)
 
             try:
                 result, existing = await run_in_threadpool(commit)
@@ -433,30 +394,40 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
 
     @app.delete("/items/{item_id}")
     def delete_item(item_id: int, request: Request):
-        """Remove an item from the index."""
+        """Remove an item from the index, and the image bytes the server stored when it was uploaded."""
         require_write(request)
-        seq, removed = index.remove([item_id], op="remove (http)")
-        if not len(removed):
-            raise HTTPException(404, f"no item {item_id}")
+        with uploads_lock:
+            item = index.items([item_id]).get(item_id)
+            if item is None:
+                raise HTTPException(404, f"no item {item_id}")
+            seq, removed = index.remove([item_id], op="remove (http)")
+            stored = index.item_file(item) if str(item.get("path") or "").startswith(UPLOADS) else None
+            if stored is not None and not index.ids_for_hashes([item["content_hash"]]):
+                stored.unlink(missing_ok=True)
         return {"seq": seq, "removed": [int(i) for i in removed]}
 
     @app.exception_handler(SearchIndexError)
     async def index_error(request: Request, exc: SearchIndexError):
         return JSONResponse({"detail": str(exc)}, status_code=400)
 
+    @app.exception_handler(DecodeRefused)
+    async def decode_refused(request: Request, exc: DecodeRefused):
+        # Answered after a pause, every slot already released: a client that keeps sending what it is refused
+        # (decode-heavy images, back to back) gets through a request a second instead of hundreds.
+        await asyncio.sleep(settings.refusal_delay_s)
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers={"Retry-After": "1"})
+
     return app
 
 
-def _image_format(data: bytes) -> str:
-    """The file extension for stored uploads, from the bytes (never from the client's name)."""
-    from PIL import Image
+def _draft_size(encoder) -> int | None:
+    """The short side the encoder's transform decodes JPEGs at (None: full size, for decode-cost estimates)."""
+    cfg = getattr(encoder.transform, "cfg", None)
+    if cfg is None:
+        return None
+    from ..models.preprocess import draft_size
 
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            fmt = (im.format or "img").lower()
-    except Exception:  # noqa: BLE001 - decoded fine a moment ago; the extension is cosmetic
-        fmt = "img"
-    return {"jpeg": "jpg"}.get(fmt, fmt)
+    return draft_size(cfg)
 
 
 def _static(name: str) -> bytes:

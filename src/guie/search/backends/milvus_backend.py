@@ -140,9 +140,12 @@ class MilvusBackend(VectorBackend):
     def _connect(self):
         from pymilvus import MilvusClient
 
+        from .milvus_local import local_uri
+
         _quiet_milvus_logs()
         try:
-            client = MilvusClient(uri=self.uri, token=self._token)
+            # Milvus Lite through a private unix socket, not pymilvus's open 127.0.0.1 port (`milvus_local`)
+            client = MilvusClient(uri=(self.local and local_uri(self.uri)) or self.uri, token=self._token)
         except Exception as e:  # pymilvus raises its own and gRPC errors
             busy = " (another process may have it open)" if self.local else ""
             raise BackendError(f"{self._where()}: cannot connect{busy} ({type(e).__name__}: {_first_line(e)})") \
@@ -293,6 +296,9 @@ class MilvusBackend(VectorBackend):
                 from milvus_lite.server_manager import server_manager_instance
 
                 server_manager_instance.release_server(self.uri)
+                from .milvus_local import release
+
+                release(self.uri)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -31,9 +31,15 @@ async function api(path, options = {}) {
 async function loadInfo() {
   try {
     const info = await (await api("health")).json();
-    $("index-info").textContent = info.index
-      ? `index “${info.index}”: ${info.items} images, ${info.dim}-d, ${info.backend}`
-      : "connected";
+    if (!info.index) {
+      // A keyed server answers /health with liveness only until the key is given: ask for it (once per tab).
+      $("index-info").textContent = "";
+      $("key-form").hidden = false;
+      setStatus(state.key ? "that API key was not accepted: enter it again" : "this server needs an API key: enter it above",
+                Boolean(state.key));
+      return;
+    }
+    $("index-info").textContent = `index “${info.index}”: ${info.items} images, ${info.dim}-d, ${info.backend}`;
   } catch (e) {
     $("index-info").textContent = "";
     setStatus(e.message, true);
