@@ -83,8 +83,8 @@ def test_embed_keeps_relative_manifest_paths_and_crop_pct_changes_the_vectors(tm
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--model", "/no/such/model.pt"], "/no/such/model.pt: model checkpoint not found"),
-    (["--model", "runs/x/model.pt"], "runs/x/model.pt: model checkpoint not found"),
+    (["--model", "/no/such/model.pt"], "/no/such/model.pt: model file not found"),
+    (["--model", "runs/x/model.pt"], "runs/x/model.pt: model file not found"),
     (["--runtime", "tensorrt"], "unknown runtime 'tensorrt': choose from auto, torch, openvino, onnxruntime"),
     (["--precision", "fp8"], "unknown precision 'fp8'"),
     (["--runtime", "onnxruntime", "--precision", "bf16"], "does not offer precision bf16"),
