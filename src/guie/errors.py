@@ -31,6 +31,9 @@ class MissingFileError(GuieError, FileNotFoundError):
         super().__init__(f"{path}: {what} not found")
         self.filename = str(path)
 
+    def __str__(self) -> str:
+        return str(self.args[0])  # OSError's own would print "[Errno None] None: '<path>'" once filename is set
+
 
 class EnvironmentProblem(GuieError, RuntimeError):
     """The machine lacks something guie needs (a program, a library, disk space, a device): the message says what."""
