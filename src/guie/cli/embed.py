@@ -32,29 +32,26 @@ def register(app: typer.Typer) -> None:
               overwrite: bool = typer.Option(False, help="discard shards of an earlier run with another model"),
               progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar")):
         """Embed images into a Parquet file (manifest columns + 'embedding'); resumes an interrupted run."""
-        from ..data.manifest import OTHER_FILES, ManifestError, filter_rows, read_manifest
+        from ..data.manifest import OTHER_FILES, filter_rows, read_manifest
         from ..distributed import init_distributed
-        from ..embedding.files import ResumeError, embed_to_file
+        from ..embedding.files import embed_to_file
         from ..models.embedder import resolve_embedder
 
-        try:
-            listed = read_manifest(source)
-            others = listed.attrs.get(OTHER_FILES, [])  # a folder's files that are not images
-            df = filter_rows(listed, where)
-            if df.empty:
-                fail(f"{source}: no rows left after --where {' '.join(where or [])}")
-            embedder = resolve_embedder(model, embed_dim=embed_dim, image_size=image_size, seed=seed)
-            dist = init_distributed(device)  # under torchrun: one process per GPU, shards split over the ranks
-            dev = dist.device if dist.enabled else (None if device == "auto" else device)
-            kept, emb, errors = embed_to_file(embedder, df, out, batch_size=batch_size, num_workers=workers,
-                                              device=dev, features=features,
-                                              shard_size=shard_size, overwrite=overwrite, decode=decode,
-                                              compile=compile, progress=progress, rank=dist.rank,
-                                              world_size=dist.world_size)
-            if not dist.is_main:
-                return
-        except (ManifestError, ResumeError, ValueError, FileNotFoundError) as e:
-            fail(str(e))
+        listed = read_manifest(source)
+        others = listed.attrs.get(OTHER_FILES, [])  # a folder's files that are not images
+        df = filter_rows(listed, where)
+        if df.empty:
+            fail(f"{source}: no rows left after --where {' '.join(where or [])}")
+        embedder = resolve_embedder(model, embed_dim=embed_dim, image_size=image_size, seed=seed)
+        dist = init_distributed(device)  # under torchrun: one process per GPU, shards split over the ranks
+        dev = dist.device if dist.enabled else (None if device == "auto" else device)
+        kept, emb, errors = embed_to_file(embedder, df, out, batch_size=batch_size, num_workers=workers,
+                                          device=dev, features=features,
+                                          shard_size=shard_size, overwrite=overwrite, decode=decode,
+                                          compile=compile, progress=progress, rank=dist.rank,
+                                          world_size=dist.world_size)
+        if not dist.is_main:
+            return
         typer.echo(f"wrote {len(kept)} embeddings of dim {emb.shape[1]} to {out}")
         if errors:
             typer.echo(f"skipped {len(errors)} unreadable images (listed in {out}.failed.csv)", err=True)

@@ -28,7 +28,6 @@ def register(app: typer.Typer) -> None:
                  workers: Optional[int] = typer.Option(None), device: str = typer.Option("auto"),
                  progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar")):
         """Score embeddings with the exact GUIE metric (mP@k, Euclidean k-NN) and write a report with pictures."""
-        from ..data.manifest import ManifestError
         from ..evaluate.protocol import evaluate_folds, evaluate_query_index
         from ..evaluate.report import format_table, write_report
         from ..evaluate.tables import load_table
@@ -44,16 +43,13 @@ def register(app: typer.Typer) -> None:
                  "(or give --query and --index)")
         opts = dict(model=model, where=where, batch_size=batch_size, workers=workers, device=dev,
                     image_size=image_size, progress=progress)
-        try:
-            if embeddings is not None:
-                df, emb = load_table(embeddings, **opts)
-                ev = evaluate_folds(df, emb, by=folds_by, k=k, missing=missing)
-            else:
-                qdf, qemb = load_table(query, **opts)
-                idf, iemb = load_table(index, **opts)
-                ev = evaluate_query_index(qdf, qemb, idf, iemb, k=k, missing=missing)
-        except (ManifestError, ValueError, FileNotFoundError) as e:
-            fail(str(e))
+        if embeddings is not None:
+            df, emb = load_table(embeddings, **opts)
+            ev = evaluate_folds(df, emb, by=folds_by, k=k, missing=missing)
+        else:
+            qdf, qemb = load_table(query, **opts)
+            idf, iemb = load_table(index, **opts)
+            ev = evaluate_query_index(qdf, qemb, idf, iemb, k=k, missing=missing)
         rows = [{"fold": f["fold"], "queries": f["queries"], f"mP@{k}": f["score"]} for f in ev.folds]
         rows.append({"fold": "mean", "queries": sum(f["queries"] for f in ev.folds), f"mP@{k}": ev.score})
         typer.echo(format_table(rows, ["fold", "queries", f"mP@{k}"], title="GUIE metric"))
@@ -76,7 +72,6 @@ def register(app: typer.Typer) -> None:
                   progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar")):
         """The transfer table: mP@5 of each model on each built-in benchmark (leave-one-style-out, one split's
         classes); benchmarks are built on first use."""
-        from ..data.manifest import ManifestError
         from ..evaluate.benchmarks import transfer_table
         from ..evaluate.report import format_table
         from ..utils import atomic_write_json
@@ -85,11 +80,8 @@ def register(app: typer.Typer) -> None:
         labels = [n.strip() for n in names.split(",")] if names else list(models)
         if len(labels) != len(models):
             fail(f"--names gives {len(labels)} names for {len(models)} models")
-        try:
-            table = transfer_table(dict(zip(labels, models)), bench, split, cache,
-                                   None if device == "auto" else device, progress)
-        except (ManifestError, ValueError, FileNotFoundError, RuntimeError) as e:
-            fail(str(e))
+        table = transfer_table(dict(zip(labels, models)), bench, split, cache, None if device == "auto" else device,
+                               progress)
         rows = table.to_dict(orient="records")
         typer.echo(format_table(rows, ["model", "dim", *bench, "mean"], title=f"mP@5 on {split} classes"))
         if out:

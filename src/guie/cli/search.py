@@ -14,19 +14,6 @@ BACKEND_HELP = "faiss (embedded, default) or milvus (Milvus Lite file, or a clus
 KIND_HELP = "flat (exact, default), hnsw or ivfpq: approximate, for large indexes (docs/search.md says when)"
 
 
-def _errors():
-    """The exceptions a command turns into a one-line error."""
-    from ..data.manifest import ManifestError
-    from ..embedding.files import ResumeError
-    from ..imaging.io import ImageLoadError
-    from ..search.backends import BackendError
-    from ..search.image_index import SearchIndexError
-    from ..search.store import StoreError
-
-    return (SearchIndexError, BackendError, StoreError, ManifestError, ResumeError, ImageLoadError,
-            FileNotFoundError, ValueError)
-
-
 def _open(name: str, write: bool = True, uri: Optional[str] = None):
     from ..search.image_index import ImageIndex
 
@@ -53,16 +40,13 @@ def register(app: typer.Typer) -> None:
         from ..search.encoder import describe_model, load_model
         from ..search.image_index import ImageIndex
 
-        try:
-            embedder = load_model(model, image_size=image_size)
-            desc = describe_model(embedder, model)
-            with ImageIndex.create(name, dim=desc["dim"], model=desc, backend=backend, kind=kind,
-                                   image_root=image_root, uri=uri,
-                                   token=os.environ.get("GUIE_MILVUS_TOKEN")) as index:
-                typer.echo(f"created index {index.name!r} in {index.folder}: {desc['dim']}-d, {backend} {kind}, "
-                           f"model {desc['ref']} (fingerprint {desc['fingerprint']})")
-        except _errors() as e:
-            fail(str(e))
+        embedder = load_model(model, image_size=image_size)
+        desc = describe_model(embedder, model)
+        with ImageIndex.create(name, dim=desc["dim"], model=desc, backend=backend, kind=kind,
+                               image_root=image_root, uri=uri,
+                               token=os.environ.get("GUIE_MILVUS_TOKEN")) as index:
+            typer.echo(f"created index {index.name!r} in {index.folder}: {desc['dim']}-d, {backend} {kind}, "
+                       f"model {desc['ref']} (fingerprint {desc['fingerprint']})")
 
     @index_app.command("add")
     def add(name: str = typer.Argument(..., help="index name"),
@@ -75,15 +59,12 @@ def register(app: typer.Typer) -> None:
         from ..search.encoder import load_index_model
         from ..search.ingest import add_source
 
-        try:
-            with _open(name) as index:
-                embedder = load_index_model(index)
-                rep = add_source(index, source, embedder, where=where, batch_size=batch_size, shard_size=shard_size,
-                                 progress=progress)
-                typer.echo(f"{index.name}: added {rep.added} of {rep.rows} images ({rep.duplicates} already indexed"
-                           f", {len(rep.errors)} unreadable) in commit {rep.seq}; {len(index)} items")
-        except _errors() as e:
-            fail(str(e))
+        with _open(name) as index:
+            embedder = load_index_model(index)
+            rep = add_source(index, source, embedder, where=where, batch_size=batch_size, shard_size=shard_size,
+                             progress=progress)
+            typer.echo(f"{index.name}: added {rep.added} of {rep.rows} images ({rep.duplicates} already indexed"
+                       f", {len(rep.errors)} unreadable) in commit {rep.seq}; {len(index)} items")
 
     @index_app.command("remove")
     def remove(name: str = typer.Argument(..., help="index name"),
@@ -92,29 +73,23 @@ def register(app: typer.Typer) -> None:
         """Remove items by metadata (--where vendor=apple) or by id, in one commit."""
         if bool(where) == bool(ids):
             fail("give --where col=value or --ids FILE (one of them)")
-        try:
-            with _open(name) as index:
-                if ids:
-                    try:
-                        wanted = [int(t) for t in ids.read_text().split()]
-                    except ValueError:
-                        fail(f"{ids}: expected integer ids, one per line")
-                    seq, removed = index.remove(wanted, op=f"remove --ids {ids.name}")
-                else:
-                    seq, removed = index.remove_where(where)
-                typer.echo(f"{index.name}: removed {len(removed)} items in commit {seq}; {len(index)} items")
-        except _errors() as e:
-            fail(str(e))
+        with _open(name) as index:
+            if ids:
+                tokens = ids.read_text().split()
+                if not all(t.isdecimal() for t in tokens):
+                    fail(f"{ids}: expected integer ids, one per line")
+                wanted = [int(t) for t in tokens]
+                seq, removed = index.remove(wanted, op=f"remove --ids {ids.name}")
+            else:
+                seq, removed = index.remove_where(where)
+            typer.echo(f"{index.name}: removed {len(removed)} items in commit {seq}; {len(index)} items")
 
     @index_app.command("stats")
     def stats(name: str = typer.Argument(..., help="index name"),
               as_json: bool = typer.Option(False, "--json", help="print JSON")):
         """Size, model, backend, labels and the last commits."""
-        try:
-            with _open(name, write=False) as index:
-                s = index.stats()
-        except _errors() as e:
-            fail(str(e))
+        with _open(name, write=False) as index:
+            s = index.stats()
         if as_json:
             typer.echo(json.dumps(s, indent=1, default=str))
             return
@@ -137,13 +112,10 @@ def register(app: typer.Typer) -> None:
         """The k nearest indexed images of each query image (Euclidean distance, nearest first)."""
         from ..search.encoder import embed_query_files, load_index_model
 
-        try:
-            with _open(name, write=False) as index:
-                vectors = embed_query_files(load_index_model(index), images)
-                hits = index.search(vectors, k, where=where)
-                files = [[index.item_file(h.item) for h in row] for row in hits]
-        except _errors() as e:
-            fail(str(e))
+        with _open(name, write=False) as index:
+            vectors = embed_query_files(load_index_model(index), images)
+            hits = index.search(vectors, k, where=where)
+            files = [[index.item_file(h.item) for h in row] for row in hits]
         for img, row in zip(images, hits):
             results = [{"id": h.id, "distance": round(h.distance, 6), "label": h.item.get("label"),
                         "path": h.item.get("path")} for h in row]
@@ -164,12 +136,9 @@ def register(app: typer.Typer) -> None:
     def reindex(name: str = typer.Argument(..., help="index name"),
                 kind: str = typer.Option(..., help=KIND_HELP)):
         """Rebuild the vector backend as another kind (e.g. flat -> hnsw once the index has grown)."""
-        try:
-            with _open(name) as index:
-                index.reindex(kind)
-                typer.echo(f"{index.name}: {index.stats()['backend']}")
-        except _errors() as e:
-            fail(str(e))
+        with _open(name) as index:
+            index.reindex(kind)
+            typer.echo(f"{index.name}: {index.stats()['backend']}")
 
     @app.command("serve")
     def serve(name: str = typer.Argument(..., help="index name"),
@@ -198,13 +167,13 @@ def register(app: typer.Typer) -> None:
         settings = ServerSettings(api_key=api_key, host=host, max_upload_bytes=int(max_upload_mb * 2**20),
                                   max_files=max_files, max_pixels=max_pixels, max_k=max_k,
                                   cors_origins=list(cor for cor in cors_origin or []))
-        try:
+        try:  # search/app.py's ServerSettings.check raises a bare ValueError: drop this once it raises InputError
             settings.check()
-            index = _open(name)
-            encoder = EngineEncoder(load_index_model(index), max_batch=max_batch, max_wait_ms=batch_wait_ms,
-                                    max_queue=queue, workers=serving_workers(workers or None))
-            web = create_app(index, encoder, settings, on_close=lambda: (encoder.close(), index.close()))
-        except _errors() as e:
+        except ValueError as e:
             fail(str(e))
+        index = _open(name)
+        encoder = EngineEncoder(load_index_model(index), max_batch=max_batch, max_wait_ms=batch_wait_ms,
+                                max_queue=queue, workers=serving_workers(workers or None))
+        web = create_app(index, encoder, settings, on_close=lambda: (encoder.close(), index.close()))
         typer.echo(f"serving {index.name!r} ({len(index)} items) on http://{host}:{port}/", err=True)
         uvicorn.run(web, host=host, port=port, log_level="warning")

@@ -24,21 +24,15 @@ def register(app: typer.Typer) -> None:
         from ..distributed import cleanup_distributed
         from ..train.engine import train as run_training
         from ..train.recipe import load_run_config
-        from ..typed_yaml import ConfigError
 
         overrides = list(set_ or [])
         if output_dir:
             overrides.append(f"output_dir={output_dir}")
-        try:
-            cfg = load_run_config(recipe, overrides)
-            if stages:
-                cfg.select_stages(stages.split(","))
-        except ConfigError as e:
-            fail(str(e))
+        cfg = load_run_config(recipe, overrides)
+        if stages:
+            cfg.select_stages(stages.split(","))
         try:
             final = run_training(cfg, resume=resume, progress=progress)
-        except (ValueError, FileNotFoundError) as e:
-            fail(str(e))
         finally:
             cleanup_distributed()
         typer.echo(f"model: {final}")
@@ -59,19 +53,16 @@ def register(app: typer.Typer) -> None:
                     progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar")):
         """The zero-shot baseline as a model: backbone + a PCA head fitted on its features, written as a normal
         guie checkpoint (embed, evaluate, export and search accept it)."""
-        from ..data.manifest import ManifestError, filter_rows, read_manifest
+        from ..data.manifest import filter_rows, read_manifest
         from ..models.embedder import save_embedder
         from ..train.pca import fit_pca_embedder
 
-        try:
-            df = filter_rows(read_manifest(source), where)
-            if df.empty:
-                fail(f"{source}: no rows left after --where {' '.join(where or [])}")
-            pca = fit_pca_embedder(df["path"].tolist(), model, dim=dim, whiten=whiten, image_size=image_size,
-                                   preprocess={"crop_pct": crop_pct} if crop_pct else None, cache_dir=cache,
-                                   device=None if device == "auto" else device, progress=progress)
-        except (ManifestError, ValueError, FileNotFoundError) as e:
-            fail(str(e))
+        df = filter_rows(read_manifest(source), where)
+        if df.empty:
+            fail(f"{source}: no rows left after --where {' '.join(where or [])}")
+        pca = fit_pca_embedder(df["path"].tolist(), model, dim=dim, whiten=whiten, image_size=image_size,
+                               preprocess={"crop_pct": crop_pct} if crop_pct else None, cache_dir=cache,
+                               device=None if device == "auto" else device, progress=progress)
         save_embedder(pca, out, extra={"pca": {"source": str(source), "images": len(df), "where": list(where or []),
                                                "whiten": whiten}})
         typer.echo(f"wrote {out}: {pca.spec.backbone} @ {pca.preprocess.image_size}px + PCA "

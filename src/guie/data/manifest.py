@@ -138,9 +138,9 @@ def filter_rows(df: pd.DataFrame, where: list[str] | None) -> pd.DataFrame:
     for cond in where or []:
         col, sep, values = cond.partition("=")
         if not sep:
-            raise ValueError(f"filter {cond!r} must look like column=value")
+            raise InputError(f"filter {cond!r} must look like column=value")
         if col not in df.columns:
-            raise ValueError(f"filter {cond!r}: no column {col!r} (columns: {list(df.columns)})")
+            raise InputError(f"filter {cond!r}: no column {col!r} (columns: {list(df.columns)})")
         df = df[df[col].astype(str).isin(values.split(","))]
     return df.reset_index(drop=True)
 
@@ -150,9 +150,9 @@ def select_rows(df: pd.DataFrame, where: dict, what: str, allow_empty: bool = Fa
     the data in errors. An empty result is an error unless allow_empty."""
     for col, values in (where or {}).items():
         if col not in df.columns:
-            raise ValueError(f"{what}: filter on missing column {col!r} (columns: {list(df.columns)})")
+            raise InputError(f"{what}: filter on missing column {col!r} (columns: {list(df.columns)})")
         values = values if isinstance(values, list) else [values]
         df = df[df[col].astype(str).isin([str(v) for v in values])]
     if df.empty and not allow_empty:
-        raise ValueError(f"{what}: no rows left after filtering with {where}")
+        raise InputError(f"{what}: no rows left after filtering with {where}")
     return df.reset_index(drop=True)

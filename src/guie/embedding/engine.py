@@ -23,7 +23,6 @@ Where decoding runs matters more than anything else for throughput:
 from __future__ import annotations
 
 import os
-import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,11 +34,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..errors import InputError
 from ..models.embedder import Embedder
 from ..models.preprocess import ImageTransform, PreprocessConfig, draft_size
 from ..pipeline.datasets import ImageFileDataset, KeyListSampler, collate_skip_failed, stack_images
 from ..runtime import forward_workers, tune_cpu_allocator
-from ..utils import resolve_device
+from ..utils import log, resolve_device
 
 DECODERS = ("cpu", "gpu")
 
@@ -83,7 +83,7 @@ def make_loader(paths: Sequence[str], preprocess: PreprocessConfig, batch_size: 
     `preprocess` (e.g. an augmentation), seeded per image with `seeds` (see `guie.pipeline.datasets`).
     """
     if decode not in DECODERS:
-        raise ValueError(f"decode={decode!r}: choose from {DECODERS}")
+        raise InputError(f"decode={decode!r}: choose from {DECODERS}")
     if decode == "gpu" and (transform is not None or seeds is not None):
         raise ValueError("decode='gpu' runs the evaluation transform only (no custom transform or seeds)")
     transform, draft = transform or ImageTransform(preprocess), draft_size(preprocess)
@@ -149,7 +149,7 @@ def iter_embeddings(embedder: Embedder, paths: Sequence[str], batch_size: int = 
     device = resolve_device(device)
     preprocess = preprocess or embedder.preprocess
     num_workers = embed_num_workers(device) if num_workers is None else num_workers
-    report_failure = report_failure or (lambda msg: print(f"skipped {msg}", file=sys.stderr))
+    report_failure = report_failure or (lambda msg: log.warning("skipped %s", msg))
     split = loader_split(batch_size, num_workers)
     n_forwards, threads_each = _cpu_forwards(device, forwards, decode, compile, seeds)
     loader = make_loader(paths, preprocess, batch_size // split, num_workers, pin_memory=device.type == "cuda",

@@ -109,7 +109,8 @@ def _load_references(checkpoints: Sequence[str | Path] | None, meta: ExportMetad
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             report.add("parity with training-time model", SKIP,
-                       f"recorded checkpoint(s) no longer found: {', '.join(missing)}; pass --checkpoint")
+                       f"recorded checkpoint(s) no longer found: {', '.join(missing)}; name the checkpoints to "
+                       "compare with")
             return None
     else:
         report.add("parity with training-time model", SKIP, "no checkpoint known: pass --checkpoint")

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from ..imaging.geometry import resize_tensor, size_max, size_min
 from ..models.preprocess import PreprocessConfig
 
@@ -37,7 +38,7 @@ class TTAConfig:
 
     def __post_init__(self):
         if self.min_aspect < 1:
-            raise ValueError(f"TTA min_aspect must be >= 1 (long side / short side), got {self.min_aspect}")
+            raise InputError(f"TTA min_aspect must be >= 1 (long side / short side), got {self.min_aspect}")
 
     @property
     def enabled(self) -> bool:
@@ -52,7 +53,7 @@ class TTAConfig:
         names = {s.strip() for s in (spec or "").split(",") if s.strip() and s.strip() != "none"}
         unknown = names - {"flip", "letterbox"}
         if unknown:
-            raise ValueError(f"unknown TTA view(s) {sorted(unknown)}; choose from flip, letterbox")
+            raise InputError(f"unknown TTA view(s) {sorted(unknown)}; choose from flip, letterbox")
         return cls(flip="flip" in names, letterbox="letterbox" in names, min_aspect=min_aspect)
 
 

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..errors import InputError
 from ..imaging.geometry import INTERPOLATIONS, RESIZE_MODES, resize_array, resize_pil, short_side_ratio
 from ..imaging.io import DEFAULT_MAX_PIXELS, load_pixels
 
@@ -30,13 +31,13 @@ class PreprocessConfig:
 
     def __post_init__(self):
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation {self.interpolation!r}: choose from {sorted(INTERPOLATIONS)}")
+            raise InputError(f"interpolation {self.interpolation!r}: choose from {sorted(INTERPOLATIONS)}")
         if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"resize_mode {self.resize_mode!r}: choose from {RESIZE_MODES}")
+            raise InputError(f"resize_mode {self.resize_mode!r}: choose from {RESIZE_MODES}")
         if not 0 < self.crop_pct <= 1:
-            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+            raise InputError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
         if self.image_size < 8:
-            raise ValueError(f"image_size must be >= 8, got {self.image_size}")
+            raise InputError(f"image_size must be >= 8, got {self.image_size}")
 
     @property
     def short_side(self) -> tuple[int, int]:

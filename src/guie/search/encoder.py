@@ -17,10 +17,8 @@ def model_reference(model: str | Path) -> str:
 
 
 def describe_model(embedder, model: str | Path) -> dict:
-    """The header's model entry: reference, fingerprint (`model_fingerprint`), preprocessing and output dimension."""
-    from ..embedding.files import model_fingerprint
-
-    return {"ref": model_reference(model), "fingerprint": model_fingerprint(embedder, embedder.preprocess, False),
+    """The header's model entry: reference, fingerprint (`Embedder.fingerprint`), preprocessing and output dimension."""
+    return {"ref": model_reference(model), "fingerprint": embedder.fingerprint(),
             "preprocess": embedder.preprocess.to_dict(), "dim": int(embedder.embed_dim)}
 
 
@@ -34,11 +32,9 @@ def load_model(model: str | Path, image_size: int | None = None):
 def load_index_model(index: ImageIndex, model: str | Path | None = None):
     """The index's model (from its header, or `model` given instead), refused unless its fingerprint is the one the
     index was built with."""
-    from ..embedding.files import model_fingerprint
-
     stored = index.model
     embedder = load_model(model or stored["ref"], image_size=(stored.get("preprocess") or {}).get("image_size"))
-    index.check_model(model_fingerprint(embedder, embedder.preprocess, False))
+    index.check_model(embedder.fingerprint())
     return embedder
 
 
@@ -77,10 +73,9 @@ class EngineEncoder:
                  device: str | None = None, workers: int = 1):
         from ..embedding.batching import DynamicBatcher
         from ..embedding.engine import pixel_forward
-        from ..embedding.files import model_fingerprint
 
         self.embedder = embedder
-        self.fingerprint = model_fingerprint(embedder, embedder.preprocess, False)
+        self.fingerprint = embedder.fingerprint()
         self.transform = embedder.transform
         self.batcher = DynamicBatcher(pixel_forward(embedder, device), max_batch=max_batch, max_wait_ms=max_wait_ms,
                                       max_queue=max_queue, workers=workers)

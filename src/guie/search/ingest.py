@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,10 +78,11 @@ def add_source(index: ImageIndex, source: str | Path, embedder, where: Sequence[
     `embedder` must be the index's model (its fingerprint is checked). Returns an AddReport."""
     from ..data.dedup import file_digests
     from ..data.manifest import filter_rows, read_manifest
-    from ..embedding.files import embed_to_file, model_fingerprint
+    from ..embedding.files import embed_to_file
+    from ..utils import log
 
-    say = report or (lambda msg: print(msg, file=sys.stderr))
-    index.check_model(model_fingerprint(embedder, embedder.preprocess, features=False))
+    say = report or log.warning
+    index.check_model(embedder.fingerprint())
     everything = read_manifest(source)
     df = filter_rows(everything, list(where or []))
     if df.empty:

@@ -80,7 +80,7 @@ def parse_where(conditions: Sequence[str] | dict | None) -> dict[str, list[str]]
     for cond in conditions:
         col, sep, values = str(cond).partition("=")
         if not sep or not col:
-            raise ValueError(f"filter {cond!r} must look like column=value")
+            raise InputError(f"filter {cond!r} must look like column=value")
         out.setdefault(col.strip(), []).extend(values.split(","))
     return out
 
