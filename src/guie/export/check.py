@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ..models.heads import MAX_EMBED_DIM
-from .metadata import ExportMetadata, read_metadata
+from .metadata import ExportError, ExportMetadata, read_metadata
 from .module import TTAConfig
 
 PROBE = Path(__file__).with_name("_probe.py")
@@ -128,7 +128,7 @@ def _run_probe(model: Path, inputs: dict[str, np.ndarray], device: str, latency_
     results_file = workdir / "results.json"
     if not results_file.is_file():
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"the probe process exited with {proc.returncode}: {tail}")
+        raise ExportError(f"{model}: the probe process exited with {proc.returncode}: {tail}")
     outputs = dict(np.load(workdir / "outputs.npz")) if (workdir / "outputs.npz").is_file() else {}
     return json.loads(results_file.read_text()), outputs, proc.stderr
 

@@ -124,7 +124,7 @@ class ExportedEmbedder(nn.Module):
     def __init__(self, members: list[MemberPipeline]):
         super().__init__()
         if not members:
-            raise ValueError("an exported model needs at least one member")
+            raise InputError("an exported model needs at least one member")
         self.members = nn.ModuleList(members)
         self.ensemble: bool = len(members) > 1
         self.register_buffer("device_anchor", torch.zeros(0), persistent=False)
