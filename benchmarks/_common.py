@@ -4,7 +4,7 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-from guie.data.emoji import DEFAULT_VERSION
+from guie.data.benchmarks.emoji import DEFAULT_VERSION
 from guie.utils import default_cache_dir
 
 # where `guie data emoji` puts the benchmark ($GUIE_CACHE, else ~/.cache/guie)

@@ -57,19 +57,21 @@ class Bare:
         from guie.imaging.io import load_image
         from guie.pipeline.augment import AugmentConfig, build_train_transform
         from guie.train import engine
-        from guie.train.data import build_stage_data
-        from guie.train.optim import create_optimizer, param_groups
+        from guie.train.batches import Batch
+        from guie.train.objectives import TrainModule
+        from guie.train.optim import create_optimizer, param_groups, set_train_mode, set_trainable
 
         stage = cfg.stages[0]
-        trainer = engine.Trainer(cfg, progress=False)  # builds the embedder exactly as a run does
-        data = build_stage_data(cfg, stage)
-        trainer._setup_loss(stage, data)
+        trainer = engine.Trainer(cfg, progress=False)  # builds the embedder and plans the stage exactly as a run does
+        data = trainer.plans[0].data
+        trainer.centers.start_stage(stage, data)
         embedder = trainer.embedder.to(memory_format=torch.channels_last)
-        engine._set_trainable(embedder, trainer.loss, stage.train)
-        engine._set_train_mode(embedder, stage)
+        set_trainable(embedder, trainer.loss, stage.train)
+        set_train_mode(embedder, stage)
         self.opt = create_optimizer(param_groups(embedder, trainer.loss, stage.lr, stage.train, stage.layer_decay,
                                                  stage.optimizer.weight_decay), stage.optimizer)
-        self.module = engine.TrainModule(embedder, trainer.loss)
+        self.module = TrainModule(embedder, trainer.loss)
+        self.batch = Batch
         plain = build_train_transform(embedder.preprocess, AugmentConfig.off())
         rows = data.df.sample(n=n_batches * stage.batch_size, random_state=0)
         images = torch.stack([plain(load_image(p)) for p in rows["path"]])
@@ -81,7 +83,7 @@ class Bare:
     def step(self, i: int) -> None:
         x, y = self.batches[i % len(self.batches)]
         self.opt.zero_grad(set_to_none=True)
-        self.module(x, y, False).backward()
+        self.module(self.batch(x, y), False).backward()
         self.opt.step()
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from guie.data.emoji import DEFAULT_VERSION
+from guie.data.benchmarks.emoji import DEFAULT_VERSION
 from guie.utils import default_cache_dir
 
 # The suite asserts CPU semantics (exact equalities, fp32) on any machine; tests/test_cuda.py asks for CUDA itself.

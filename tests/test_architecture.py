@@ -20,7 +20,7 @@ SRC = ROOT / "src"
 LAYERS: list[tuple[str, list[str]]] = [
     ("utils", ["guie._version", "guie.errors", "guie.utils", "guie.runtime", "guie.typed_yaml", "guie.distributed"]),
     ("foundation", ["guie.imaging", "guie.metrics"]),
-    ("library", ["guie.models", "guie.losses", "guie.data", "guie.pipeline"]),
+    ("library", ["guie.models", "guie.losses", "guie.data.benchmarks", "guie.data", "guie.pipeline"]),
     ("engine", ["guie.embedding"]),
     ("apps", ["guie.evaluate", "guie.train", "guie.export", "guie.search", "guie.demo"]),
     ("cli", ["guie.cli"]),

@@ -213,10 +213,28 @@ def test_unknown_kind_and_option_errors(tmp_path):
         parse_options("met", ["mini=maybe"])
 
 
-def test_every_importer_has_a_fixture():
-    tested = {"gldv2", "products10k", "shopee", "met", "sop", "deepfashion_inshop", "deepfashion_c2s",
-              "stanford_cars", "food101", "hm", "gpr1200", "imagefolder", "csv"}
-    assert set(IMPORTERS) == tested
+def _csv_fixture(root: Path) -> Path:
+    fx.make_image(root / "a.jpg", seed=1)
+    (root / "list.csv").write_text("path,label\na.jpg,x\n")
+    return root / "list.csv"
+
+
+# kind -> (writes the fixture under a folder and returns what to import: the folder, or a file in it)
+FIXTURES = {kind: (lambda root, make=getattr(fx, f"make_{kind}"): (make(root), root)[1])
+            for kind in ("gldv2", "products10k", "shopee", "met", "sop", "deepfashion_inshop", "deepfashion_c2s",
+                         "food101", "hm", "gpr1200", "imagefolder")}
+FIXTURES["stanford_cars"] = lambda root: (fx.make_stanford_cars_devkit(root), root)[1]
+FIXTURES["csv"] = _csv_fixture
+
+
+@pytest.mark.parametrize("kind", sorted(IMPORTERS))
+def test_every_registered_importer_reads_its_fixture(kind, tmp_path):
+    """Each importer in the registry turns a tree of its dataset's published layout into a usable manifest: a new
+    importer without a fixture, or one that no longer reads its layout, fails here."""
+    assert kind in FIXTURES, f"importer {kind!r} has no fixture in tests/data_fixtures.py"
+    res = import_dataset(kind, FIXTURES[kind](tmp_path))
+    assert len(res.manifest) > 0, res.summary()
+    _check_manifest(res.manifest)
 
 
 def test_cli_import_writes_a_relative_manifest(tmp_path):

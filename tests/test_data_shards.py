@@ -168,10 +168,11 @@ def test_cli_shard(manifest, tmp_path):
 
 
 def test_training_data_reads_a_shard_folder(manifest, tmp_path):
-    train_data = pytest.importorskip("guie.train.data")
-    train_config = pytest.importorskip("guie.train.recipe")
+    from guie.train.data import load_training_dataset
+    from guie.train.recipe import DatasetConfig
+
     write_shards(manifest, tmp_path / "s", ShardConfig(shard_size=4), workers=1, progress=False)
-    df = train_data.load_training_dataset("toys", train_config.DatasetConfig(manifest=str(tmp_path / "s")), None, 0)
+    df = load_training_dataset("toys", DatasetConfig(manifest=str(tmp_path / "s")), None, 0)
     assert len(df) == 11 and df["label"].str.startswith("toys/").all()
     images = [load_image(p) for p in df["path"]]                    # what the training dataset decodes
     assert all(im.size == (48, 40) for im in images)

@@ -204,7 +204,7 @@ def test_mirror_domains_distil_each_image_against_its_mirror(tmp_path):
         runs[name] = Trainer(cfg, progress=False)
     trainer = runs["mirror"]
     data = build_stage_data(trainer.cfg, trainer.cfg.stages[0])
-    feats, mask = mirror_feature_cache(trainer, data, ["dom0"])
+    feats, mask = mirror_feature_cache(trainer.embedder, data.df, ["dom0"], trainer.feature_cache)
     assert mask.tolist() == (data.df["domain"] == "dom0").tolist() and 0 < int(mask.sum()) < len(mask)
     assert feats[0, ~mask].abs().max() == 0
     rows = np.flatnonzero(mask.numpy())[:6]
@@ -241,7 +241,7 @@ def test_an_image_stage_holds_each_image_to_its_mirror_as_its_teacher_does(tmp_p
         runs[name] = Trainer(cfg, progress=False)
     trainer = runs["mirror"]
     data = build_stage_data(trainer.cfg, trainer.cfg.stages[0])
-    targets = teacher_mirror_similarity(trainer, data, {"dom0": tmp_path / "teacher.pt"}, ["dom0"])
+    targets = teacher_mirror_similarity(data.df, {"dom0": tmp_path / "teacher.pt"}, ["dom0"], trainer.feature_cache)
     dom0 = torch.as_tensor((data.df["domain"] == "dom0").to_numpy().copy())
     assert torch.isnan(targets[~dom0]).all() and not torch.isnan(targets[dom0]).any()
     paths = data.df["path"].tolist()

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import guie.pipeline.datasets as datasets_mod
-from guie.embedding.engine import _forward, embed_images, embed_num_workers, iter_embeddings
+from guie.embedding.engine import _forward, embed_images, iter_embeddings
 from guie.embedding.files import EMBEDDING_COLUMN, ResumeError, embed_to_file, read_embeddings
 from guie.imaging.io import load_image
 from guie.pipeline.datasets import transform_file
@@ -41,13 +41,13 @@ def test_pipeline_equals_the_model_on_every_mode(tiny_embedder, mode_images):
     np.testing.assert_allclose(res.embeddings, expected, atol=1e-5)
 
 
-def test_bad_files_are_skipped_one_line_each_and_counted(tiny_embedder, mode_images, bad_files, capsys):
+def test_bad_files_are_skipped_one_line_each_and_counted(tiny_embedder, mode_images, bad_files, caplog):
     paths = [str(mode_images["rgb"])] + [str(p) for p in bad_files.values()] + [str(mode_images["gray"])]
     res = embed_images(tiny_embedder(), paths, batch_size=3, progress=False)
     assert res.ok.tolist() == [True] + [False] * len(bad_files) + [True]
     assert len(res.embeddings) == 2 and len(res.errors) == len(bad_files)
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == len(bad_files)
+    lines = [r.getMessage() for r in caplog.records if r.name == "guie"]  # logged, one line each
+    assert len(lines) == len(bad_files) and all("\n" not in line for line in lines)
     for path in bad_files.values():
         assert sum(line.startswith(f"skipped {path}: ") for line in lines) == 1
     assert any("decompression bomb" in line for line in lines)
@@ -94,8 +94,21 @@ def test_features_mode_empty_input_and_mode_restored(tiny_embedder, mode_images,
     assert failed.embeddings.shape == (0, 8) and failed.ok.tolist() == [False]
 
 
-def test_cpu_decodes_in_the_main_process():
-    assert embed_num_workers("cpu") == 0
+def test_cpu_decodes_in_the_main_process(tiny_embedder, mode_images, tmp_path, monkeypatch):
+    """On a CPU, worker processes would fight the forward's threads for the cores: by default every image is
+    decoded in the calling process, between forwards."""
+    record = tmp_path / "pids.txt"
+
+    def recording(transform, path, *a, **kw):
+        with open(record, "a") as f:  # a file: a worker process's list would never reach this one
+            f.write(f"{os.getpid()}\n")
+        return transform_file(transform, path, *a, **kw)
+
+    monkeypatch.setattr(datasets_mod, "transform_file", recording)
+    paths = [str(p) for p in mode_images.values()]
+    res = embed_images(tiny_embedder(), paths, batch_size=2, device="cpu", progress=False)
+    assert res.ok.all()
+    assert record.read_text().split() == [str(os.getpid())] * len(paths)
 
 
 def test_padding_for_compiled_batches_does_not_change_outputs(tiny_embedder):
@@ -182,7 +195,7 @@ def test_resume_refused_with_another_model(tiny_embedder, mode_images, tmp_path,
         embed_to_file(tiny_embedder(seed=0), df, out, shard_size=2, batch_size=2, progress=False)
     monkeypatch.setattr(datasets_mod, "transform_file", transform_file)
     other = tiny_embedder(seed=1)
-    with pytest.raises(ResumeError, match="another model or manifest.*--overwrite"):
+    with pytest.raises(ResumeError, match=r"another model or manifest; discard them \(overwrite\)"):
         embed_to_file(other, df, out, shard_size=2, batch_size=2, progress=False)
     with pytest.raises(ResumeError):  # another manifest (a label changed) is refused too
         embed_to_file(tiny_embedder(seed=0), df.assign(label="z"), out, shard_size=2, progress=False)

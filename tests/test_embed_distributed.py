@@ -18,7 +18,7 @@ def test_torchrun_embed_equals_single_process(tmp_path):
                          capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29531", "-m", "guie.cli", *common, "-o", str(tmp_path / "two.parquet")],
+                          "--standalone", "-m", "guie.cli", *common, "-o", str(tmp_path / "two.parquet")],
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("wrote 40 embeddings") == 1  # rank 0 alone reports

@@ -319,7 +319,7 @@ def test_export_cli_refuses_different_heads_and_exports_soup(tmp_path):
     pa, pb = save_embedder(a, tmp_path / "a.pt"), save_embedder(b, tmp_path / "b.pt")
     runner = CliRunner()
     refused = runner.invoke(app, ["export", str(pa), str(pb), "-o", str(tmp_path / "e.pt"), "--no-check"])
-    assert refused.exit_code == 2 and "--allow-different-heads" in refused.output
+    assert refused.exit_code == 2 and "allow_different_heads" in refused.output
     assert not (tmp_path / "e.pt").exists()
     souped = runner.invoke(app, ["soup", str(pa), str(pb), "-o", str(tmp_path / "soup.pt")])
     assert souped.exit_code == 0, souped.output

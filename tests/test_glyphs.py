@@ -11,8 +11,9 @@ import matplotlib
 import numpy as np
 import pytest
 
-from guie.data.debian import fetch_debian_packages, package_version
-from guie.data.glyphs import GlyphRenderer, find_font_file, glyph_label, render_glyph_set, script_of
+from guie.data.benchmarks.debian import fetch_debian_packages, package_version
+from guie.data.benchmarks.glyphs import GlyphRenderer, find_font_file, glyph_label, render_glyph_set, script_of
+from guie.errors import EnvironmentProblem
 
 MPL_FONTS = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 
@@ -93,7 +94,7 @@ def test_find_font_file_matches_family_and_style(tmp_path):
         shutil.copy(MPL_FONTS / name, tmp_path / name)
     assert find_font_file(tmp_path, "DejaVu Sans").name == "DejaVuSans.ttf"
     assert find_font_file(tmp_path, "dejavu sans", "Bold").name == "DejaVuSans-Bold.ttf"
-    with pytest.raises(FileNotFoundError, match="No Such Font"):
+    with pytest.raises(EnvironmentProblem, match="No Such Font"):
         find_font_file(tmp_path, "No Such Font")
 
 

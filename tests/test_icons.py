@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from guie.data.benchmarks import BENCHMARKS, get_benchmark
-from guie.data.icons import STANDARD_ICON_NAMES, context_of, find_theme_icons, load_icon, render_icon_set
+from guie.data.benchmarks.icons import STANDARD_ICON_NAMES, context_of, find_theme_icons, load_icon, render_icon_set
 
 SVG = """<svg xmlns="http://www.w3.org/2000/svg" width="16" height="16" viewBox="0 0 16 16">
 <rect x="2" y="3" width="12" height="10" fill="{colour}"/></svg>"""
@@ -90,8 +90,8 @@ def test_icon_set_drops_copies_and_shared_files(themes, tmp_path):
 
 
 def test_builders_refuse_odd_sizes_before_fetching(tmp_path):
-    from guie.data.glyphs import build_glyph_benchmark
-    from guie.data.icons import build_icon_benchmark
+    from guie.data.benchmarks.glyphs import build_glyph_benchmark
+    from guie.data.benchmarks.icons import build_icon_benchmark
 
     for build in (build_glyph_benchmark, build_icon_benchmark):
         with pytest.raises(ValueError, match="image size 8: must be between 16 and 512"):

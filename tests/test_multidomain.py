@@ -8,8 +8,10 @@ import torch
 
 from guie.data.builder import load_recipe
 from guie.losses import create_loss
+from guie.train.centers import carry_centers
+from guie.train.checkpoint import stage_model_path
 from guie.train.data import load_training_dataset
-from guie.train.engine import Trainer, carry_centers, stage_model_path
+from guie.train.engine import Trainer
 from guie.train.recipe import DatasetConfig, load_run_config
 from train_fixtures import make_labelled_images, tiny_recipe
 
@@ -72,8 +74,8 @@ def test_added_dataset_keeps_the_known_centres(tmp_path, manifest, lock):
         state = torch.load(trainer.ckpt_dir / "last.pt", weights_only=False)
         rows_of = np.repeat(np.asarray(state["class_names"]), state["sub_centers"])
         assert state["kept_centers_mask"].tolist() == [n in before for n in rows_of]
-        rows, values = trainer._kept_rows(state["kept_centers_mask"])
-        assert torch.equal(rows, trainer._kept_centers[0]) and torch.equal(values, trainer._kept_centers[1])
+        rows, values = trainer.centers.kept_rows(state["kept_centers_mask"])
+        assert torch.equal(rows, trainer.centers.kept[0]) and torch.equal(values, trainer.centers.kept[1])
     else:
         assert all(moved)            # trained on, from where stage 1 left them (see the carry test below)
 

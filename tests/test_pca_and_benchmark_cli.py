@@ -82,7 +82,7 @@ def test_fit_pca_checkpoint_goes_through_embed_evaluate_export_search(images, pc
 def test_fit_pca_refuses_bad_input_in_one_line(images, tmp_path):
     r = run("fit-pca", images, "--model", "efficientnet_lite0", "--dim", "65", "-o", tmp_path / "x.pt",
             "--image-size", "32", "--no-progress")
-    assert r.exit_code == 2 and "--dim must be in 1..64" in r.output
+    assert r.exit_code == 2 and "PCA dim must be in 1..64" in r.output
     r = run("fit-pca", images, "--where", "split=nothing", "-o", tmp_path / "x.pt", "--no-progress")
     assert r.exit_code == 2 and "no rows left" in r.output
 
@@ -103,3 +103,31 @@ def test_benchmark_command_matches_evaluate(images, pca_model, tmp_path, monkeyp
                                                                   abs=1e-6)
     r = run("benchmark", pca_model, "--benchmarks", "logos")
     assert r.exit_code == 2 and "unknown benchmark 'logos'" in r.output
+
+
+def test_guie_data_has_one_command_per_registered_benchmark(tmp_path, monkeypatch):
+    """A new benchmark is one registry entry: `guie data <name>` appears with its builder's options and report."""
+    import typer
+
+    from guie.cli import data as data_cli
+    from guie.data.benchmarks import BENCHMARKS, BuildOption
+
+    assert set(BENCHMARKS) <= {c.name for c in next(g for g in app.registered_groups
+                                                      if g.name == "data").typer_instance.registered_commands}
+    images = make_labelled_images(tmp_path / "gen", n_classes=4, per_class=4)
+    calls = []
+
+    def build(cache_dir=None, force=False, size=64):
+        calls.append((cache_dir, force, size))
+        return images
+
+    fake = {"gen": Benchmark("gen", build, "vendor", "generated vendor", "vendors", "Make the generated set.",
+                             (BuildOption("size", 64, "image side in pixels"),))}
+    monkeypatch.setattr(benchmarks_module, "BENCHMARKS", fake)
+    fresh = typer.Typer()
+    data_cli.register(fresh)
+    r = CliRunner().invoke(fresh, ["data", "gen", "--cache", str(tmp_path / "c"), "--size", "7", "--force"])
+    assert r.exit_code == 0, r.output
+    assert calls == [(tmp_path / "c", True, 7)]
+    assert f"{images}: 16 images, 4 classes x 4 vendors" in r.output
+    assert "Make the generated set." in CliRunner().invoke(fresh, ["data", "--help"]).output

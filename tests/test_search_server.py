@@ -182,16 +182,17 @@ def test_a_full_queue_answers_503(served):
 
 
 def test_dynamic_batcher_merges_concurrent_requests_and_bounds_its_queue():
-    calls, gate = [], threading.Event()
+    calls, started, gate = [], threading.Event(), threading.Event()
 
     def forward(x):
+        started.set()
         gate.wait(5)
         calls.append(len(x))
         return x.float().flatten(1).numpy()
 
     batcher = DynamicBatcher(forward, max_batch=8, max_wait_ms=50, max_queue=10)
     first = batcher.submit(torch.zeros(1, 3, 2, 2, dtype=torch.uint8))  # taken alone, then blocks in forward
-    time.sleep(0.1)
+    assert started.wait(5)                                                # ... in forward now
     waiting = [batcher.submit(torch.full((2, 3, 2, 2), i, dtype=torch.uint8)) for i in range(4)]  # 8 images
     with pytest.raises(Overloaded, match="limit 10"):
         batcher.submit(torch.zeros(3, 3, 2, 2, dtype=torch.uint8))

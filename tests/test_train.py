@@ -167,7 +167,7 @@ def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path, gen_manifest):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
-    assert "Traceback" not in err and "continue with --resume" in err
+    assert "Traceback" not in err and "checkpoint written: resume the run to continue" in err
     state = torch.load(ckpt, weights_only=False)
     assert 0 < state["step"] < 400 and not state["stage_done"]
 
@@ -189,7 +189,7 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, gen_manifest):
     # one intra-op thread in the reference too, as in each DDP rank: the same CPU kernels on both sides
     r = run_cli(["train", str(one / "recipe.yaml"), "--no-progress"], env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                 "-m", "guie.cli", "train", str(two / "recipe.yaml"), "--no-progress"]
     r = subprocess.run(torchrun, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -250,3 +250,36 @@ def test_seeded_cpu_run_is_bit_reproducible_whatever_the_machines_thread_count(t
     (sd_a, centres_a), (sd_b, centres_b) = states
     assert torch.equal(centres_a, centres_b)
     assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+
+
+THIRD_STAGE = """  - name: third
+    datasets: [gen]
+    train: [head, centers]
+    steps: 5
+    batch_size: 16
+    lr: {head: 0.05, centers: 0.05}
+"""
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("    sampler: {name: class_balanced, balance: domain, domain_weights: {nowhere: 2.0}}\n",
+     r"stage 'third': sampler: domain_weights name unknown domain\(s\) \['nowhere'\]"),
+    ("    sampler: {name: class_balanced, m_per_class: 3}\n",
+     r"stage 'third': sampler: batch_size 16 is not a multiple"),
+    ("    distill: {teachers: {dom0: 'stage:later'}, weight: 1.0}\n", "no earlier stage named 'later'"),
+    ("    distill: {teachers: {dom0: /no/such/teacher.pt}, weight: 1.0}\n",
+     r"^/no/such/teacher.pt: distill teacher for 'dom0' of stage 'third' not found$"),
+])
+def test_a_bad_option_of_the_last_stage_fails_before_the_first_stage_trains(tmp_path, gen_manifest, bad, match):
+    """Options that only the data, the process count or the run folder can check are checked for every stage
+    before stage 1 runs: a bad stage-3 option fails at once, not after stages 1-2 trained."""
+    from guie.errors import GuieError
+    from guie.train.engine import train
+
+    stages = HEAD_STAGE.format(steps=400) + BACKBONE_STAGE.format(steps=400) + THIRD_STAGE + bad
+    cfg = load_run_config(write_recipe(tmp_path, gen_manifest, stages))
+    t = time.perf_counter()
+    with pytest.raises(GuieError, match=match):
+        train(cfg, progress=False)
+    assert time.perf_counter() - t < 1.0
+    assert not cfg.run_dir.exists()

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.emoji import build_emoji_benchmark
+from .data.benchmarks.emoji import build_emoji_benchmark
 from .data.manifest import read_manifest
-from .embedding.feature_store import cached_features
+from .embedding.feature_store import cached_features, embed_cached_features
+from .errors import InputError
 from .evaluate.protocol import evaluate_folds
 from .evaluate.report import format_table, write_report
 from .models.embedder import create_embedder, load_embedder
@@ -51,7 +52,8 @@ def run_demo(out_dir: str | Path = "outputs/demo", cache_dir: str | Path | None 
 
 def _run_demo(out_dir: str | Path, cache_dir: str | Path | None, full: bool, recipe: str | Path,
               device: str | None, progress: bool) -> dict:
-    from .train.engine import Trainer, stage_model_path
+    from .train.checkpoint import stage_model_path
+    from .train.engine import Trainer
     from .train.recipe import load_run_config
 
     t0 = time.time()
@@ -90,26 +92,20 @@ def _run_demo(out_dir: str | Path, cache_dir: str | Path | None, full: bool, rec
 
     log.info("training %s (%s)", recipe, "all stages" if full else "head stage, clean features")
     final = Trainer(cfg, progress=progress).run()
-    import torch
-
     first = cfg.stages[0]
     if len(cfg.stages) > 1 and "backbone" not in first.train:
         # --full: the head-stage model (on the cached features) next to the final one, to show what the later
         # stages add
         head_model = load_embedder(stage_model_path(cfg.run_dir, 0, first.name))
-        with torch.no_grad():
-            score(f"trained 64-d model ({cfg.name}, stage '{first.name}')",
-                  head_model.embed_features(torch.as_tensor(feats)).numpy())
+        score(f"trained 64-d model ({cfg.name}, stage '{first.name}')", embed_cached_features(head_model, feats))
     model = load_embedder(final)
     if all(not {"backbone"} & set(s.train) for s in cfg.stages):
-        with torch.no_grad():
-            trained = model.embed_features(torch.as_tensor(feats)).numpy()
+        trained = embed_cached_features(model, feats)
     else:
         test_df = df[test]
         tfeats, tok = cached_features(model, test_df["path"].tolist(), cache_dir, device=device, progress=progress)
         trained = np.zeros((len(df), model.embed_dim), dtype=np.float32)
-        with torch.no_grad():
-            trained[np.flatnonzero(test)] = model.embed_features(torch.as_tensor(tfeats)).numpy()
+        trained[np.flatnonzero(test)] = embed_cached_features(model, tfeats)
     score(f"trained 64-d model ({cfg.name}{', all stages' if full else ', head stage'})", trained)
 
     cols = ["method", "dim", "mP@5 test"] + [f"q={v}" for v in sorted(df["vendor"].unique())]
@@ -162,14 +158,7 @@ def run_universal_demo(out_dir: str | Path = "outputs/demo-universal", cache_dir
 
 def _head_scorer(model):
     """(benchmark name, cached features) -> embeddings of `model`'s head (eval mode, no autograd)."""
-    import torch
-
-    model.eval()
-
-    def embed(name, feats):
-        with torch.no_grad():
-            return model.embed_features(torch.as_tensor(feats)).numpy()
-    return embed
+    return lambda name, feats: embed_cached_features(model, feats)
 
 
 def _train_specialists(cfg, specialist_recipe: str | Path, out_dir: Path, cache_dir: Path, device: str | None,
@@ -178,7 +167,8 @@ def _train_specialists(cfg, specialist_recipe: str | Path, out_dir: Path, cache_
     domain is a built-in benchmark) with the head stages of `specialist_recipe`, and point `cfg`'s teachers at
     them. Returns benchmark -> specialist checkpoint."""
     from .data.benchmarks import get_benchmark
-    from .train.engine import Trainer, stage_model_path
+    from .train.checkpoint import stage_model_path
+    from .train.engine import Trainer
     from .train.recipe import load_run_config
 
     made: dict[str, Path] = {}
@@ -202,11 +192,12 @@ def _train_specialists(cfg, specialist_recipe: str | Path, out_dir: Path, cache_
 def _run_universal_demo(out_dir: str | Path, cache_dir: str | Path | None, full: bool, recipe: str | Path,
                         build_recipe: str | Path, device: str | None, progress: bool,
                         specialist_recipe: str | Path) -> dict:
-    import torch
 
     from .data.benchmarks import BENCHMARKS, benchmark_manifest, get_benchmark
     from .data.builder import build_dataset, load_recipe
-    from .train.engine import Trainer, distill_teacher_path, stage_model_path
+    from .train.checkpoint import stage_model_path
+    from .train.distill import distill_teacher_path
+    from .train.engine import Trainer
     from .train.recipe import load_run_config
 
     t0, times = time.time(), {}
@@ -278,9 +269,8 @@ def _run_universal_demo(out_dir: str | Path, cache_dir: str | Path | None, full:
             paths = frames[name][test[name]]["path"].tolist()
             cached, ok = cached_features(model, paths, cache_dir, device=device, progress=progress)
             if not ok.all():
-                raise RuntimeError(f"{name}: {int((~ok).sum())} test images became unreadable")
-        with torch.no_grad():
-            return model.embed_features(torch.as_tensor(cached)).numpy()
+                raise InputError(f"{name}: {int((~ok).sum())} test images became unreadable")
+        return embed_cached_features(model, cached)
 
     score(f"all benchmarks, iterative recipe ({cfg.name}, {'all stages' if fine_tuned else 'head stages'})",
           embed_final)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import InputError
+
 _EXTRA_CANDIDATES = 16  # window = k + this; larger windows rarely change the result and cost a slower FAISS heap
 _RERANK_QUERIES = 2048  # queries per float64 re-rank chunk: [2048, 21, d] float64 is ~22 MB at d = 64
 _FALLBACK_BYTES = 64 << 20  # memory for one block of float64 distances in the whole-index fallback
@@ -26,21 +28,21 @@ def _as_matrix(x, name: str) -> np.ndarray:
     try:
         a = np.asarray(x)
     except ValueError as e:  # ragged nested lists
-        raise ValueError(f"{name} is not a rectangular array ({e})") from None
+        raise InputError(f"{name} is not a rectangular array ({e})") from None
     if a.ndim == 1:
         if a.size == 0:
-            raise ValueError(f"{name} is empty")
+            raise InputError(f"{name} is empty")
         a = a[None, :]
     if a.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array [N, d], got shape {a.shape}")
+        raise InputError(f"{name} must be a 2-D array [N, d], got shape {a.shape}")
     if a.shape[0] == 0:
-        raise ValueError(f"{name} is empty")
+        raise InputError(f"{name} is empty")
     if a.dtype.kind not in "iuf":
-        raise ValueError(f"{name} must hold real numbers, got dtype {a.dtype}")
+        raise InputError(f"{name} must hold real numbers, got dtype {a.dtype}")
     if a.shape[1] == 0:
-        raise ValueError(f"{name} has vectors of 0 dimensions (shape {a.shape})")
+        raise InputError(f"{name} has vectors of 0 dimensions (shape {a.shape})")
     if not np.isfinite(a).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
+        raise InputError(f"{name} contains NaN or infinite values")
     return a
 
 
@@ -50,11 +52,11 @@ def _as_labels(x, name: str, n: int, what: str) -> np.ndarray:
 
     labels = np.asarray(x).reshape(-1)
     if len(labels) != n:
-        raise ValueError(f"{n} {what} embeddings but {len(labels)} {what} labels")
+        raise InputError(f"{n} {what} embeddings but {len(labels)} {what} labels")
     as_given = np.asarray(x, dtype=object).reshape(-1)  # before NumPy turns a NaN among strings into 'nan'
     missing = np.flatnonzero(pd.isna(as_given))
     if len(missing):
-        raise ValueError(f"{name}[{missing[0]}] is {_plain(as_given[missing[0]])!r}: every {what} item needs a "
+        raise InputError(f"{name}[{missing[0]}] is {_plain(as_given[missing[0]])!r}: every {what} item needs a "
                          f"label ({len(missing)} missing)")
     return labels
 
@@ -66,7 +68,7 @@ def _plain(value):
 
 def _check_k(k) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a whole number >= 1, got {k!r}")
+        raise InputError(f"k must be a whole number >= 1, got {k!r}")
     return int(k)
 
 
@@ -105,9 +107,9 @@ def knn_search(query_embeddings, index_embeddings, k: int = 5,
     q = _as_matrix(query_embeddings, "query_embeddings")
     x = _as_matrix(index_embeddings, "index_embeddings")
     if q.shape[1] != x.shape[1]:
-        raise ValueError(f"query dim {q.shape[1]} != index dim {x.shape[1]}")
+        raise InputError(f"query dim {q.shape[1]} != index dim {x.shape[1]}")
     if len(x) == 0:
-        raise ValueError("index_embeddings is empty")
+        raise InputError("index_embeddings is empty")
     k = min(k, len(x))
     window = min(len(x), k + _EXTRA_CANDIDATES)
     x32 = np.ascontiguousarray(x, dtype=np.float32)
@@ -204,18 +206,18 @@ def precision_at_k(query_embeddings, query_labels, index_embeddings, index_label
     """GUIE precision@k for each query plus the neighbours behind it (see `mean_precision_at_k`)."""
     k = _check_k(k)
     if missing not in ("error", "exclude"):
-        raise ValueError(f"missing must be 'error' or 'exclude', got {missing!r}")
+        raise InputError(f"missing must be 'error' or 'exclude', got {missing!r}")
     q = _as_matrix(query_embeddings, "query_embeddings")
     x = _as_matrix(index_embeddings, "index_embeddings")
     if q.shape[1] != x.shape[1]:
-        raise ValueError(f"query dim {q.shape[1]} != index dim {x.shape[1]}")
+        raise InputError(f"query dim {q.shape[1]} != index dim {x.shape[1]}")
     q_labels = _as_labels(query_labels, "query_labels", len(q), "query")
     x_labels = _as_labels(index_labels, "index_labels", len(x), "index")
     try:
         uniq, inverse = np.unique(x_labels, return_inverse=True)
         pos = np.searchsorted(uniq, q_labels)
     except TypeError as e:
-        raise ValueError(f"labels of different types cannot be matched ({e}); give query and index labels of one "
+        raise InputError(f"labels of different types cannot be matched ({e}); give query and index labels of one "
                          "type, e.g. all strings") from None
     counts = np.bincount(inverse, minlength=len(uniq))
     pos_clipped = np.minimum(pos, len(uniq) - 1)
@@ -226,11 +228,11 @@ def precision_at_k(query_embeddings, query_labels, index_embeddings, index_label
         n_missing = int((~kept).sum())
         example = _plain(q_labels[~kept][0])
         if missing == "error":
-            raise ValueError(f"{n_missing} queries have no relevant index item (n_q = 0), e.g. label {example!r}; "
+            raise InputError(f"{n_missing} queries have no relevant index item (n_q = 0), e.g. label {example!r}; "
                              "the GUIE metric requires n_q > 0 (pass missing='exclude' to drop them)")
     q, q_labels, n_q = q[kept], q_labels[kept], n_q[kept]
     if len(q) == 0:
-        raise ValueError("no query has a relevant index item")
+        raise InputError("no query has a relevant index item")
     dist, nbrs = knn_search(q, x, k=k)
     rel = x_labels[nbrs] == q_labels[:, None]
     cutoff = np.minimum(n_q, k)

@@ -1,6 +1,7 @@
-"""`guie data ...`: the emoji benchmark, importers, build, check, dedup, shard."""
+"""`guie data ...`: the built-in benchmarks (one command per registry entry), importers, build, check, dedup, shard."""
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import List, Optional
 
@@ -26,54 +27,33 @@ def _report_benchmark(manifest: Path, style: str, styles: str) -> None:
                f"classes per split {counts}")
 
 
+def _add_benchmark_command(data_app: typer.Typer, bench) -> None:
+    """`guie data <name>` for one entry of the benchmark registry: --cache, its builder's options, --force."""
+
+    def command(cache, force, **options):
+        manifest = bench.build(cache, force=force, **options)
+        _report_benchmark(manifest, bench.folds_by, bench.styles or f"{bench.style}s")
+
+    kw = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter("cache", kw, annotation=Optional[Path], default=typer.Option(
+        None, help="cache folder (default $GUIE_CACHE or ~/.cache/guie)"))]
+    params += [inspect.Parameter(o.name, kw, annotation=type(o.default), default=typer.Option(o.default, help=o.help))
+               for o in bench.options]
+    params.append(inspect.Parameter("force", kw, annotation=bool, default=typer.Option(
+        False, help="fetch (where needed) and build again even if built")))
+    command.__signature__ = inspect.Signature(params)  # typer reads the options from the signature
+    command.__doc__ = bench.summary
+    data_app.command(bench.name)(command)
+
+
 def register(app: typer.Typer) -> None:
     """Add the `guie data` group to the top-level app."""
+    from ..data.benchmarks import BENCHMARKS
+
     data_app = typer.Typer(no_args_is_help=True, help="Datasets: benchmarks, importers, checks, shards.")
     app.add_typer(data_app, name="data")
-
-    @data_app.command("emoji")
-    def data_emoji(cache: Optional[Path] = typer.Option(None, help="cache folder (default $GUIE_CACHE or "
-                                                                   "~/.cache/guie)"),
-                   force: bool = typer.Option(False, help="fetch and rebuild even if present")):
-        """Fetch the emoji cross-vendor benchmark with npm and write its manifest."""
-        from ..data.emoji import build_emoji_benchmark
-        from ..data.manifest import read_manifest
-
-        manifest = build_emoji_benchmark(cache, force=force)
-        df = read_manifest(manifest)
-        counts = df.drop_duplicates("label")["split"].value_counts().to_dict()
-        typer.echo(f"{manifest}: {len(df)} images, {df['label'].nunique()} classes x {df['vendor'].nunique()} "
-                   f"vendors; classes per split {counts}")
-
-    @data_app.command("glyphs")
-    def data_glyphs(cache: Optional[Path] = typer.Option(None, help="cache folder (default $GUIE_CACHE or "
-                                                                    "~/.cache/guie)"),
-                    size: int = typer.Option(64, help="image side in pixels"),
-                    force: bool = typer.Option(False, help="render and write the manifest again")):
-        """Fetch Debian's font packages with apt-get and render the glyph benchmark (one class per character,
-        one image per font family; see docs/data.md)."""
-        from ..data.glyphs import build_glyph_benchmark
-
-        try:
-            manifest = build_glyph_benchmark(cache, size=size, force=force)
-        except (RuntimeError, FileNotFoundError, ValueError) as e:
-            fail(str(e))
-        _report_benchmark(manifest, "font", "font families")
-
-    @data_app.command("icons")
-    def data_icons(cache: Optional[Path] = typer.Option(None, help="cache folder (default $GUIE_CACHE or "
-                                                                   "~/.cache/guie)"),
-                   size: int = typer.Option(64, help="image side in pixels"),
-                   force: bool = typer.Option(False, help="render and write the manifest again")):
-        """Fetch Debian's icon-theme packages with apt-get and render the icon benchmark (one class per freedesktop
-        standard icon name, one image per theme; see docs/data.md)."""
-        from ..data.icons import build_icon_benchmark
-
-        try:
-            manifest = build_icon_benchmark(cache, size=size, force=force)
-        except (RuntimeError, FileNotFoundError, ValueError) as e:
-            fail(str(e))
-        _report_benchmark(manifest, "theme", "themes")
+    for bench in BENCHMARKS.values():  # guie data emoji | glyphs | icons: one command per registry entry
+        _add_benchmark_command(data_app, bench)
 
     @data_app.command("import")
     def import_cmd(
@@ -88,13 +68,10 @@ def register(app: typer.Typer) -> None:
         verify: bool = typer.Option(False, help="also open every image header and skip unreadable ones"),
     ):
         """Turn a downloaded dataset (its published layout) into a manifest: path,label,domain[,split]."""
-        from ..data.importers import DatasetImportError, import_dataset, parse_options
+        from ..data.importers import import_dataset, parse_options
         from ..data.manifest import write_manifest
 
-        try:
-            res = import_dataset(kind, root, domain=domain, verify=verify, **parse_options(kind, list(opt or [])))
-        except DatasetImportError as e:
-            fail(str(e))
+        res = import_dataset(kind, root, domain=domain, verify=verify, **parse_options(kind, list(opt or [])))
         if res.manifest.empty:
             fail(f"{kind}: no usable images under {root} ({res.summary()})")
         write_manifest(res.manifest, out)
@@ -128,16 +105,11 @@ def register(app: typer.Typer) -> None:
     ):
         """Merge manifests into one label space: train.csv, val/queries/index.csv, summary.csv + .png."""
         from ..data.builder import build_dataset, check_query_index, load_recipe
-        from ..data.manifest import ManifestError
-        from ..typed_yaml import ConfigError
 
-        try:
-            cfg = load_recipe(recipe, list(set_ or []))
-            if out is not None:
-                cfg.output = out
-            res = build_dataset(cfg, progress=progress)
-        except (ConfigError, ManifestError, ValueError, FileNotFoundError) as e:
-            fail(str(e))
+        cfg = load_recipe(recipe, list(set_ or []))
+        if out is not None:
+            cfg.output = out
+        res = build_dataset(cfg, progress=progress)
         typer.echo(_table(res.summary.to_dict(orient="records"),
                           ["part", "domain", "images", "unique_images", "classes"], title=f"build {cfg.name}"))
         sanity = check_query_index(res.queries, res.index)
@@ -162,16 +134,13 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, help="show a progress bar"),
     ):
         """Open every image (in parallel), report problems by kind, write a cleaned manifest. Deletes nothing."""
-        from ..data.manifest import ManifestError, read_manifest
+        from ..data.manifest import read_manifest
         from ..data.validate import CheckConfig, check_manifest, print_problems, write_check_outputs
         from ..imaging.io import DEFAULT_MAX_PIXELS
 
-        try:
-            df = read_manifest(manifest)
-            cfg = CheckConfig(min_side=min_side, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, decode=decode,
-                              drop=tuple(drop or ()))
-        except (ManifestError, ValueError) as e:
-            fail(str(e))
+        df = read_manifest(manifest)
+        cfg = CheckConfig(min_side=min_side, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, decode=decode,
+                          drop=tuple(drop or ()))
         res = check_manifest(df, cfg, workers=workers, progress=progress)
         prefix = out or (manifest if manifest.is_dir() else manifest.with_suffix(""))  # a folder: files beside it
         clean, report = write_check_outputs(res, prefix)
@@ -198,21 +167,18 @@ def register(app: typer.Typer) -> None:
     ):
         """Find exact and near-duplicate images, within a manifest or between evaluation and training data."""
         from ..data.dedup import DedupConfig, drop_duplicates, drop_leaks, find_duplicates, find_leaks
-        from ..data.manifest import ManifestError, read_manifest, write_manifest
+        from ..data.manifest import read_manifest, write_manifest
         from ..utils import atomic_write_text
 
-        try:
-            df = read_manifest(manifest)
-            train = read_manifest(against) if against else None
-            methods = tuple(method or ("exact", "phash"))
-            embed = None
-            if "embedding" in methods:
-                from ..embedding.engine import path_embedder
+        df = read_manifest(manifest)
+        train = read_manifest(against) if against else None
+        methods = tuple(method or ("exact", "phash"))
+        embed = None
+        if "embedding" in methods:
+            from ..embedding.engine import path_embedder
 
-                embed = path_embedder(opts.model, progress=progress, **opts.as_dict(exclude=("model",)))
-            cfg = DedupConfig(methods=methods, max_distance=max_distance, min_cosine=min_cosine, embed=embed)
-        except (ManifestError, ValueError) as e:
-            fail(str(e))
+            embed = path_embedder(opts.model, progress=progress, **opts.as_dict(exclude=("model",)))
+        cfg = DedupConfig(methods=methods, max_distance=max_distance, min_cosine=min_cosine, embed=embed)
         if train is None:
             rep = find_duplicates(df, cfg, workers=workers, progress=progress)
             cleaned = drop_duplicates(df, rep)
@@ -249,16 +215,13 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True),
     ):
         """Pack images into WebDataset-style tar shards; resumes an interrupted run. Use the folder as a manifest."""
-        from ..data.manifest import ManifestError, read_manifest
-        from ..data.shards import ShardConfig, ShardError, write_shards
+        from ..data.manifest import read_manifest
+        from ..data.shards import ShardConfig, write_shards
 
-        try:
-            df = read_manifest(manifest)
-            cfg = ShardConfig(shard_size=shard_size, image_format=image_format, max_side=max_side, quality=quality,
-                              shuffle=shuffle, seed=seed)
-            res = write_shards(df, out_dir, cfg, workers=workers, progress=progress, overwrite=overwrite)
-        except (ManifestError, ShardError, ValueError) as e:
-            fail(str(e))
+        df = read_manifest(manifest)
+        cfg = ShardConfig(shard_size=shard_size, image_format=image_format, max_side=max_side, quality=quality,
+                          shuffle=shuffle, seed=seed)
+        res = write_shards(df, out_dir, cfg, workers=workers, progress=progress, overwrite=overwrite)
         n_shards = res.index["shard"].nunique() if len(res.index) else 0
         typer.echo(f"{len(res.index)} images in {n_shards} shards ({res.written} written, {res.resumed} already "
                    f"done); {len(res.errors)} unreadable images left out")

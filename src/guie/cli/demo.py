@@ -7,8 +7,6 @@ from typing import Optional
 
 import typer
 
-from .common import fail
-
 
 def register(app: typer.Typer) -> None:
     """Add `guie demo` to the top-level app."""
@@ -28,14 +26,10 @@ def register(app: typer.Typer) -> None:
         """The emoji benchmark end to end on the default backbone: zero-shot, PCA-64, and a trained 64-d model
         (--universal: every built-in benchmark and the multi-domain recipe)."""
         from ..demo import DEMO_RECIPE, UNIVERSAL_RECIPE, run_demo, run_universal_demo
-        from ..typed_yaml import ConfigError
 
-        try:
-            if universal:
-                run_universal_demo(out or Path("outputs/demo-universal"), cache, full=full,
-                                   recipe=recipe or UNIVERSAL_RECIPE, device=device, progress=progress)
-            else:
-                run_demo(out or Path("outputs/demo"), cache, full=full, recipe=recipe or DEMO_RECIPE, device=device,
-                         progress=progress)
-        except (FileNotFoundError, ConfigError, RuntimeError, ValueError) as e:
-            fail(str(e))
+        if universal:
+            run_universal_demo(out or Path("outputs/demo-universal"), cache, full=full,
+                               recipe=recipe or UNIVERSAL_RECIPE, device=device, progress=progress)
+        else:
+            run_demo(out or Path("outputs/demo"), cache, full=full, recipe=recipe or DEMO_RECIPE, device=device,
+                     progress=progress)

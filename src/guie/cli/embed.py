@@ -6,7 +6,6 @@ from typing import List, Optional
 
 import typer
 
-from .common import fail
 from .options import ModelOptions, model_options
 
 
@@ -32,27 +31,24 @@ def register(app: typer.Typer) -> None:
               progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
               opts: ModelOptions = None):
         """Embed images into a Parquet file (manifest columns + 'embedding'); resumes an interrupted run."""
-        from ..data.manifest import OTHER_FILES, ManifestError, read_manifest, resolved_paths, select_rows
+        from ..data.manifest import OTHER_FILES, read_manifest, resolved_paths, select_rows
         from ..distributed import init_distributed
-        from ..embedding.files import ResumeError, embed_to_file
+        from ..embedding.files import embed_to_file
 
-        try:
-            listed = read_manifest(source, resolve=False)  # paths as listed: relative ones stay relative
-            others = listed.attrs.get(OTHER_FILES, [])  # a folder's files that are not images
-            df = select_rows(listed, where, str(source))
-            paths = resolved_paths(df, source)
-            embedder = opts.load(embed_dim=embed_dim, seed=seed)
-            dist = init_distributed(opts.device)  # under torchrun: one process per GPU, shards split over the ranks
-            kept, emb, errors = embed_to_file(embedder, df, out, batch_size=opts.batch_size, num_workers=workers,
-                                              device=dist.device if dist.enabled else opts.device,
-                                              features=features, shard_size=shard_size, overwrite=overwrite,
-                                              decode=decode, compile=compile, progress=progress, rank=dist.rank,
-                                              world_size=dist.world_size, paths=paths, runtime=opts.runtime,
-                                              precision=opts.precision)
-            if not dist.is_main:
-                return
-        except (ManifestError, ResumeError, ValueError, FileNotFoundError) as e:
-            fail(str(e))
+        listed = read_manifest(source, resolve=False)  # paths as listed: relative ones stay relative
+        others = listed.attrs.get(OTHER_FILES, [])  # a folder's files that are not images
+        df = select_rows(listed, where, str(source))
+        paths = resolved_paths(df, source)
+        embedder = opts.load(embed_dim=embed_dim, seed=seed)
+        dist = init_distributed(opts.device)  # under torchrun: one process per GPU, shards split over the ranks
+        kept, emb, errors = embed_to_file(embedder, df, out, batch_size=opts.batch_size, num_workers=workers,
+                                          device=dist.device if dist.enabled else opts.device,
+                                          features=features, shard_size=shard_size, overwrite=overwrite,
+                                          decode=decode, compile=compile, progress=progress, rank=dist.rank,
+                                          world_size=dist.world_size, paths=paths, runtime=opts.runtime,
+                                          precision=opts.precision)
+        if not dist.is_main:
+            return
         typer.echo(f"wrote {len(kept)} embeddings of dim {emb.shape[1]} to {out}")
         if errors:
             typer.echo(f"skipped {len(errors)} unreadable images (listed in {out}.failed.csv)", err=True)

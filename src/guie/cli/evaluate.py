@@ -29,7 +29,6 @@ def register(app: typer.Typer) -> None:
                  progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
                  opts: ModelOptions = None):
         """Score embeddings with the exact GUIE metric (mP@k, Euclidean k-NN) and write a report with pictures."""
-        from ..data.manifest import ManifestError
         from ..evaluate.protocol import evaluate_folds, evaluate_query_index
         from ..evaluate.report import format_table, write_report
         from ..evaluate.tables import load_table
@@ -43,16 +42,13 @@ def register(app: typer.Typer) -> None:
             fail("with a single embeddings file, say how to split it into queries and index: --folds-by COLUMN "
                  "(or give --query and --index)")
         table_opts = dict(where=where, workers=workers, progress=progress, **opts.as_dict())
-        try:
-            if embeddings is not None:
-                df, emb = load_table(embeddings, **table_opts)
-                ev = evaluate_folds(df, emb, by=folds_by, k=k, missing=missing)
-            else:
-                qdf, qemb = load_table(query, **table_opts)
-                idf, iemb = load_table(index, **table_opts)
-                ev = evaluate_query_index(qdf, qemb, idf, iemb, k=k, missing=missing)
-        except (ManifestError, ValueError, FileNotFoundError) as e:
-            fail(str(e))
+        if embeddings is not None:
+            df, emb = load_table(embeddings, **table_opts)
+            ev = evaluate_folds(df, emb, by=folds_by, k=k, missing=missing)
+        else:
+            qdf, qemb = load_table(query, **table_opts)
+            idf, iemb = load_table(index, **table_opts)
+            ev = evaluate_query_index(qdf, qemb, idf, iemb, k=k, missing=missing)
         rows = [{"fold": f["fold"], "queries": f["queries"], f"mP@{k}": f["score"]} for f in ev.folds]
         rows.append({"fold": "mean", "queries": sum(f["queries"] for f in ev.folds), f"mP@{k}": ev.score})
         typer.echo(format_table(rows, ["fold", "queries", f"mP@{k}"], title="GUIE metric"))
@@ -76,7 +72,6 @@ def register(app: typer.Typer) -> None:
                   opts: ModelOptions = None):
         """The transfer table: mP@5 of each model on each built-in benchmark (leave-one-style-out, one split's
         classes); benchmarks are built on first use."""
-        from ..data.manifest import ManifestError
         from ..evaluate.benchmarks import transfer_table
         from ..evaluate.report import format_table
         from ..utils import atomic_write_json
@@ -85,11 +80,8 @@ def register(app: typer.Typer) -> None:
         labels = [n.strip() for n in names.split(",")] if names else list(models)
         if len(labels) != len(models):
             fail(f"--names gives {len(labels)} names for {len(models)} models")
-        try:
-            table = transfer_table(dict(zip(labels, models)), bench, split, cache, progress=progress,
-                                   **opts.as_dict(exclude=("model",)))
-        except (ManifestError, ValueError, FileNotFoundError, RuntimeError) as e:
-            fail(str(e))
+        table = transfer_table(dict(zip(labels, models)), bench, split, cache, progress=progress,
+                               **opts.as_dict(exclude=("model",)))
         rows = table.to_dict(orient="records")
         typer.echo(format_table(rows, ["model", "dim", *bench, "mean"], title=f"mP@5 on {split} classes"))
         if out:

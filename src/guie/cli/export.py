@@ -11,15 +11,9 @@ from .common import fail
 
 
 def _parse_weights(text: Optional[str], n: int) -> Optional[list[float]]:
-    if not text:
-        return None
-    try:
-        weights = [float(w) for w in text.split(",")]
-    except ValueError:
-        fail(f"--weights must be comma-separated numbers, got {text!r}")
-    if len(weights) != n:
-        fail(f"--weights has {len(weights)} values for {n} inputs")
-    return weights
+    from ..export.ensemble import parse_weights
+
+    return parse_weights(text, n) if text else None
 
 
 def _image_paths(source: Optional[Path], where: Optional[List[str]], max_images: int) -> list[str]:
@@ -63,28 +57,21 @@ def register(app: typer.Typer) -> None:
         The file maps raw uint8 RGB images of any size ([3,H,W] or [B,3,H,W]) to float32 [B,d] embeddings, with
         resizing, normalisation, TTA and L2 normalisation inside.
         """
-        from ..export.ensemble import IncompatibleMembersError, load_members, soup_checkpoints
+        from ..export.ensemble import load_members, soup_checkpoints
         from ..export.formats import export_model, format_for
-        from ..export.metadata import ExportError
         from ..export.module import TTAConfig
 
-        try:
-            fmt = format_for(out, format)
-        except ValueError as e:
-            fail(str(e))
-        try:
-            tta_cfg = TTAConfig.parse(tta, min_aspect)
-            if soup:
-                members = [soup_checkpoints(checkpoints, weights=_parse_weights(weights, len(checkpoints)))]
-                sources = [None]
-            else:
-                if weights:
-                    fail("--weights is for --soup; ensemble members are averaged with equal weight")
-                members = load_members(checkpoints, allow_different_heads=allow_different_heads)
-                sources = [str(c) for c in checkpoints]
-            result = export_model(members, out, tta_cfg, fmt, sources, device=device, max_dim=max_dim or None)
-        except (ExportError, IncompatibleMembersError, FileNotFoundError, ValueError) as e:
-            fail(str(e))
+        fmt = format_for(out, format)
+        tta_cfg = TTAConfig.parse(tta, min_aspect)
+        if soup:
+            members = [soup_checkpoints(checkpoints, weights=_parse_weights(weights, len(checkpoints)))]
+            sources = [None]
+        else:
+            if weights:
+                fail("--weights is for --soup; ensemble members are averaged with equal weight")
+            members = load_members(checkpoints, allow_different_heads=allow_different_heads)
+            sources = [str(c) for c in checkpoints]
+        result = export_model(members, out, tta_cfg, fmt, sources, device=device, max_dim=max_dim or None)
         typer.echo(f"wrote {result.path}: {fmt}, {result.metadata.embed_dim}-d, {len(members)} member(s), "
                    f"max |exported - eager| = {result.max_abs_diff:.1e}")
         if check:
@@ -114,17 +101,13 @@ def register(app: typer.Typer) -> None:
 
         Exit code 0 when every check passes, 1 when one fails, 2 for bad arguments.
         """
-        from ..data.manifest import ManifestError
         from ..export.check import check_submission
         from ..export.module import TTAConfig
 
-        try:
-            paths = _image_paths(images, where, max_images)
-            report = check_submission(model, checkpoints=checkpoint or None, images=paths,
-                                      tta=TTAConfig.parse(tta) if tta else None, max_dim=max_dim, device=device,
-                                      latency_runs=latency_runs)
-        except (ManifestError, ValueError, FileNotFoundError) as e:
-            fail(str(e))
+        paths = _image_paths(images, where, max_images)
+        report = check_submission(model, checkpoints=checkpoint or None, images=paths,
+                                  tta=TTAConfig.parse(tta) if tta else None, max_dim=max_dim, device=device,
+                                  latency_runs=latency_runs)
         _print_report(report, json_out)
         if not report.ok:
             raise typer.Exit(1)
@@ -134,12 +117,9 @@ def register(app: typer.Typer) -> None:
              out: Path = typer.Option(..., "--out", "-o", help="output checkpoint (.pt)"),
              weights: Optional[str] = typer.Option(None, help="comma-separated weights (default equal)")):
         """Average the weights of fine-tunes of one model ("model soup") into a new guie checkpoint."""
-        from ..export.ensemble import IncompatibleMembersError, soup_checkpoints
+        from ..export.ensemble import soup_checkpoints
 
-        try:
-            soup_checkpoints(checkpoints, out, _parse_weights(weights, len(checkpoints)))
-        except (IncompatibleMembersError, FileNotFoundError, ValueError) as e:
-            fail(str(e))
+        soup_checkpoints(checkpoints, out, _parse_weights(weights, len(checkpoints)))
         typer.echo(f"wrote {out}: soup of {len(checkpoints)} checkpoints")
 
     @app.command("ensemble-embeddings")
@@ -152,18 +132,12 @@ def register(app: typer.Typer) -> None:
         from ..export.ensemble import ensemble_embeddings
         from ..utils import save_parquet_atomic
 
-        try:
-            tables = [read_embeddings(f) for f in files]
-        except (FileNotFoundError, ValueError) as e:
-            fail(str(e))
+        tables = [read_embeddings(f) for f in files]
         df0 = tables[0][0]
         for f, (df, _) in zip(files[1:], tables[1:]):
             same = len(df) == len(df0) and ("path" not in df0 or df0["path"].tolist() == df["path"].tolist())
             if not same:
                 fail(f"{f} does not hold the same images in the same order as {files[0]}")
-        try:
-            emb = ensemble_embeddings([e for _, e in tables], _parse_weights(weights, len(files)))
-        except ValueError as e:
-            fail(str(e))
+        emb = ensemble_embeddings([e for _, e in tables], _parse_weights(weights, len(files)))
         save_parquet_atomic(embeddings_table(df0, emb), out)
         typer.echo(json.dumps({"out": str(out), "rows": len(df0), "dim": int(emb.shape[1])}))

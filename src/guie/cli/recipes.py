@@ -5,8 +5,6 @@ from typing import Optional
 
 import typer
 
-from .common import fail
-
 
 def register(app: typer.Typer) -> None:
     """Add `guie recipes` to the top-level app."""
@@ -15,19 +13,13 @@ def register(app: typer.Typer) -> None:
     def recipes(name: Optional[str] = typer.Argument(None, help="print this recipe's YAML (to copy and edit)")):
         """List the shipped recipes, each loaded and checked (guie train NAME / guie data build NAME run them), or
         print one."""
-        from ..typed_yaml import ConfigError, find_recipe, shipped_recipes
+        from ..typed_yaml import find_recipe, shipped_recipes
 
         if name:
-            try:
-                typer.echo(find_recipe(name).read_text(), nl=False)
-            except ConfigError as e:
-                fail(str(e))
+            typer.echo(find_recipe(name).read_text(), nl=False)
             return
         for recipe_name, path in shipped_recipes().items():
-            try:
-                kind = _load_any(path)
-            except ConfigError as e:
-                fail(str(e))
+            kind = _load_any(path)
             summary = next((line.lstrip("# ").strip() for line in path.read_text().splitlines()
                             if line.startswith("#") and line.lstrip("# ").strip()), "")
             typer.echo(f"{recipe_name:30s} {kind:10s} {summary[:80]}")

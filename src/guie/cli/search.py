@@ -17,19 +17,6 @@ INDEX_MODEL_HELP = ("the index's model at another path (default: the one it was 
 KIND_HELP = "flat (exact, default), hnsw or ivfpq: approximate, for large indexes (docs/search.md says when)"
 
 
-def _errors():
-    """The exceptions a command turns into a one-line error."""
-    from ..data.manifest import ManifestError
-    from ..embedding.files import ResumeError
-    from ..imaging.io import ImageLoadError
-    from ..search.backends import BackendError
-    from ..search.image_index import SearchIndexError
-    from ..search.store import StoreError
-
-    return (SearchIndexError, BackendError, StoreError, ManifestError, ResumeError, ImageLoadError,
-            FileNotFoundError, ValueError)
-
-
 def _open(name: str, write: bool = True, uri: Optional[str] = None):
     from ..search.image_index import ImageIndex
 
@@ -53,22 +40,18 @@ def register(app: typer.Typer) -> None:
                                                             "GUIE_MILVUS_TOKEN); default: a Milvus Lite file"),
                opts: ModelOptions = None):
         """Create an empty index bound to one model (its fingerprint, preprocessing and dimension)."""
+        from ..embedding.runtimes import create_runtime
         from ..search.encoder import describe_model, load_model
         from ..search.image_index import ImageIndex
 
-        try:
-            from ..embedding.runtimes import create_runtime
-
-            embedder = load_model(opts.model, image_size=opts.image_size, crop_pct=opts.crop_pct)
-            desc = describe_model(embedder, opts.model)
-            create_runtime(embedder, **opts.inference).close()  # converts once, so add and serve start at once
-            with ImageIndex.create(name, dim=desc["dim"], model=desc, backend=backend, kind=kind,
-                                   image_root=image_root, uri=uri,
-                                   token=os.environ.get("GUIE_MILVUS_TOKEN")) as index:
-                typer.echo(f"created index {index.name!r} in {index.folder}: {desc['dim']}-d, {backend} {kind}, "
-                           f"model {desc['ref']} (fingerprint {desc['fingerprint']})")
-        except _errors() as e:
-            fail(str(e))
+        embedder = load_model(opts.model, image_size=opts.image_size, crop_pct=opts.crop_pct)
+        desc = describe_model(embedder, opts.model)
+        create_runtime(embedder, **opts.inference).close()  # converts once, so add and serve start at once
+        with ImageIndex.create(name, dim=desc["dim"], model=desc, backend=backend, kind=kind,
+                               image_root=image_root, uri=uri,
+                               token=os.environ.get("GUIE_MILVUS_TOKEN")) as index:
+            typer.echo(f"created index {index.name!r} in {index.folder}: {desc['dim']}-d, {backend} {kind}, "
+                       f"model {desc['ref']} (fingerprint {desc['fingerprint']})")
 
     @index_app.command("add")
     @model_options(model=None, model_help=INDEX_MODEL_HELP)
@@ -82,15 +65,12 @@ def register(app: typer.Typer) -> None:
         from ..search.encoder import load_index_model
         from ..search.ingest import add_source
 
-        try:
-            with _open(name) as index:
-                embedder = load_index_model(index, opts.model, opts.image_size, opts.crop_pct)
-                rep = add_source(index, source, embedder, where=where, batch_size=opts.batch_size,
-                                 shard_size=shard_size, progress=progress, **opts.inference)
-                typer.echo(f"{index.name}: added {rep.added} of {rep.rows} images ({rep.duplicates} already indexed"
-                           f", {len(rep.errors)} unreadable) in commit {rep.seq}; {len(index)} items")
-        except _errors() as e:
-            fail(str(e))
+        with _open(name) as index:
+            embedder = load_index_model(index, opts.model, opts.image_size, opts.crop_pct)
+            rep = add_source(index, source, embedder, where=where, batch_size=opts.batch_size,
+                             shard_size=shard_size, progress=progress, **opts.inference)
+            typer.echo(f"{index.name}: added {rep.added} of {rep.rows} images ({rep.duplicates} already indexed"
+                       f", {len(rep.errors)} unreadable) in commit {rep.seq}; {len(index)} items")
 
     @index_app.command("remove")
     def remove(name: str = typer.Argument(..., help="index name"),
@@ -99,29 +79,23 @@ def register(app: typer.Typer) -> None:
         """Remove items by metadata (--where vendor=apple) or by id, in one commit."""
         if bool(where) == bool(ids):
             fail("give --where col=value or --ids FILE (one of them)")
-        try:
-            with _open(name) as index:
-                if ids:
-                    try:
-                        wanted = [int(t) for t in ids.read_text().split()]
-                    except ValueError:
-                        fail(f"{ids}: expected integer ids, one per line")
-                    seq, removed = index.remove(wanted, op=f"remove --ids {ids.name}")
-                else:
-                    seq, removed = index.remove_where(where)
-                typer.echo(f"{index.name}: removed {len(removed)} items in commit {seq}; {len(index)} items")
-        except _errors() as e:
-            fail(str(e))
+        with _open(name) as index:
+            if ids:
+                tokens = ids.read_text().split()
+                if not all(t.isdecimal() for t in tokens):
+                    fail(f"{ids}: expected integer ids, one per line")
+                wanted = [int(t) for t in tokens]
+                seq, removed = index.remove(wanted, op=f"remove --ids {ids.name}")
+            else:
+                seq, removed = index.remove_where(where)
+            typer.echo(f"{index.name}: removed {len(removed)} items in commit {seq}; {len(index)} items")
 
     @index_app.command("stats")
     def stats(name: str = typer.Argument(..., help="index name"),
               as_json: bool = typer.Option(False, "--json", help="print JSON")):
         """Size, model, backend, labels and the last commits."""
-        try:
-            with _open(name, write=False) as index:
-                s = index.stats()
-        except _errors() as e:
-            fail(str(e))
+        with _open(name, write=False) as index:
+            s = index.stats()
         if as_json:
             typer.echo(json.dumps(s, indent=1, default=str))
             return
@@ -150,14 +124,11 @@ def register(app: typer.Typer) -> None:
         if grid:
             picture_format(grid)  # a name no picture can have is refused before the search
 
-        try:
-            with _open(name, write=False) as index:
-                embedder = load_index_model(index, opts.model, opts.image_size, opts.crop_pct)
-                vectors = embed_query_files(embedder, images, batch_size=opts.batch_size, **opts.inference)
-                hits = index.search(vectors, k, where=where)
-                files = [[index.item_file(h.item) for h in row] for row in hits]
-        except _errors() as e:
-            fail(str(e))
+        with _open(name, write=False) as index:
+            embedder = load_index_model(index, opts.model, opts.image_size, opts.crop_pct)
+            vectors = embed_query_files(embedder, images, batch_size=opts.batch_size, **opts.inference)
+            hits = index.search(vectors, k, where=where)
+            files = [[index.item_file(h.item) for h in row] for row in hits]
         for img, row in zip(images, hits):
             results = [{"id": h.id, "distance": round(h.distance, 6), "label": h.item.get("label"),
                         "path": h.item.get("path")} for h in row]
@@ -178,12 +149,9 @@ def register(app: typer.Typer) -> None:
     def reindex(name: str = typer.Argument(..., help="index name"),
                 kind: str = typer.Option(..., help=KIND_HELP)):
         """Rebuild the vector backend as another kind (e.g. flat -> hnsw once the index has grown)."""
-        try:
-            with _open(name) as index:
-                index.reindex(kind)
-                typer.echo(f"{index.name}: {index.stats()['backend']}")
-        except _errors() as e:
-            fail(str(e))
+        with _open(name) as index:
+            index.reindex(kind)
+            typer.echo(f"{index.name}: {index.stats()['backend']}")
 
     @app.command("serve")
     @model_options(batch_size=32, batch_size_flags=("--batch-size", "--max-batch"),
@@ -227,13 +195,10 @@ def register(app: typer.Typer) -> None:
                                   max_files=max_files, max_pixels=max_pixels, max_query_pixels=max_query_pixels,
                                   max_k=max_k, cors_origins=list(cor for cor in cors_origin or []))
         settings.check()
-        try:
-            index = _open(name)
-            encoder = EngineEncoder(load_index_model(index, opts.model, opts.image_size, opts.crop_pct),
-                                    max_batch=opts.batch_size, max_wait_ms=batch_wait_ms, max_queue=queue,
-                                    workers=workers or None, **opts.inference)
-            web = create_app(index, encoder, settings, on_close=lambda: (encoder.close(), index.close()))
-        except _errors() as e:
-            fail(str(e))
+        index = _open(name)
+        encoder = EngineEncoder(load_index_model(index, opts.model, opts.image_size, opts.crop_pct),
+                                max_batch=opts.batch_size, max_wait_ms=batch_wait_ms, max_queue=queue,
+                                workers=workers or None, **opts.inference)
+        web = create_app(index, encoder, settings, on_close=lambda: (encoder.close(), index.close()))
         typer.echo(f"serving {index.name!r} ({len(index)} items) on http://{host}:{port}/", err=True)
         uvicorn.run(web, host=host, port=port, log_level="warning")

@@ -6,7 +6,6 @@ from typing import List, Optional
 
 import typer
 
-from .common import fail
 from .options import ModelOptions, model_options
 
 
@@ -25,21 +24,15 @@ def register(app: typer.Typer) -> None:
         from ..distributed import cleanup_distributed
         from ..train.engine import train as run_training
         from ..train.recipe import load_run_config
-        from ..typed_yaml import ConfigError
 
         overrides = list(set_ or [])
         if output_dir:
             overrides.append(f"output_dir={output_dir}")
-        try:
-            cfg = load_run_config(recipe, overrides)
-            if stages:
-                cfg.select_stages(stages.split(","))
-        except ConfigError as e:
-            fail(str(e))
+        cfg = load_run_config(recipe, overrides)
+        if stages:
+            cfg.select_stages(stages.split(","))
         try:
             final = run_training(cfg, resume=resume, progress=progress)
-        except (ValueError, FileNotFoundError) as e:
-            fail(str(e))
         finally:
             cleanup_distributed()
         typer.echo(f"model: {final}")
@@ -57,19 +50,16 @@ def register(app: typer.Typer) -> None:
                     opts: ModelOptions = None):
         """The zero-shot baseline as a model: backbone + a PCA head fitted on its features, written as a normal
         guie checkpoint (embed, evaluate, export and search accept it)."""
-        from ..data.manifest import ManifestError, read_manifest, select_rows
+        from ..data.manifest import read_manifest, select_rows
         from ..models.embedder import save_embedder
         from ..train.pca import fit_pca_embedder
 
-        try:
-            df = select_rows(read_manifest(source), where, str(source))
-            pca = fit_pca_embedder(df["path"].tolist(), opts.model, dim=dim, whiten=whiten, image_size=opts.image_size,
-                                   preprocess={"crop_pct": opts.crop_pct} if opts.crop_pct else None, cache_dir=cache,
-                                   progress=progress, batch_size=opts.batch_size,
-                                   **{**opts.inference, "precision": "fp32" if opts.precision == "auto" else
-                                      opts.precision})
-        except (ManifestError, ValueError, FileNotFoundError) as e:
-            fail(str(e))
+        df = select_rows(read_manifest(source), where, str(source))
+        pca = fit_pca_embedder(df["path"].tolist(), opts.model, dim=dim, whiten=whiten, image_size=opts.image_size,
+                               preprocess={"crop_pct": opts.crop_pct} if opts.crop_pct else None, cache_dir=cache,
+                               progress=progress, batch_size=opts.batch_size,
+                               **{**opts.inference, "precision": "fp32" if opts.precision == "auto" else
+                                  opts.precision})
         save_embedder(pca, out, extra={"pca": {"source": str(source), "images": len(df), "where": list(where or []),
                                                "whiten": whiten}})
         typer.echo(f"wrote {out}: {pca.spec.backbone} @ {pca.preprocess.image_size}px + PCA "

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..errors import InputError
 from ..typed_yaml import RECIPES_DIR, ConfigError, find_recipe, load_yaml_config, to_dict
 from ..utils import atomic_write_json, atomic_write_text, log
 from .manifest import read_manifest, select_rows, write_manifest
@@ -29,9 +30,9 @@ def namespace_labels(df: pd.DataFrame, dataset_name: str) -> pd.DataFrame:
     """Labels become "<dataset_name>/<label>" so datasets never share a class by accident (landmark "1" of GLDv2
     is not product "1" of Products-10K). The original label is kept as `orig_label` and the name as `dataset`."""
     if "/" in dataset_name or not dataset_name:
-        raise ValueError(f"dataset name {dataset_name!r} must be non-empty and contain no '/'")
+        raise InputError(f"dataset name {dataset_name!r} must be non-empty and contain no '/'")
     if "label" not in df.columns:
-        raise ValueError(f"dataset {dataset_name!r}: manifest has no 'label' column")
+        raise InputError(f"dataset {dataset_name!r}: manifest has no 'label' column")
     out = df.copy()
     if "orig_label" not in out.columns:
         out["orig_label"] = out["label"].astype(str)
@@ -48,7 +49,7 @@ def merge_manifests(items: Sequence[tuple[pd.DataFrame, str, str | None]]) -> pd
     names = [name for _, name, _ in items]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ValueError(f"dataset names must be unique (they namespace the labels); repeated: {dup}")
+        raise InputError(f"dataset names must be unique (they namespace the labels); repeated: {dup}")
     frames = []
     for df, name, domain in items:
         df = namespace_labels(df, name)
@@ -73,7 +74,7 @@ def _rng(seed: int) -> np.random.Generator:
 def cap_per_class(df: pd.DataFrame, m: int, seed: int = 0) -> pd.DataFrame:
     """At most `m` images per class, a seeded random choice (2nd place: 100); row order otherwise kept."""
     if m < 1:
-        raise ValueError(f"max images per class must be >= 1, got {m}")
+        raise InputError(f"max images per class must be >= 1, got {m}")
     df = df.reset_index(drop=True)
     noise = _rng(seed).random(len(df))
     rank = pd.Series(noise).groupby(df["label"].to_numpy()).rank(method="first").to_numpy()
@@ -84,7 +85,7 @@ def upsample_per_class(df: pd.DataFrame, k: int, seed: int = 0) -> pd.DataFrame:
     """Repeat the images of classes with fewer than `k` so each has `k` rows (2nd place: 20): whole copies first,
     then a seeded random remainder, so every image appears floor(k/n) or ceil(k/n) times."""
     if k < 1:
-        raise ValueError(f"min images per class must be >= 1, got {k}")
+        raise InputError(f"min images per class must be >= 1, got {k}")
     df = df.reset_index(drop=True)
     rng = _rng(seed)
     take: list[np.ndarray] = []
@@ -108,7 +109,7 @@ def split_classes(df: pd.DataFrame, val_fraction: float, seed: int = 0, min_val_
     The choice depends on the seed and the set of labels only, not on row order.
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise InputError(f"val_fraction must be in [0, 1), got {val_fraction}")
     counts = df["label"].value_counts()
     groups = df[by] if by in df.columns else pd.Series("all", index=df.index)
     val_labels: set[str] = set()
@@ -135,7 +136,7 @@ def split_query_index(df: pd.DataFrame, queries_per_class: int = 1, seed: int = 
     `queries_per_class` queries (never more than n - 1, so each query keeps >= 1 relevant index image), the rest
     (capped at `max_index_per_class`) in the index; single-image classes go to the index as distractors."""
     if queries_per_class < 1:
-        raise ValueError(f"queries_per_class must be >= 1, got {queries_per_class}")
+        raise InputError(f"queries_per_class must be >= 1, got {queries_per_class}")
     df = df.reset_index(drop=True)
     noise = _rng(seed).random(len(df))
     labels = df["label"].to_numpy()
@@ -168,7 +169,7 @@ class SourceConfig:
 
     def __post_init__(self):
         if self.role not in ("both", "train", "eval"):
-            raise ValueError(f"role must be both, train or eval, got {self.role!r}")
+            raise InputError(f"role must be both, train or eval, got {self.role!r}")
 
 
 @dataclass
@@ -257,7 +258,7 @@ def load_source(ds: SourceConfig, seed: int, cache_dir: str | Path | None = None
         keep = _rng(_group_seed(seed, ds.name)).choice(labels, size=ds.max_classes, replace=False)
         df = df[df["label"].isin(set(keep))].reset_index(drop=True)
     if df.empty:
-        raise ValueError(f"dataset {ds.name!r}: no rows left after where/min_images (min_images={ds.min_images})")
+        raise InputError(f"dataset {ds.name!r}: no rows left after where/min_images (min_images={ds.min_images})")
     return df
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from ..errors import InputError
 from ..imaging.io import ImageLoadError, check_image_header, load_image, parse_shard_ref, read_image_bytes
 from .validate import parallel_map
 
@@ -43,13 +44,13 @@ class DedupConfig:
         self.methods = tuple(self.methods)
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
-            raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {list(self.methods)}")
+            raise InputError(f"methods must be a non-empty subset of {METHODS}, got {list(self.methods)}")
         if not 0 <= self.max_distance <= 32:
-            raise ValueError(f"max_distance must be in 0..32 bits, got {self.max_distance}")
+            raise InputError(f"max_distance must be in 0..32 bits, got {self.max_distance}")
         if not -1.0 <= self.min_cosine <= 1.0:
-            raise ValueError(f"min_cosine must be in [-1, 1], got {self.min_cosine}")
+            raise InputError(f"min_cosine must be in [-1, 1], got {self.min_cosine}")
         if "embedding" in self.methods and self.embed is None:
-            raise ValueError("the embedding method needs an embed function (DedupConfig.embed), e.g. "
+            raise InputError("the embedding method needs an embed function (DedupConfig.embed), e.g. "
                              "guie.embedding.engine.path_embedder(model)")
 
 

@@ -25,7 +25,6 @@ import json
 import os
 import random
 import subprocess
-import sys
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -71,11 +70,11 @@ class ShardConfig:
 
     def __post_init__(self):
         if self.image_format not in IMAGE_FORMATS:
-            raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
+            raise InputError(f"image_format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
         if self.shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+            raise InputError(f"shard_size must be >= 1, got {self.shard_size}")
         if self.max_side is not None and self.image_format == "keep":
-            raise ValueError("max_side needs re-encoding: set image_format to jpg, webp or png")
+            raise InputError("max_side needs re-encoding: set image_format to jpg, webp or png")
 
 
 @dataclass
@@ -193,8 +192,8 @@ def write_shards(manifest: pd.DataFrame, out_dir: str | Path, cfg: ShardConfig |
         old = json.loads(meta_path.read_text())
         if old != fp:
             if not overwrite:
-                raise ShardError(f"{out_dir} holds shards of another manifest or other settings; pass "
-                                 "overwrite=True (--overwrite) to replace them, or choose another folder")
+                raise ShardError(f"{out_dir} holds shards of another manifest or other settings; replace them "
+                                 "(overwrite) or choose another folder")
             for p in list(out_dir.glob("shard-*.tar")) + list(out_dir.glob("shard-*.failed.json")):
                 p.unlink()
             (out_dir / INDEX_FILE).unlink(missing_ok=True)
@@ -234,7 +233,7 @@ def write_shards(manifest: pd.DataFrame, out_dir: str | Path, cfg: ShardConfig |
             keys = [f"{i:09d}" for i in idx]
             members[s], shard_errors = _write_one_shard(tar_path, keys, rows, encoded)
             for msg in shard_errors:
-                print(f"skipped {msg}", file=sys.stderr)
+                log.warning("skipped %s", msg)
             errors += shard_errors
             written += 1
             bar.update(len(idx))
@@ -385,12 +384,12 @@ class ShardStream(IterableDataset):
         meta = json.loads(sample["json"]) if "json" in sample else {}
         where = f"{sample['__url__']}#{sample['__key__']}"
         if image_ext is None:
-            print(f"skipped {where}: no image member", file=sys.stderr)
+            log.warning("skipped %s: no image member", where)
             return None
         try:
             image = load_image(io.BytesIO(sample[image_ext]), draft_size=self.draft_size)
         except ImageLoadError as e:
-            print(f"skipped {where}: {e.reason}", file=sys.stderr)
+            log.warning("skipped %s: %s", where, e.reason)
             return None
         out = {**meta, "key": sample["__key__"], "url": sample["__url__"]}
         out["image"] = self.transform(image) if self.transform else image

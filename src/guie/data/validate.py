@@ -21,6 +21,7 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..errors import InputError
 from ..imaging.io import DEFAULT_MAX_PIXELS, ImageLoadError, image_source, load_image
 from .manifest import write_manifest
 
@@ -70,7 +71,7 @@ class CheckConfig:
     def __post_init__(self):
         unknown = [k for k in self.drop if k not in WARNING_KINDS]
         if unknown:
-            raise ValueError(f"drop: unknown warning kind(s) {unknown}; choose from {list(WARNING_KINDS)}")
+            raise InputError(f"drop: unknown warning kind(s) {unknown}; choose from {list(WARNING_KINDS)}")
 
 
 @dataclass

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..errors import GuieError
+from ..errors import GuieError, InputError
 
 
 class Overloaded(GuieError, RuntimeError):
@@ -69,9 +69,9 @@ class DynamicBatcher:
     def __init__(self, forward: Callable[[torch.Tensor], np.ndarray], max_batch: int = 32, max_wait_ms: float = 5.0,
                  max_queue: int = 128, name: str = "guie-batcher", workers: int = 1):
         if max_batch < 1 or max_queue < max_batch:
-            raise ValueError(f"need 1 <= max_batch ({max_batch}) <= max_queue ({max_queue})")
+            raise InputError(f"need 1 <= max_batch ({max_batch}) <= max_queue ({max_queue})")
         if workers < 1:
-            raise ValueError(f"need at least one worker, got {workers}")
+            raise InputError(f"need at least one worker, got {workers}")
         self.forward, self.max_batch, self.max_wait = forward, int(max_batch), max_wait_ms / 1000.0
         self.max_queue = int(max_queue)
         self.stats = BatcherStats()
@@ -122,7 +122,7 @@ class DynamicBatcher:
         Raises Overloaded when the queue cannot take them."""
         n = int(images) if prepare is not None else int(images.shape[0])
         if n < 1:
-            raise ValueError("no images to embed")
+            raise InputError("no images to embed")
         job = _Job(n, None if prepare is not None else images, prepare, finish)
         with self._cond:  # (re-entrant: `_redeem` takes it too) the ticket ends as the job is queued, atomically
             self._redeem(ticket)

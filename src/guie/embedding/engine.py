@@ -25,7 +25,6 @@ CUDA); the pixels are the same whichever it is. Where decoding runs matters more
 from __future__ import annotations
 
 import os
-import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,10 +36,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..errors import InputError
 from ..models.embedder import Embedder
 from ..models.preprocess import ImageTransform, PreprocessConfig, draft_size
 from ..pipeline.datasets import ImageFileDataset, KeyListSampler, collate_skip_failed, stack_images
-from ..utils import resolve_device
+from ..utils import log, resolve_device
 from .runtimes import InferenceRuntime, create_runtime
 from .runtimes.torch_runtime import TorchRuntime, torch_forward
 
@@ -86,7 +86,7 @@ def make_loader(paths: Sequence[str], preprocess: PreprocessConfig, batch_size: 
     `preprocess` (e.g. an augmentation), seeded per image with `seeds` (see `guie.pipeline.datasets`).
     """
     if decode not in DECODERS:
-        raise ValueError(f"decode={decode!r}: choose from {DECODERS}")
+        raise InputError(f"decode={decode!r}: choose from {DECODERS}")
     if decode == "gpu" and (transform is not None or seeds is not None):
         raise ValueError("decode='gpu' runs the evaluation transform only (no custom transform or seeds)")
     transform, draft = transform or ImageTransform(preprocess), draft_size(preprocess)
@@ -151,7 +151,7 @@ def iter_embeddings(embedder: Embedder, paths: Sequence[str], batch_size: int = 
         raise
     device = rt.device
     num_workers = embed_num_workers(device) if num_workers is None else num_workers
-    report_failure = report_failure or (lambda msg: print(f"skipped {msg}", file=sys.stderr))
+    report_failure = report_failure or (lambda msg: log.warning("skipped %s", msg))
     split = loader_split(batch_size, num_workers)
     n_forwards, threads_each = _cpu_forwards(rt, forwards, decode, compile, seeds)
     loader = make_loader(paths, preprocess, batch_size // split, num_workers, pin_memory=device.type == "cuda",

@@ -24,7 +24,6 @@ from ..models.preprocess import ImageTransform, PreprocessConfig
 from ..pipeline.datasets import sample_seed
 from ..utils import atomic_write_bytes, atomic_write_json, log, resolve_device, save_parquet_atomic
 from .engine import iter_embeddings
-from .files import model_fingerprint
 
 
 def path_seed(seed: int, view: int, path: str) -> int:
@@ -83,7 +82,7 @@ def cached_features(embedder: Embedder, paths: Sequence[str], cache_dir: str | P
     saved_pre = embedder.preprocess
     embedder.preprocess = preprocess
     try:
-        key = json.dumps({"model": model_fingerprint(embedder, preprocess, True), "view": view,
+        key = json.dumps({"model": embedder.fingerprint(True, preprocess), "view": view,
                           "augment": augment if view else None, "seed": seed if view else None,
                           **({"precision": choice.precision} if choice.precision != "fp32" else {})}, sort_keys=True)
         store = Path(cache_dir) / "features" / hashlib.sha256(key.encode()).hexdigest()[:20]
@@ -109,6 +108,24 @@ def cached_features(embedder: Embedder, paths: Sequence[str], cache_dir: str | P
         return _gather(store, index, paths)
     finally:
         embedder.preprocess = saved_pre
+
+
+def embed_cached_features(embedder: Embedder, features: np.ndarray, device=None) -> np.ndarray:
+    """The embedder's head over cached backbone features: [N, F] -> L2-normalised float32 embeddings [N, d].
+
+    Inference only: no autograd and no dropout (the modules run in eval mode, and get their own mode back after),
+    so a model that is training can be scored on cached features between steps. `device` is where the head runs.
+    """
+    import torch
+
+    modes = [(m, m.training) for m in embedder.modules()]
+    embedder.eval()
+    try:
+        with torch.no_grad():
+            return embedder.embed_features(torch.as_tensor(features, device=device)).cpu().numpy()
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _read_index(store: Path) -> dict:

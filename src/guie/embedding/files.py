@@ -2,7 +2,7 @@
 reads them back (manifest columns + a fixed-size-list `embedding` column).
 
 An interrupted `embed_to_file` redoes only unfinished shards; a rerun with another model or manifest is refused
-(`model_fingerprint`, `ResumeError`). Reading a file needs only pyarrow/pandas: torch is imported by the functions
+(`Embedder.fingerprint`, `ResumeError`). Reading a file needs only pyarrow/pandas: torch is imported by the functions
 that run a model, so search and evaluation can read embeddings without it.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import GuieError
+from ..errors import GuieError, InputError, MissingFileError
 from ..utils import atomic_write_json, log, save_parquet_atomic
 
 if TYPE_CHECKING:
@@ -31,31 +31,6 @@ EMBEDDING_COLUMN = "embedding"
 
 class ResumeError(GuieError, RuntimeError):
     """Finished shards of an earlier run that used another model or manifest are in the way."""
-
-
-def model_fingerprint(embedder: Embedder, preprocess: PreprocessConfig, features: bool) -> str:
-    """A cheap identity of (weights, preprocessing, output kind), to refuse resuming with another model and to key
-    feature caches. For features only the backbone counts (a new head must not invalidate cached features)."""
-    import torch
-
-    spec = embedder.spec
-    ident = {"backbone": spec.backbone, "backbone_kwargs": spec.backbone_kwargs, "pre": preprocess.to_dict(),
-             "features": features}
-    if not features:
-        ident["spec"] = spec.__dict__
-    h = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode())
-    module = embedder.backbone if features else embedder
-    with torch.no_grad():
-        # Per tensor: shape, sum, sum of squares and a few values: any weight update changes it, and it costs one
-        # pass over the weights (about a second for ViT-H), not a hash of gigabytes.
-        for name, t in module.state_dict().items():
-            t = t.detach()
-            if not t.is_floating_point():
-                t = t.double()
-            t64 = t.double()
-            h.update(f"{name}{tuple(t.shape)}{float(t64.sum()):.10e}{float((t64 * t64).sum()):.10e}".encode())
-            h.update(np.ascontiguousarray(t.reshape(-1)[:8].float().cpu().numpy()).tobytes())
-    return h.hexdigest()[:16]
 
 
 def embeddings_table(df: pd.DataFrame, emb: np.ndarray, schema: pa.Schema | None = None) -> pa.Table:
@@ -73,13 +48,13 @@ def read_embeddings(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
     """Read a guie embeddings Parquet file -> (metadata DataFrame, float32 [N, d])."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"embeddings file not found: {path}")
+        raise MissingFileError(path, "embeddings file")
     try:
         table = pq.read_table(path)
     except Exception as e:
-        raise ValueError(f"{path}: cannot read Parquet ({type(e).__name__}: {e})") from None
+        raise InputError(f"{path}: cannot read Parquet ({type(e).__name__}: {e})") from None
     if EMBEDDING_COLUMN not in table.column_names:
-        raise ValueError(f"{path}: no '{EMBEDDING_COLUMN}' column; is this a guie embeddings file?")
+        raise InputError(f"{path}: no '{EMBEDDING_COLUMN}' column; is this a guie embeddings file?")
     col = table.column(EMBEDDING_COLUMN).combine_chunks()
     df = table.drop([EMBEDDING_COLUMN]).to_pandas()
     if table.num_rows == 0:
@@ -88,7 +63,7 @@ def read_embeddings(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
         try:
             return df, np.stack([np.asarray(v, dtype=np.float32) for v in col.to_pylist()])
         except (ValueError, TypeError) as e:
-            raise ValueError(f"{path}: '{EMBEDDING_COLUMN}' does not hold vectors of one length ({e})") from None
+            raise InputError(f"{path}: '{EMBEDDING_COLUMN}' does not hold vectors of one length ({e})") from None
     emb = col.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, col.type.list_size)
     return df, emb
 
@@ -118,24 +93,24 @@ def embed_to_file(embedder: Embedder, manifest: pd.DataFrame, out_path: str | Pa
 
     out_path = Path(out_path)
     if "path" not in manifest.columns:
-        raise ValueError(f"the manifest has no 'path' column (columns: {list(manifest.columns)})")
+        raise InputError(f"the manifest has no 'path' column (columns: {list(manifest.columns)})")
     if manifest.empty:
-        raise ValueError("the manifest has no rows")
+        raise InputError("the manifest has no rows")
     if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        raise InputError(f"shard_size must be >= 1, got {shard_size}")
     if EMBEDDING_COLUMN in manifest.columns:  # re-embedding an embeddings file: its old vectors are replaced
         manifest = manifest.drop(columns=[EMBEDDING_COLUMN])
     manifest = manifest.reset_index(drop=True)
     try:
         schema = pa.Schema.from_pandas(manifest, preserve_index=False)
     except (pa.ArrowException, TypeError, ValueError) as e:
-        raise ValueError(f"manifest columns cannot be stored in Parquet: {e}") from None
+        raise InputError(f"manifest columns cannot be stored in Parquet: {e}") from None
     parts = out_path.with_name(out_path.name + ".parts")
     preprocess = preprocess or embedder.preprocess
     paths = manifest["path"].astype(str).tolist() if paths is None else [str(p) for p in paths]
     if len(paths) != len(manifest):
-        raise ValueError(f"{len(paths)} paths for a manifest of {len(manifest)} rows")
-    fp = {"model": model_fingerprint(embedder, preprocess, features), "manifest": _manifest_hash(manifest),
+        raise InputError(f"{len(paths)} paths for a manifest of {len(manifest)} rows")
+    fp = {"model": embedder.fingerprint(features, preprocess), "manifest": _manifest_hash(manifest),
           "shard_size": shard_size}
     meta_file = parts / "meta.json"
     if rank == 0:
@@ -167,8 +142,8 @@ def _prepare_parts(parts: Path, meta_file: Path, fp: dict, overwrite: bool) -> N
             old = None
         if old != fp:
             if not overwrite:
-                raise ResumeError(f"{parts} holds finished shards of another model or manifest; pass --overwrite "
-                                  "(overwrite=True) to discard them")
+                raise ResumeError(f"{parts} holds finished shards of another model or manifest; discard them "
+                                  "(overwrite) or write to another file")
             shutil.rmtree(parts)
     parts.mkdir(parents=True, exist_ok=True)
     atomic_write_json(fp, meta_file)

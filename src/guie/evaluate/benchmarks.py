@@ -15,7 +15,8 @@ import torch
 
 from ..data.benchmarks import BENCHMARKS, benchmark_manifest, get_benchmark
 from ..data.manifest import read_manifest
-from ..embedding.feature_store import cached_features
+from ..embedding.feature_store import cached_features, embed_cached_features
+from ..errors import InputError
 from ..models.embedder import Embedder, resolve_embedder
 from ..utils import default_cache_dir
 from .protocol import Evaluation, evaluate_folds
@@ -27,7 +28,7 @@ def benchmark_frame(name: str, split: str = "test", cache_dir: str | Path | None
     if split != "all":
         df = df[df["split"] == split]
     if df.empty:
-        raise ValueError(f"benchmark {name!r} has no rows with split={split!r}")
+        raise InputError(f"benchmark {name!r} has no rows with split={split!r}")
     return df.reset_index(drop=True)
 
 
@@ -42,7 +43,7 @@ def score_on_benchmark(model: str | Path | Embedder, name: str, split: str = "te
     df = benchmark_frame(name, split, cache_dir)
     feats, ok = cached_features(embedder, df["path"].tolist(), cache_dir or default_cache_dir(), device=device,
                                 progress=progress, batch_size=batch_size, runtime=runtime, precision=precision)
-    emb = embedder.eval().embed_features(torch.as_tensor(feats[ok])).numpy()
+    emb = embed_cached_features(embedder, feats[ok])
     return evaluate_folds(df[ok].reset_index(drop=True), emb, by=bench.folds_by)
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from ..errors import InputError
 from ..metrics import precision_at_k
 
 
@@ -58,7 +59,7 @@ def evaluate_query_index(query_df: pd.DataFrame, query_emb: np.ndarray, index_df
     """GUIE evaluation with a given query set and index set (both need a `label` column)."""
     for name, df in (("query", query_df), ("index", index_df)):
         if "label" not in df.columns:
-            raise ValueError(f"the {name} set has no 'label' column")
+            raise InputError(f"the {name} set has no 'label' column")
     fold, part = _run_fold("all", query_df.reset_index(drop=True), query_emb, index_df.reset_index(drop=True),
                            index_emb, k, missing)
     return _finish([fold], [part], k, {"all": index_df.reset_index(drop=True)})
@@ -70,13 +71,13 @@ def evaluate_folds(df: pd.DataFrame, emb: np.ndarray, by: str, k: int = 5, missi
     The score is the mean of the folds' mP@k (the emoji benchmark uses by='vendor': 4 folds, n_q = 3).
     """
     if by not in df.columns:
-        raise ValueError(f"no column {by!r} to make folds from (columns: {list(df.columns)})")
+        raise InputError(f"no column {by!r} to make folds from (columns: {list(df.columns)})")
     if "label" not in df.columns:
-        raise ValueError("evaluation needs a 'label' column")
+        raise InputError("evaluation needs a 'label' column")
     df = df.reset_index(drop=True)
     groups = sorted(df[by].astype(str).unique())
     if len(groups) < 2:
-        raise ValueError(f"column {by!r} has {len(groups)} value(s); folds need at least 2")
+        raise InputError(f"column {by!r} has {len(groups)} value(s); folds need at least 2")
     folds, parts, index_frames = [], [], {}
     key = df[by].astype(str).to_numpy()
     for g in groups:

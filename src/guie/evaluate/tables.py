@@ -9,6 +9,7 @@ import pandas as pd
 
 from ..data.manifest import read_manifest, select_rows
 from ..embedding.files import EMBEDDING_COLUMN, read_embeddings
+from ..errors import InputError
 from ..utils import log
 
 
@@ -22,7 +23,7 @@ def is_embeddings_file(source: Path) -> bool:
         return EMBEDDING_COLUMN in pq.read_schema(source).names
     except Exception as e:  # pyarrow's errors do not say which file
         first_line = str(e).splitlines()[0] if str(e) else ""
-        raise ValueError(f"{source}: cannot read Parquet ({type(e).__name__}: {first_line})") from None
+        raise InputError(f"{source}: cannot read Parquet ({type(e).__name__}: {first_line})") from None
 
 
 def load_table(source: str | Path, model=None, where: Sequence[str] | None = None, batch_size: int = 64,
@@ -36,7 +37,7 @@ def load_table(source: str | Path, model=None, where: Sequence[str] | None = Non
     if is_embeddings_file(source):
         df, emb = read_embeddings(source)
         if emb.shape[0] == 0:
-            raise ValueError(f"{source}: holds no embeddings (0 rows)")
+            raise InputError(f"{source}: holds no embeddings (0 rows)")
         if where:
             keep = select_rows(df.assign(_row=range(len(df))), where, str(source))["_row"].to_numpy()
             df, emb = df.iloc[keep].reset_index(drop=True), emb[keep]
@@ -51,5 +52,5 @@ def load_table(source: str | Path, model=None, where: Sequence[str] | None = Non
     if res.errors:
         log.warning("%s: %d images could not be read and were left out", source, len(res.errors))
     if not np.asarray(res.ok).any():
-        raise ValueError(f"{source}: none of its {len(df)} images could be read")
+        raise InputError(f"{source}: none of its {len(df)} images could be read")
     return df[res.ok].reset_index(drop=True), res.embeddings

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ..models.heads import MAX_EMBED_DIM
-from .metadata import ExportMetadata, read_metadata
+from .metadata import ExportError, ExportMetadata, read_metadata
 from .module import TTAConfig
 
 PROBE = Path(__file__).with_name("_probe.py")
@@ -109,7 +109,8 @@ def _load_references(checkpoints: Sequence[str | Path] | None, meta: ExportMetad
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             report.add("parity with training-time model", SKIP,
-                       f"recorded checkpoint(s) no longer found: {', '.join(missing)}; pass --checkpoint")
+                       f"recorded checkpoint(s) no longer found: {', '.join(missing)}; name the checkpoints to "
+                       "compare with")
             return None
     else:
         report.add("parity with training-time model", SKIP, "no checkpoint known: pass --checkpoint")
@@ -127,7 +128,7 @@ def _run_probe(model: Path, inputs: dict[str, np.ndarray], device: str, latency_
     results_file = workdir / "results.json"
     if not results_file.is_file():
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"the probe process exited with {proc.returncode}: {tail}")
+        raise ExportError(f"{model}: the probe process exited with {proc.returncode}: {tail}")
     outputs = dict(np.load(workdir / "outputs.npz")) if (workdir / "outputs.npz").is_file() else {}
     return json.loads(results_file.read_text()), outputs, proc.stderr
 

@@ -68,17 +68,29 @@ def check_shared_head(embedders: Sequence[Embedder], names: Sequence[str] | None
                    "different spaces, and averaging them usually scores below either member. Fine-tune members "
                    "from one checkpoint with the head frozen")
             if not allow_different_heads:
-                raise IncompatibleMembersError(msg + ", or pass --allow-different-heads to average them anyway.")
+                raise IncompatibleMembersError(msg + ", or allow different heads (allow_different_heads) to average "
+                                               "them anyway.")
             warnings.warn(msg + "; averaging anyway (allow_different_heads=True).", stacklevel=2)
 
 
 def load_members(checkpoints: Sequence[str | Path], allow_different_heads: bool = False) -> list[Embedder]:
     """Load guie checkpoints as ensemble members (eval mode, CPU), refusing members without a shared head."""
     if not checkpoints:
-        raise ValueError("no checkpoint given")
+        raise InputError("no checkpoint given")
     embedders = [load_embedder(p) for p in checkpoints]
     check_shared_head(embedders, [str(p) for p in checkpoints], allow_different_heads)
     return embedders
+
+
+def parse_weights(text: str, n: int) -> list[float]:
+    """Member weights written as comma-separated numbers ("1,2,1"), one per member of `n`."""
+    try:
+        weights = [float(w) for w in str(text).split(",")]
+    except ValueError:
+        raise InputError(f"weights must be comma-separated numbers, got {text!r}") from None
+    if len(weights) != n:
+        raise InputError(f"{len(weights)} weights for {n} inputs ({text!r})")
+    return weights
 
 
 def ensemble_embeddings(arrays: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
@@ -88,14 +100,14 @@ def ensemble_embeddings(arrays: Sequence[np.ndarray], weights: Sequence[float] |
     ensemble scored without exporting it.
     """
     if not arrays:
-        raise ValueError("no embeddings to ensemble")
+        raise InputError("no embeddings to ensemble")
     shapes = {np.asarray(a).shape for a in arrays}
     if len(shapes) != 1:
-        raise ValueError("ensemble members must have embeddings of one shape (same rows and dim), "
+        raise InputError("ensemble members must have embeddings of one shape (same rows and dim), "
                          f"got {sorted(shapes)}")
     weights = [1.0] * len(arrays) if weights is None else list(weights)
     if len(weights) != len(arrays):
-        raise ValueError(f"{len(weights)} weights for {len(arrays)} members")
+        raise InputError(f"{len(weights)} weights for {len(arrays)} members")
     total = np.zeros(next(iter(shapes)), dtype=np.float64)
     for arr, w in zip(arrays, weights):
         a = np.asarray(arr, dtype=np.float64)
@@ -112,10 +124,10 @@ def soup_embedders(embedders: Sequence[Embedder], weights: Sequence[float] | Non
     """
     names = list(names or [f"model {i}" for i in range(len(embedders))])
     if len(embedders) < 2:
-        raise ValueError("a soup needs at least two checkpoints")
+        raise InputError("a soup needs at least two checkpoints")
     weights = np.full(len(embedders), 1.0 / len(embedders)) if weights is None else np.asarray(weights, float)
     if len(weights) != len(embedders) or (weights < 0).any() or weights.sum() <= 0:
-        raise ValueError(f"soup weights must be {len(embedders)} non-negative numbers with a positive sum")
+        raise InputError(f"soup weights must be {len(embedders)} non-negative numbers with a positive sum")
     weights = weights / weights.sum()
     first = embedders[0]
     states = [e.state_dict() for e in embedders]

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..errors import InputError
 from ..models.embedder import Embedder
 from ..models.heads import MAX_EMBED_DIM
 from .module import TTAConfig
@@ -16,7 +17,7 @@ def format_for(out: str | Path, format: str = "auto") -> str:
     """The export format for output file `out`: `format` itself, or for "auto" onnx if it ends in .onnx, else
     torchscript."""
     if format not in FORMATS:
-        raise ValueError(f"format {format!r}: choose from {', '.join(FORMATS)}")
+        raise InputError(f"format {format!r}: choose from {', '.join(FORMATS)}")
     if format == "auto":
         return "onnx" if Path(out).suffix == ".onnx" else "torchscript"
     return format

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import GuieError
+from ..errors import GuieError, InputError, MissingFileError
 from ..models.embedder import Embedder
 from ..models.heads import MAX_EMBED_DIM
 
@@ -45,7 +45,7 @@ class ExportMetadata:
     def from_json(cls, text: str) -> ExportMetadata:
         d = json.loads(text)
         if d.get("format") != METADATA_FORMAT:
-            raise ValueError(f"unknown export metadata format {d.get('format')!r} (expected {METADATA_FORMAT!r})")
+            raise InputError(f"unknown export metadata format {d.get('format')!r} (expected {METADATA_FORMAT!r})")
         return cls(**d)
 
 
@@ -59,7 +59,7 @@ def validate_members(embedders: Sequence[Embedder], max_dim: int | None = MAX_EM
     dim = dims.pop()
     if max_dim is not None and dim > max_dim:
         raise ExportError(f"the model outputs {dim}-d embeddings, over the GUIE limit of {max_dim}: export a model "
-                          "with a projection head (embed_dim <= 64), or pass max_dim=None (--max-dim 0) for serving")
+                          "with a projection head (embed_dim <= 64), or lift the limit (max_dim) for serving")
     return dim
 
 
@@ -83,7 +83,7 @@ def read_metadata(path: str | Path) -> ExportMetadata | None:
     """The guie metadata of an exported .pt (TorchScript) or .onnx file; None if it has none."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"exported model not found: {path}")
+        raise MissingFileError(path, "exported model")
     if path.suffix == ".onnx":
         import onnx
 
@@ -91,7 +91,7 @@ def read_metadata(path: str | Path) -> ExportMetadata | None:
         text = next((p.value for p in model.metadata_props if p.key == ONNX_METADATA_KEY), None)
     else:
         if not zipfile.is_zipfile(path):
-            raise ValueError(f"{path}: not a TorchScript archive (nor a .onnx file)")
+            raise InputError(f"{path}: not a TorchScript archive (nor a .onnx file)")
         with zipfile.ZipFile(path) as zf:
             name = next((n for n in zf.namelist() if n.endswith(f"/extra/{METADATA_NAME}")), None)
             text = zf.read(name).decode() if name else None

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from ..imaging.geometry import resize_tensor, size_max, size_min
 from ..models.preprocess import PreprocessConfig
 
@@ -37,7 +38,7 @@ class TTAConfig:
 
     def __post_init__(self):
         if self.min_aspect < 1:
-            raise ValueError(f"TTA min_aspect must be >= 1 (long side / short side), got {self.min_aspect}")
+            raise InputError(f"TTA min_aspect must be >= 1 (long side / short side), got {self.min_aspect}")
 
     @property
     def enabled(self) -> bool:
@@ -52,7 +53,7 @@ class TTAConfig:
         names = {s.strip() for s in (spec or "").split(",") if s.strip() and s.strip() != "none"}
         unknown = names - {"flip", "letterbox"}
         if unknown:
-            raise ValueError(f"unknown TTA view(s) {sorted(unknown)}; choose from flip, letterbox")
+            raise InputError(f"unknown TTA view(s) {sorted(unknown)}; choose from flip, letterbox")
         return cls(flip="flip" in names, letterbox="letterbox" in names, min_aspect=min_aspect)
 
 
@@ -123,7 +124,7 @@ class ExportedEmbedder(nn.Module):
     def __init__(self, members: list[MemberPipeline]):
         super().__init__()
         if not members:
-            raise ValueError("an exported model needs at least one member")
+            raise InputError("an exported model needs at least one member")
         self.members = nn.ModuleList(members)
         self.ensemble: bool = len(members) > 1
         self.register_buffer("device_anchor", torch.zeros(0), persistent=False)

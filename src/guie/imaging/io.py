@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import GuieError
+from ..errors import GuieError, InputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".avif", ".bmp", ".gif", ".tif", ".tiff")
 # Image formats guie does not decode: a folder's files with these names are listed (and reported with this reason)
@@ -169,7 +169,7 @@ def max_decoded_pixels() -> int:
     try:
         return int(value) if value else DEFAULT_MAX_DECODED_PIXELS
     except ValueError:
-        raise ValueError(f"GUIE_MAX_DECODED_PIXELS={value!r} is not a whole number of pixels") from None
+        raise InputError(f"GUIE_MAX_DECODED_PIXELS={value!r} is not a whole number of pixels") from None
 
 
 def load_image(path: str | Path, draft_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
+
 
 class RelationalDistillLoss(nn.Module):
     """KL divergence between the teacher's and the student's in-batch similarity distributions, per group.
@@ -27,9 +29,9 @@ class RelationalDistillLoss(nn.Module):
     def __init__(self, temperature: float = 0.1, group_weights: list[float] | None = None):
         super().__init__()
         if temperature <= 0:
-            raise ValueError(f"distillation temperature must be > 0, got {temperature}")
+            raise InputError(f"distillation temperature must be > 0, got {temperature}")
         if group_weights is not None and any(not w >= 0 for w in group_weights):
-            raise ValueError(f"distillation group weights must be >= 0, got {list(group_weights)}")
+            raise InputError(f"distillation group weights must be >= 0, got {list(group_weights)}")
         self.temperature = temperature
         self.group_weights = None if group_weights is None else torch.tensor(group_weights, dtype=torch.float32)
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
+
 
 class MarginLoss(nn.Module):
     """Shared machinery: normalised class centres, optional sub-centres (max-pooled), scaled cross-entropy."""
@@ -23,9 +25,9 @@ class MarginLoss(nn.Module):
                  sub_centers: int = 1):
         super().__init__()
         if num_classes < 2:
-            raise ValueError(f"a margin loss needs at least 2 classes, got {num_classes}")
+            raise InputError(f"a margin loss needs at least 2 classes, got {num_classes}")
         if sub_centers < 1:
-            raise ValueError(f"sub_centers must be >= 1, got {sub_centers}")
+            raise InputError(f"sub_centers must be >= 1, got {sub_centers}")
         self.embed_dim, self.num_classes, self.sub_centers, self.scale = embed_dim, num_classes, sub_centers, scale
         self.weight = nn.Parameter(torch.empty(num_classes * sub_centers, embed_dim))
         nn.init.xavier_uniform_(self.weight)
@@ -38,9 +40,9 @@ class MarginLoss(nn.Module):
         if m.ndim == 0:
             m = m.expand(self.num_classes)
         if m.shape != (self.num_classes,):
-            raise ValueError(f"per-class margins must have shape ({self.num_classes},), got {tuple(m.shape)}")
+            raise InputError(f"per-class margins must have shape ({self.num_classes},), got {tuple(m.shape)}")
         if not torch.isfinite(m).all() or (m < 0).any() or (m > self.max_margin).any():
-            raise ValueError(f"{type(self).__name__}: margins must be in [0, {self.max_margin:.4g}] "
+            raise InputError(f"{type(self).__name__}: margins must be in [0, {self.max_margin:.4g}] "
                              f"({self.margin_unit}), got values in [{m.min().item():.4g}, {m.max().item():.4g}]")
         self.margins.copy_(m)
 
@@ -122,8 +124,8 @@ def create_loss(name: str, embed_dim: int, num_classes: int, **kwargs) -> Margin
     """Build a margin loss by name ('arcface' or 'cosface'); kwargs: scale, margin, sub_centers."""
     key = name.lower()
     if key not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose from {sorted(LOSSES)}")
+        raise InputError(f"unknown loss {name!r}; choose from {sorted(LOSSES)}")
     unknown = set(kwargs) - {"scale", "margin", "sub_centers"}
     if unknown:
-        raise ValueError(f"loss {name!r}: unknown option(s) {sorted(unknown)}; valid: scale, margin, sub_centers")
+        raise InputError(f"loss {name!r}: unknown option(s) {sorted(unknown)}; valid: scale, margin, sub_centers")
     return LOSSES[key](embed_dim, num_classes, **kwargs)

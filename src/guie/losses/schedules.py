@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import InputError
+
 
 def dynamic_margins(class_counts, a: float = 0.05, b: float = 0.45) -> torch.Tensor:
     """Per-class margins m_c = a + b * minmax(n_c ** -1/4) (4th/6th place), as float32 [C].
@@ -43,13 +45,13 @@ class MarginSchedule:
 
     def __post_init__(self):
         if (self.class_size_a is None) != (self.class_size_b is None):
-            raise ValueError("class_size_a and class_size_b must be given together")
+            raise InputError("class_size_a and class_size_b must be given together")
         if self.class_size_a is not None and self.step:
-            raise ValueError("choose either an epoch ramp (step) or class-size margins, not both")
+            raise InputError("choose either an epoch ramp (step) or class-size margins, not both")
         if self.step < 0:
-            raise ValueError(f"margin step must be >= 0, got {self.step}")
+            raise InputError(f"margin step must be >= 0, got {self.step}")
         if self.step and self.start > self.max:
-            raise ValueError(f"margin ramp starts at {self.start}, above its cap max={self.max}")
+            raise InputError(f"margin ramp starts at {self.start}, above its cap max={self.max}")
 
     def margin(self, epoch: int, class_counts=None) -> float | torch.Tensor:
         """Margin(s) for this (0-based) epoch: a float, or a per-class tensor [C] for class-size margins."""

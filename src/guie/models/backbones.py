@@ -18,12 +18,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import InputError, MissingFileError
 from .efficientnet_lite import LITE_VARIANTS, create_efficientnet_lite
 from .preprocess import PreprocessConfig
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class UnknownBackboneOption(InputError, TypeError):
+    """A backbone option (`backbone_kwargs`) the backbone does not take."""
 
 
 class Backbone(nn.Module):
@@ -58,11 +62,11 @@ class TimmBackbone(Backbone):
         if self.feature_levels:
             info = getattr(model, "feature_info", None)
             if info is None or not hasattr(model, "forward_intermediates"):
-                raise ValueError(f"{type(model).__name__} cannot pool intermediate levels")
+                raise InputError(f"{type(model).__name__} cannot pool intermediate levels")
             n = len(info)
             bad = [i for i in self.feature_levels if not 0 <= i < n]
             if bad:
-                raise ValueError(f"feature_levels {bad} out of range: this model has levels 0..{n - 1}")
+                raise InputError(f"feature_levels {bad} out of range: this model has levels 0..{n - 1}")
             extra = sum(int(info[i]["num_chs"]) for i in self.feature_levels)
         self.num_features = int(model.num_features) + extra
 
@@ -130,7 +134,7 @@ class OpenClipBackbone(Backbone):
         visual = self.visual
         patch = visual.conv1.kernel_size[0]
         if image_size % patch:
-            raise ValueError(f"image_size {image_size} is not a multiple of the patch size {patch}")
+            raise InputError(f"image_size {image_size} is not a multiple of the patch size {patch}")
         grid = (image_size // patch, image_size // patch)
         if tuple(visual.grid_size) == grid:
             return
@@ -159,7 +163,7 @@ def _split_name(name: str) -> tuple[str, str, str | None]:
 
 def _build_efficientnet_lite(variant, arch, source, pretrained, image_size, feature_levels=None, **kw):
     if kw:
-        raise TypeError(f"{variant} takes only feature_levels, got {sorted(kw)}")
+        raise UnknownBackboneOption(f"{variant} takes only feature_levels, got {sorted(kw)}")
     v = LITE_VARIANTS[variant]
     model = create_efficientnet_lite(variant, pretrained=pretrained, num_classes=0)
     return TimmBackbone(model, feature_levels), PreprocessConfig(image_size=image_size or v.image_size,
@@ -174,7 +178,7 @@ def _build_timm(arch, source, pretrained, image_size, checkpoint: str | None = N
     # Only a pretrained build reads the file: load_embedder rebuilds with pretrained=False and then loads its own
     # weights, so a trained model must not need the checkpoint it started from.
     if checkpoint and pretrained and not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"timm checkpoint not found: {checkpoint}")
+        raise MissingFileError(checkpoint, "timm checkpoint")
     extra = dict(kw)
     if image_size and _takes_img_size(arch):
         extra["img_size"] = image_size
@@ -205,7 +209,7 @@ def _build_open_clip(arch, source, pretrained, image_size, keep_projection: bool
 
     cfg = open_clip.get_model_config(arch)
     if cfg is None:
-        raise ValueError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
+        raise InputError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
     vision_cfg = dict(cfg["vision_cfg"])
     native_size = vision_cfg.get("image_size", 224)
     if image_size:
@@ -220,13 +224,13 @@ def _build_open_clip(arch, source, pretrained, image_size, keep_projection: bool
         else:
             tag_cfg = open_clip.get_pretrained_cfg(arch, source)
             if not tag_cfg:
-                raise ValueError(f"{source!r} is neither a file nor a known pretrained tag of {arch}: "
+                raise InputError(f"{source!r} is neither a file nor a known pretrained tag of {arch}: "
                                  f"{open_clip.list_pretrained_tags_by_model(arch)}")
             path = open_clip.download_pretrained(tag_cfg)
             mean, std = tuple(tag_cfg.get("mean") or mean), tuple(tag_cfg.get("std") or std)
         load_open_clip_visual(visual, path, native_size)
     elif pretrained:
-        raise ValueError(f"open_clip:{arch} needs a pretrained tag or file (open_clip:{arch}:<tag or file>), "
+        raise InputError(f"open_clip:{arch} needs a pretrained tag or file (open_clip:{arch}:<tag or file>), "
                          "or pretrained=False for random weights")
     pre = PreprocessConfig(image_size=vision_cfg["image_size"], mean=mean, std=std, interpolation="bicubic",
                            crop_pct=1.0)

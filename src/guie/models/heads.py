@@ -5,6 +5,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import InputError
+
 MAX_EMBED_DIM = 64  # the competition's limit
 
 
@@ -25,13 +27,13 @@ class ProjectionHead(nn.Module):
                  max_dim: int | None = MAX_EMBED_DIM, norm: str = "none", hidden: int | None = None):
         super().__init__()
         if max_dim is not None and embed_dim > max_dim:
-            raise ValueError(f"embed_dim={embed_dim} exceeds the GUIE limit of {max_dim} dimensions")
+            raise InputError(f"embed_dim={embed_dim} exceeds the GUIE limit of {max_dim} dimensions")
         if embed_dim < 1:
-            raise ValueError(f"embed_dim must be >= 1, got {embed_dim}")
+            raise InputError(f"embed_dim must be >= 1, got {embed_dim}")
         if norm not in HEAD_NORMS:
-            raise ValueError(f"head norm {norm!r}: choose from {HEAD_NORMS}")
+            raise InputError(f"head norm {norm!r}: choose from {HEAD_NORMS}")
         if hidden is not None and hidden < 1:
-            raise ValueError(f"head hidden width must be >= 1 (or None for a linear head), got {hidden}")
+            raise InputError(f"head hidden width must be >= 1 (or None for a linear head), got {hidden}")
         self.in_features, self.embed_dim, self.hidden = in_features, embed_dim, hidden
         self.norm = nn.BatchNorm1d(in_features, affine=False) if norm == "batchnorm" else nn.Identity()
         self.dropout = nn.Dropout(dropout)
@@ -46,10 +48,10 @@ class ProjectionHead(nn.Module):
     def init_from_pca(self, mean: np.ndarray, components: np.ndarray) -> ProjectionHead:
         """Set the projection to x -> (x - mean) @ components.T (so the head starts as PCA)."""
         if self.hidden is not None:
-            raise ValueError("PCA initialises a linear head only; this head has a hidden layer")
+            raise InputError("PCA initialises a linear head only; this head has a hidden layer")
         comps = torch.as_tensor(components, dtype=torch.float32)
         if comps.shape != self.proj.weight.shape:
-            raise ValueError(f"PCA components {tuple(comps.shape)} do not fit head {tuple(self.proj.weight.shape)}")
+            raise InputError(f"PCA components {tuple(comps.shape)} do not fit head {tuple(self.proj.weight.shape)}")
         self.proj.weight.copy_(comps)
         if self.proj.bias is not None:
             self.proj.bias.copy_(-comps @ torch.as_tensor(mean, dtype=torch.float32))
@@ -60,9 +62,9 @@ def fit_pca(features: np.ndarray, dim: int, whiten: bool = False) -> tuple[np.nd
     """PCA of a feature matrix [N, F] -> (mean [F], components [dim, F]); whiten scales each axis to unit variance."""
     x = np.asarray(features, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] < 2:
-        raise ValueError(f"PCA needs a 2-D matrix with at least 2 rows, got shape {x.shape}")
+        raise InputError(f"PCA needs a 2-D matrix with at least 2 rows, got shape {x.shape}")
     if dim > min(x.shape):
-        raise ValueError(f"PCA to {dim} dims needs at least {dim} samples and features, got {x.shape}")
+        raise InputError(f"PCA to {dim} dims needs at least {dim} samples and features, got {x.shape}")
     mean = x.mean(0)
     _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
     comps = vt[:dim]

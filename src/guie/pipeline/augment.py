@@ -30,6 +30,7 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import InterpolationMode, v2
 
+from ..errors import InputError
 from ..models.preprocess import PreprocessConfig, pil_to_uint8, resize_image
 
 Fill = int | tuple[int, int, int]
@@ -68,7 +69,7 @@ class AugmentConfig:
 
     def __post_init__(self):
         def bad(name: str, expected: str):
-            raise ValueError(f"augment: {name} must be {expected}, got {getattr(self, name)!r}")
+            raise InputError(f"augment: {name} must be {expected}, got {getattr(self, name)!r}")
 
         for name in _PROBABILITIES:
             v = getattr(self, name)
@@ -109,7 +110,7 @@ class AugmentConfig:
             for k in unknown:
                 close = difflib.get_close_matches(str(k), valid, n=1)
                 hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ValueError(f"augment: unknown option(s) {', '.join(hints)}; valid options: {', '.join(valid)}")
+            raise InputError(f"augment: unknown option(s) {', '.join(hints)}; valid options: {', '.join(valid)}")
         for k, v in d.items():
             if isinstance(v, list):
                 d[k] = tuple(v)

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from ..errors import InputError
+
 
 def _dist_defaults(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
     """(world size, rank) from the arguments, else from torch.distributed when initialised, else (1, 0)."""
@@ -29,9 +31,9 @@ def _dist_defaults(num_replicas: int | None, rank: int | None) -> tuple[int, int
     if rank is None:
         rank = torch.distributed.get_rank() if initialised else 0
     if num_replicas < 1:
-        raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
+        raise InputError(f"num_replicas must be >= 1, got {num_replicas}")
     if not 0 <= rank < num_replicas:
-        raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
+        raise InputError(f"rank must be in [0, {num_replicas}), got {rank}")
     return int(num_replicas), int(rank)
 
 
@@ -43,16 +45,16 @@ class _GlobalBatchSampler(Sampler[int]):
     def __init__(self, num_items: int, batch_size: int, num_samples: int | None, num_replicas: int | None,
                  rank: int | None, seed: int):
         if num_items < 1:
-            raise ValueError(f"{type(self).__name__}: the dataset is empty")
+            raise InputError(f"{type(self).__name__}: the dataset is empty")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
         self.num_replicas, self.rank = _dist_defaults(num_replicas, rank)
         if batch_size % self.num_replicas:
-            raise ValueError(f"batch_size {batch_size} (global) is not divisible by {self.num_replicas} processes")
+            raise InputError(f"batch_size {batch_size} (global) is not divisible by {self.num_replicas} processes")
         self.num_items, self.batch_size, self.seed = int(num_items), int(batch_size), int(seed)
         self.num_samples = int(num_items if num_samples is None else num_samples)
         if self.num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+            raise InputError(f"num_samples must be >= 1, got {num_samples}")
         self.local_batch = self.batch_size // self.num_replicas
         # whole batches only (DDP ranks must step together): the last one is topped up, never dropped
         self.batches_per_epoch = math.ceil(self.num_samples / self.batch_size)
@@ -97,7 +99,7 @@ class _GlobalBatchSampler(Sampler[int]):
         """Select the epoch to iterate (reshuffles deterministically from (seed, epoch)); call it every epoch,
         as with DistributedSampler. A resume position loaded for this same epoch is kept."""
         if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
+            raise InputError(f"epoch must be >= 0, got {epoch}")
         if epoch != self.epoch:
             self._resume_at, self.batches_done = 0, 0
         self.epoch = int(epoch)
@@ -110,7 +112,7 @@ class _GlobalBatchSampler(Sampler[int]):
         """
         done = self.batches_done if batches_done is None else int(batches_done)
         if not 0 <= done <= self.batches_per_epoch:
-            raise ValueError(f"batches_done must be in [0, {self.batches_per_epoch}], got {done}")
+            raise InputError(f"batches_done must be in [0, {self.batches_per_epoch}], got {done}")
         return {"epoch": self.epoch, "batches_done": done}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -118,10 +120,10 @@ class _GlobalBatchSampler(Sampler[int]):
         uninterrupted run would (also with another number of processes, if the global batch size is the same)."""
         missing = {"epoch", "batches_done"} - set(state)
         if missing:
-            raise ValueError(f"sampler state lacks {sorted(missing)}: got {state}")
+            raise InputError(f"sampler state lacks {sorted(missing)}: got {state}")
         done = int(state["batches_done"])
         if not 0 <= done <= self.batches_per_epoch:
-            raise ValueError(f"sampler state: batches_done {done} is outside this epoch's "
+            raise InputError(f"sampler state: batches_done {done} is outside this epoch's "
                              f"{self.batches_per_epoch} batches (was the batch size or dataset changed?)")
         self.epoch, self._resume_at, self.batches_done = int(state["epoch"]), done, done
 
@@ -195,12 +197,12 @@ class ClassBalancedSampler(_GlobalBatchSampler):
                  seed: int = 0):
         labels = np.asarray(labels)
         if labels.ndim != 1 or len(labels) == 0:
-            raise ValueError(f"ClassBalancedSampler: labels must be a non-empty 1-D sequence, got shape "
+            raise InputError(f"ClassBalancedSampler: labels must be a non-empty 1-D sequence, got shape "
                              f"{labels.shape}")
         if m_per_class < 1:
-            raise ValueError(f"m_per_class must be >= 1, got {m_per_class}")
+            raise InputError(f"m_per_class must be >= 1, got {m_per_class}")
         if batch_size % m_per_class:
-            raise ValueError(f"batch_size {batch_size} is not a multiple of m_per_class {m_per_class}")
+            raise InputError(f"batch_size {batch_size} is not a multiple of m_per_class {m_per_class}")
         super().__init__(len(labels), batch_size, num_samples, num_replicas, rank, seed)
         self.m_per_class = int(m_per_class)
         self.classes_per_batch = self.batch_size // self.m_per_class
@@ -211,13 +213,13 @@ class ClassBalancedSampler(_GlobalBatchSampler):
         self._starts = np.concatenate([[0], np.cumsum(self._counts)[:-1]])
         if domains is None:
             if domain_weights:
-                raise ValueError("domain_weights need domains (sampler balance: domain)")
+                raise InputError("domain_weights need domains (sampler balance: domain)")
             self._domain_classes = [np.arange(self.num_classes)]
             self._domain_p = np.ones(1)
         else:
             domains = np.asarray(domains)
             if domains.shape != labels.shape:
-                raise ValueError(f"domains must have one value per item ({len(labels)}), got shape {domains.shape}")
+                raise InputError(f"domains must have one value per item ({len(labels)}), got shape {domains.shape}")
             names, dom = np.unique(domains, return_inverse=True)
             # a class found in several domains is listed in each (its images are pooled)
             pairs = np.unique(np.stack([dom, self._cls], 1), axis=0)
@@ -225,11 +227,11 @@ class ClassBalancedSampler(_GlobalBatchSampler):
             weights = dict(domain_weights or {})
             unknown = sorted(set(map(str, weights)) - set(map(str, names)))
             if unknown:
-                raise ValueError(f"domain_weights name unknown domain(s) {unknown}; the data has "
+                raise InputError(f"domain_weights name unknown domain(s) {unknown}; the data has "
                                  f"{sorted(map(str, names))}")
             w = np.array([float(weights.get(str(n), 1.0)) for n in names])
             if not (np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
-                raise ValueError(f"domain_weights must be finite, >= 0 and not all 0, got {weights}")
+                raise InputError(f"domain_weights must be finite, >= 0 and not all 0, got {weights}")
             self._domain_p = w / w.sum()
 
     @property

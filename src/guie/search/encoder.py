@@ -17,10 +17,8 @@ def model_reference(model: str | Path) -> str:
 
 
 def describe_model(embedder, model: str | Path) -> dict:
-    """The header's model entry: reference, fingerprint (`model_fingerprint`), preprocessing and output dimension."""
-    from ..embedding.files import model_fingerprint
-
-    return {"ref": model_reference(model), "fingerprint": model_fingerprint(embedder, embedder.preprocess, False),
+    """The header's model entry: reference, fingerprint (`Embedder.fingerprint`), preprocessing and output dimension."""
+    return {"ref": model_reference(model), "fingerprint": embedder.fingerprint(),
             "preprocess": embedder.preprocess.to_dict(), "dim": int(embedder.embed_dim)}
 
 
@@ -35,7 +33,6 @@ def load_index_model(index: ImageIndex, model: str | Path | None = None, image_s
                      crop_pct: float | None = None):
     """The index's model (from its header, or `model` given instead; `image_size`, `crop_pct` default to the
     index's), refused unless its fingerprint is the one the index was built with."""
-    from ..embedding.files import model_fingerprint
     from ..errors import MissingFileError
 
     stored = index.model
@@ -48,7 +45,7 @@ def load_index_model(index: ImageIndex, model: str | Path | None = None, image_s
             raise
         raise SearchIndexError(f"{stored['ref']}: model file not found (index {index.name!r} was built with it: "
                                "restore it, or give a copy of the same model)") from None
-    index.check_model(model_fingerprint(embedder, embedder.preprocess, False))
+    index.check_model(embedder.fingerprint())
     return embedder
 
 
@@ -75,10 +72,9 @@ class EngineEncoder:
 
         from ..embedding.batching import DynamicBatcher
         from ..embedding.engine import pixel_forward
-        from ..embedding.files import model_fingerprint
 
         self.embedder = embedder
-        self.fingerprint = model_fingerprint(embedder, embedder.preprocess, False)
+        self.fingerprint = embedder.fingerprint()
         self.transform = embedder.transform
         forward = pixel_forward(embedder, device, runtime=runtime, precision=precision, forwards=workers)
         if forward.runtime.threads_each:  # torch on CPU: each batcher thread runs a forward on its share (process-wide)

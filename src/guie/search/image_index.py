@@ -95,7 +95,7 @@ class ImageIndex:
                extra: dict | None = None) -> ImageIndex:
         """A new empty index at `name` (see `resolve_index`).
 
-        `model` identifies the embedder: {"ref": what to load, "fingerprint": `model_fingerprint(...)`,
+        `model` identifies the embedder: {"ref": what to load, "fingerprint": `Embedder.fingerprint()`,
         "preprocess": PreprocessConfig.to_dict()}; every later add and search must use a model with the same
         fingerprint. `uri` puts a milvus index on a cluster instead of the local Milvus Lite file (the token is
         never stored: pass it, or set GUIE_MILVUS_TOKEN, each time)."""

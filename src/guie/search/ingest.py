@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,10 +117,10 @@ def add_source(index: ImageIndex, source: str | Path, embedder, where: Sequence[
     how its forward runs (`guie.embedding.runtimes`). Returns an AddReport."""
     from ..data.dedup import file_digests
     from ..data.manifest import read_manifest, select_rows
-    from ..embedding.files import embed_to_file, model_fingerprint
+    from ..embedding.files import embed_to_file
 
-    say = report or (lambda msg: print(msg, file=sys.stderr))
-    index.check_model(model_fingerprint(embedder, embedder.preprocess, features=False))
+    say = report or log.warning
+    index.check_model(embedder.fingerprint())
     everything = read_manifest(source)
     df = select_rows(everything, list(where or []), str(source))
     n_rows = len(df)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ..data.manifest import read_manifest, select_rows
+from ..errors import InputError
 from .recipe import DatasetConfig, RunConfig, StageConfig, ValidationSet
 
 
@@ -38,7 +39,7 @@ def load_training_dataset(name: str, cfg: DatasetConfig, cache_dir: Path | None,
     if cfg.min_per_class:
         df = builder.upsample_per_class(df, cfg.min_per_class, seed)
     if df.empty:
-        raise ValueError(f"dataset {name!r}: no classes with >= {cfg.min_images} images")
+        raise InputError(f"dataset {name!r}: no classes with >= {cfg.min_images} images")
     return df.reset_index(drop=True)
 
 

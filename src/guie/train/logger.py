@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import csv
 import io
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..utils import atomic_write_bytes
+
+if TYPE_CHECKING:
+    import torch
 
 
 class RunLogger:
@@ -95,3 +100,31 @@ class RunLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class LossMeter:
+    """Mean loss and throughput between two log lines."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0, self.seen, self.loss_sum, self.loss_n = time.time(), 0, 0.0, 0
+
+    def add(self, loss: torch.Tensor, accum: int, images: int) -> None:
+        # summed on the device: a float() here would wait for the GPU every step and leave it idle while the next
+        # step's kernels are launched
+        self.loss_sum = self.loss_sum + loss.detach().float() * accum
+        self.loss_n += 1
+        self.seen += images
+
+    def mean_loss(self) -> float:
+        return float(self.loss_sum) / max(1, self.loss_n)
+
+    def rate(self, world_size: int) -> float:
+        return self.seen * world_size / max(1e-9, time.time() - self.t0)
+
+
+def global_step(stage_index: int, step: int) -> int:
+    """The TensorBoard step of a stage's step: stages apart, in recipe order."""
+    return stage_index * 10_000_000 + step

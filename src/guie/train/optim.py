@@ -1,11 +1,15 @@
-"""Optimizers with per-part learning rates and layer-wise decay over backbone depth, and LR schedules."""
+"""Which parts of the model train (backbone / head / class centres) and how: per-part learning rates, layer-wise
+decay over backbone depth, optimizers, LR schedules, train/eval mode per part."""
 from __future__ import annotations
 
 import math
 
 import torch
+from torch import nn
 
-from .recipe import OptimizerConfig, ScheduleConfig
+from ..errors import InputError
+from ..models.embedder import Embedder
+from .recipe import OptimizerConfig, ScheduleConfig, StageConfig
 
 
 def param_groups(embedder, loss_module, lrs: dict, train_parts: list[str], layer_decay: float = 1.0,
@@ -46,7 +50,7 @@ def create_optimizer(groups: list[dict], cfg: OptimizerConfig) -> torch.optim.Op
         return torch.optim.AdamW(groups, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    raise ValueError(f"optimizer {cfg.name!r}: choose adamw or sgd")
+    raise InputError(f"optimizer {cfg.name!r}: choose adamw or sgd")
 
 
 def lr_multiplier(step: int, total_steps: int, steps_per_epoch: int, cfg: ScheduleConfig) -> float:
@@ -61,4 +65,28 @@ def lr_multiplier(step: int, total_steps: int, steps_per_epoch: int, cfg: Schedu
     if cfg.name == "cosine":
         progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    raise ValueError(f"schedule {cfg.name!r}: choose cosine, step or constant")
+    raise InputError(f"schedule {cfg.name!r}: choose cosine, step or constant")
+
+
+def set_trainable(embedder: Embedder, loss: nn.Module, parts: list[str]) -> None:
+    """Gradients for the stage's parts only (backbone / head / class centres)."""
+    embedder.requires_grad_(False)
+    embedder.head.requires_grad_("head" in parts)
+    embedder.backbone.requires_grad_("backbone" in parts)
+    loss.lock_centers("centers" not in parts)
+
+
+def set_train_mode(embedder: Embedder, stage: StageConfig) -> None:
+    """Head in train mode (dropout); a frozen backbone fully in eval mode; BN statistics fixed if freeze_bn; a locked
+    head keeps its feature standardisation (BatchNorm running statistics) fixed too."""
+    embedder.train()
+    if "head" not in stage.train:
+        for m in embedder.head.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    if "backbone" not in stage.train:
+        embedder.backbone.eval()
+    elif stage.freeze_bn:
+        for m in embedder.backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..embedding.feature_store import cached_features
+from ..errors import InputError
 from ..models.embedder import Embedder, create_embedder, resolve_embedder
 from ..models.heads import MAX_EMBED_DIM, fit_pca
 from ..utils import default_cache_dir, log
@@ -34,18 +35,18 @@ def fit_pca_embedder(paths: Sequence[str], model: str | Path | Embedder = "effic
         runtime, precision, batch_size: how the features are computed (`guie.embedding.feature_store`).
     """
     if not 1 <= dim <= MAX_EMBED_DIM:
-        raise ValueError(f"--dim must be in 1..{MAX_EMBED_DIM}, got {dim}")
+        raise InputError(f"PCA dim must be in 1..{MAX_EMBED_DIM}, got {dim}")
     is_name = not isinstance(model, Embedder) and not Path(str(model)).is_file()
     if is_name:
         base = resolve_embedder(model, image_size=image_size, preprocess=preprocess or None, **backbone_kwargs)
     else:
         if set(preprocess or {}) - {"crop_pct"} or backbone_kwargs:
-            raise ValueError("preprocess/backbone options apply to backbone names, not to a trained model")
+            raise InputError("preprocess/backbone options apply to backbone names, not to a trained model")
         base = resolve_embedder(model, image_size=image_size, crop_pct=(preprocess or {}).get("crop_pct"))
     feats, ok = cached_features(base, list(map(str, paths)), cache_dir or default_cache_dir(), device=device,
                                 progress=progress, batch_size=batch_size, runtime=runtime, precision=precision)
     if ok.sum() < dim + 1:
-        raise ValueError(f"PCA to {dim} dims needs at least {dim + 1} readable images, got {int(ok.sum())}")
+        raise InputError(f"PCA to {dim} dims needs at least {dim + 1} readable images, got {int(ok.sum())}")
     log.info("PCA %d -> %d on %d images", feats.shape[1], dim, int(ok.sum()))
     mean, components = fit_pca(feats[ok].astype(np.float64), dim, whiten=whiten)
     spec = base.spec

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
+from ..losses import LOSSES, MarginSchedule
 from ..models.preprocess import PreprocessConfig
 from ..pipeline.augment import AugmentConfig
 from ..typed_yaml import ConfigError, load_yaml_config, overrides_of
@@ -16,9 +18,14 @@ from ..typed_yaml import ConfigError, load_yaml_config, overrides_of
 PARTS = ("backbone", "head", "centers")  # backbone | projection head ("neck") | class-centre matrix of the loss
 
 
+def _check_choice(what: str, value: str, choices) -> None:
+    if value not in choices:
+        raise InputError(f"{what} {value!r}: choose one of {', '.join(choices)}")
+
+
 def _check_dropout(p: float) -> None:
     if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {p}")
+        raise InputError(f"dropout must be in [0, 1), got {p}")
 
 
 @dataclass
@@ -40,7 +47,7 @@ class ModelConfig:
     def __post_init__(self):
         _check_dropout(self.dropout)
         if self.embed_dim < 1:
-            raise ValueError(f"embed_dim must be >= 1, got {self.embed_dim}")
+            raise InputError(f"embed_dim must be >= 1, got {self.embed_dim}")
 
 
 @dataclass
@@ -71,6 +78,15 @@ class LossConfig:
     class_size_b: float | None = None
     sub_centers: int = 1
 
+    def __post_init__(self):
+        _check_choice("loss", self.name.lower(), LOSSES)
+        self.margin_schedule()  # its own checks (ramp or class-size margins, not both)
+
+    def margin_schedule(self) -> MarginSchedule:
+        """The stage's margin as a function of the epoch."""
+        return MarginSchedule(start=self.margin, step=self.margin_step, max=self.margin_max,
+                              class_size_a=self.class_size_a, class_size_b=self.class_size_b)
+
 
 @dataclass
 class OptimizerConfig:
@@ -78,6 +94,9 @@ class OptimizerConfig:
     weight_decay: float = 1e-4
     momentum: float = 0.9             # sgd only
     betas: tuple[float, float] = (0.9, 0.999)
+
+    def __post_init__(self):
+        _check_choice("optimizer", self.name, ("adamw", "sgd"))
 
 
 @dataclass
@@ -89,6 +108,9 @@ class ScheduleConfig:
     gamma: float = 0.1
     min_lr_ratio: float = 0.0
 
+    def __post_init__(self):
+        _check_choice("schedule", self.name, ("cosine", "step", "constant"))
+
 
 @dataclass
 class SamplerConfig:
@@ -97,6 +119,10 @@ class SamplerConfig:
     balance: str = "class"            # class | domain (class_balanced only)
     domain_weights: dict[str, float] = field(default_factory=dict)  # balance: domain: a domain's share of class
                                                                     # slots (default 1 each: uniform)
+
+    def __post_init__(self):
+        _check_choice("sampler", self.name, ("shuffle", "class_balanced"))
+        _check_choice("sampler balance", self.balance, ("class", "domain"))
 
 
 @dataclass
@@ -120,14 +146,14 @@ class DistillConfig:
     def __post_init__(self):
         bad = {d: w for d, w in self.domain_weights.items() if not float(w) >= 0}
         if bad:
-            raise ValueError(f"distill.domain_weights must be >= 0, got {bad}")
+            raise InputError(f"distill.domain_weights must be >= 0, got {bad}")
         if not self.mirror_weight >= 0 or (self.mirror_weight and not self.mirror_domains):
-            raise ValueError(f"distill.mirror_weight must be >= 0 and needs distill.mirror_domains, got "
+            raise InputError(f"distill.mirror_weight must be >= 0 and needs distill.mirror_domains, got "
                              f"{self.mirror_weight} with {list(self.mirror_domains)}")
         for key in ("domain_weights", "mirror_domains"):
             unknown = sorted(set(getattr(self, key)) - set(self.teachers))
             if unknown:
-                raise ValueError(f"distill.{key} names domain(s) {unknown} without a teacher; "
+                raise InputError(f"distill.{key} names domain(s) {unknown} without a teacher; "
                                  f"teachers: {sorted(self.teachers)}")
 
     def group_weights(self) -> list[float] | None:
@@ -176,28 +202,28 @@ class StageConfig:
             _check_dropout(self.dropout)
         bad = sorted(set(self.train) - set(PARTS))
         if bad:
-            raise ValueError(f"stage {self.name!r}: unknown part(s) {bad} in 'train'; parts are {list(PARTS)}")
+            raise InputError(f"stage {self.name!r}: unknown part(s) {bad} in 'train'; parts are {list(PARTS)}")
         if not self.train:
-            raise ValueError(f"stage {self.name!r}: 'train' lists no part")
+            raise InputError(f"stage {self.name!r}: 'train' lists no part")
         if (self.epochs is None) == (self.steps is None):
-            raise ValueError(f"stage {self.name!r}: give exactly one of 'epochs' or 'steps'")
+            raise InputError(f"stage {self.name!r}: give exactly one of 'epochs' or 'steps'")
         if self.feature_cache not in ("auto", "on", "off"):
-            raise ValueError(f"stage {self.name!r}: feature_cache must be auto, on or off")
+            raise InputError(f"stage {self.name!r}: feature_cache must be auto, on or off")
         if self.feature_cache == "on" and "backbone" in self.train:
-            raise ValueError(f"stage {self.name!r}: the feature cache needs a frozen backbone")
+            raise InputError(f"stage {self.name!r}: the feature cache needs a frozen backbone")
         if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"stage {self.name!r}: precision must be auto, bf16 or fp32")
+            raise InputError(f"stage {self.name!r}: precision must be auto, bf16 or fp32")
         unknown_lr = sorted(set(self.lr) - set(PARTS))
         if unknown_lr:
-            raise ValueError(f"stage {self.name!r}: unknown part(s) {unknown_lr} in 'lr'; parts are {list(PARTS)}")
+            raise InputError(f"stage {self.name!r}: unknown part(s) {unknown_lr} in 'lr'; parts are {list(PARTS)}")
         missing_lr = [p for p in self.train if p not in self.lr]
         if missing_lr:
-            raise ValueError(f"stage {self.name!r}: no lr for trained part(s) {missing_lr}")
+            raise InputError(f"stage {self.name!r}: no lr for trained part(s) {missing_lr}")
         if self.distill.weight and not self.uses_feature_cache and not self.distill.mirror_weight:
-            raise ValueError(f"stage {self.name!r}: in a stage that trains on images (not cached features) distill "
+            raise InputError(f"stage {self.name!r}: in a stage that trains on images (not cached features) distill "
                              f"has the mirror term alone: set distill.mirror_domains and distill.mirror_weight")
         if self.distill.weight and not self.distill.teachers:
-            raise ValueError(f"stage {self.name!r}: distill.weight > 0 needs distill.teachers (domain -> checkpoint)")
+            raise InputError(f"stage {self.name!r}: distill.weight > 0 needs distill.teachers (domain -> checkpoint)")
 
     @property
     def uses_feature_cache(self) -> bool:
@@ -226,7 +252,7 @@ class ValidationConfig(ValidationSet):
 
     def __post_init__(self):
         if self.sets and self.manifest:
-            raise ValueError("validation: give either one manifest or named sets, not both")
+            raise InputError("validation: give either one manifest or named sets, not both")
 
     def all_sets(self) -> dict[str, ValidationSet]:
         """The named sets, or the single set as {"val": ...}; empty when nothing is configured."""
@@ -262,19 +288,19 @@ class RunConfig:
 
     def __post_init__(self):
         if not self.stages:
-            raise ValueError("a run needs at least one stage")
+            raise InputError("a run needs at least one stage")
         from ..embedding.runtimes import check_choice
 
         check_choice(self.runtime, self.precision)
         if self.cpu_threads is not None and self.cpu_threads < 1:
-            raise ValueError(f"cpu_threads must be >= 1 (or null for all cores), got {self.cpu_threads}")
+            raise InputError(f"cpu_threads must be >= 1 (or null for all cores), got {self.cpu_threads}")
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
-            raise ValueError(f"stage names must be unique, got {names}")
+            raise InputError(f"stage names must be unique, got {names}")
         for s in self.stages:
             unknown = [d for d in s.datasets if d not in self.datasets]
             if unknown:
-                raise ValueError(f"stage {s.name!r} uses undefined dataset(s) {unknown}; "
+                raise InputError(f"stage {s.name!r} uses undefined dataset(s) {unknown}; "
                                  f"defined: {sorted(self.datasets)}")
 
     @property

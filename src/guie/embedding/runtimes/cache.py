@@ -1,7 +1,7 @@
 """Convert once: converted models on disk, keyed by what they depend on.
 
 An entry is a folder `<root>/<runtime>/<key digest>/` holding the runtime's files and `meta.json` (the key, the
-runtime's version, guie's version). The key is the model fingerprint (`guie.embedding.files.model_fingerprint`:
+runtime's version, guie's version). The key is the model fingerprint (`Embedder.fingerprint`:
 weights, preprocessing, output kind), the runtime, the converted precision and the input geometry (3 x S x S,
 dynamic batch). A second run with the same model loads the entry instead of converting (seconds to tens of seconds
 saved). Entries appear atomically (written in a temporary folder, then renamed), so a killed conversion leaves

@@ -73,10 +73,8 @@ class ForwardModule(torch.nn.Module):
 
 def conversion_key(embedder, runtime: str, features: bool, artifact: str = "fp32") -> dict:
     """What a converted model depends on: the fingerprint, the runtime, the converted precision, the input."""
-    from ..files import model_fingerprint
-
     size = embedder.preprocess.image_size
-    return {"fingerprint": model_fingerprint(embedder, embedder.preprocess, features), "runtime": runtime,
+    return {"fingerprint": embedder.fingerprint(features), "runtime": runtime,
             "precision": artifact, "input": ["batch", 3, size, size], "input_dtype": "uint8", "features": features}
 
 

@@ -10,7 +10,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from ..utils import atomic_write_text, log
+from ...errors import EnvironmentProblem
+from ...utils import atomic_write_text, log
 
 DONE_MARKER = ".guie-version"  # written last: a package folder without it is an interrupted extraction
 
@@ -18,7 +19,7 @@ DONE_MARKER = ".guie-version"  # written last: a package folder without it is an
 def _run(cmd: list[str], what: str, cwd: Path | None = None) -> str:
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
     if proc.returncode != 0:
-        raise RuntimeError(f"{what} failed: {(proc.stderr or proc.stdout).strip()[-500:]}")
+        raise EnvironmentProblem(f"{what} failed: {' '.join((proc.stderr or proc.stdout).split())[-500:]}")
     return proc.stdout
 
 
@@ -43,19 +44,19 @@ def fetch_debian_packages(packages: list[str] | tuple[str, ...], root: str | Pat
     if missing:
         for tool in ("apt-get", "dpkg-deb"):
             if shutil.which(tool) is None:
-                raise RuntimeError(f"fetching Debian packages needs `{tool}` (a Debian/Ubuntu machine)")
+                raise EnvironmentProblem(f"fetching Debian packages needs `{tool}` (a Debian/Ubuntu machine)")
         log.info("fetching %d Debian package(s) with apt-get: %s", len(missing), " ".join(missing))
         with tempfile.TemporaryDirectory(dir=root, prefix=".download.") as tmp:
             tmp = Path(tmp)
             try:
                 _run(["apt-get", "download", *missing], "apt-get download", cwd=tmp)
             except RuntimeError as e:
-                raise RuntimeError(f"{e} (packages: {' '.join(missing)}; run `apt-get update` first if the "
+                raise EnvironmentProblem(f"{e} (packages: {' '.join(missing)}; run `apt-get update` first if the "
                                    "package lists are missing)") from None
             for package in missing:
                 debs = sorted(tmp.glob(f"{package}_*.deb"))
                 if not debs:
-                    raise RuntimeError(f"apt-get download did not produce a .deb for {package}")
+                    raise EnvironmentProblem(f"apt-get download did not produce a .deb for {package}")
                 version = _run(["dpkg-deb", "-f", str(debs[-1]), "Version"], f"dpkg-deb -f {debs[-1].name}").strip()
                 staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{package}."))
                 try:

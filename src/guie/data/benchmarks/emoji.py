@@ -21,22 +21,27 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..utils import atomic_write_text, default_cache_dir, log
+from ...errors import EnvironmentProblem
+from ...utils import atomic_write_text, default_cache_dir, log
 
 VENDORS = ("apple", "google", "twitter", "facebook")
 DEFAULT_VERSION = "16.0.0"
 VAL_EVERY = 5
 
 
+def _require_npm() -> None:
+    if shutil.which("npm") is None:
+        raise EnvironmentProblem("the emoji benchmark needs the `npm` client to fetch its images (apt-get install npm)")
+
+
 def _npm_pack(package: str, dest: Path) -> Path:
     """Download a package tarball with the npm client (no install, no scripts run)."""
-    if shutil.which("npm") is None:
-        raise RuntimeError("the emoji benchmark needs the `npm` client to fetch its images (apt-get install npm)")
+    _require_npm()
     dest.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(["npm", "pack", package, "--silent", "--pack-destination", str(dest)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"npm pack {package} failed: {proc.stderr.strip()[-500:]}")
+        raise EnvironmentProblem(f"npm pack {package} failed: {' '.join(proc.stderr.split())[-500:]}")
     name = proc.stdout.strip().splitlines()[-1]
     return dest / name
 
@@ -87,10 +92,11 @@ def build_emoji_benchmark(cache_dir: str | Path | None = None, version: str = DE
     manifest = root / "manifest.csv"
     if manifest.exists() and not force:
         return manifest
+    fetch = [v for v in vendors if force or not ((root / v).is_dir() and (root / "emoji.json").exists())]
+    if fetch:
+        _require_npm()  # before anything is fetched or written: one line saying what is missing
     root.mkdir(parents=True, exist_ok=True)
-    for vendor in vendors:
-        if (root / vendor).is_dir() and (root / "emoji.json").exists() and not force:
-            continue
+    for vendor in fetch:
         log.info("fetching emoji-datasource-%s@%s with npm", vendor, version)
         with tempfile.TemporaryDirectory(dir=root) as tmp:
             tgz = _npm_pack(f"emoji-datasource-{vendor}@{version}", Path(tmp))

@@ -3,7 +3,7 @@
 A class is one Unicode code point (Latin, digits, ASCII punctuation, common symbols, Greek, Cyrillic: `GLYPH_SET`);
 its images are that character rendered by each font family of `GLYPH_FONTS` that really draws it: black on white,
 `size` px square, one image per font. The fonts come from Debian packages fetched at run time with
-`apt-get download` + `dpkg-deb -x` into guie's cache (`guie.data.debian`), never committed.
+`apt-get download` + `dpkg-deb -x` into guie's cache (`guie.data.benchmarks.debian`), never committed.
 
 Rendering (`GlyphRenderer`): every font is scaled so that its capital H is `cap_height` of the image tall, the
 baseline sits at `baseline` of the height and the ink is centred horizontally, so size and vertical position stay
@@ -12,7 +12,7 @@ A font is skipped for a character when its cmap does not map it, when it renders
 the font's .notdef (tofu) glyph (drawn from an unmapped code point; FreeType may place it a pixel apart, hence a
 tolerance); Pillow's basic layout does no font fallback, so nothing else can stand in.
 
-Benchmark hygiene (`guie.data.crossstyle`): fonts that copy an earlier font (FreeSans of Nimbus Sans, Arimo of
+Benchmark hygiene (`crossstyle`): fonts that copy an earlier font (FreeSans of Nimbus Sans, Arimo of
 Liberation Sans, ...) are dropped, single copied glyphs too; characters that most fonts draw identically to an
 earlier character (Greek Alpha, Cyrillic A after Latin A) are dropped; characters drawn by fewer than `min_fonts`
 fonts are dropped.
@@ -32,7 +32,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
-from ..utils import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir, log
+from ...errors import EnvironmentProblem, InputError
+from ...utils import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir, log
 from .crossstyle import check_image_size, compare_array, drop_style_copies, find_confusable_classes, ink_difference
 from .debian import fetch_debian_packages, package_version
 from .emoji import class_split
@@ -130,7 +131,7 @@ def find_font_file(root: str | Path, family: str, style: str | None = None) -> P
             fam, sub = names.getDebugName(fam_id), names.getDebugName(sub_id)
             if fam and sub and fam.strip().lower() == family.lower() and sub.strip().lower() in styles:
                 return path
-    raise FileNotFoundError(f"no {style or 'regular'} face of font family {family!r} under {root}")
+    raise EnvironmentProblem(f"no {style or 'regular'} face of font family {family!r} under {root}")
 
 
 class GlyphRenderer:
@@ -144,7 +145,7 @@ class GlyphRenderer:
         probe = ImageFont.truetype(str(self.path), 100, layout_engine=ImageFont.Layout.BASIC)
         cap = -probe.getbbox("H", anchor="ls")[1]
         if cap <= 0:
-            raise ValueError(f"{self.path}: cannot measure the height of 'H'")
+            raise InputError(f"{self.path}: cannot measure the height of 'H'")
         self.points = cap_height * size * 100.0 / cap
         self._fonts: dict[float, ImageFont.FreeTypeFont] = {}
         missing = next((c for c in (0x10FFFD, 0xFFFF, 0xE000, 0xF8FF) if c not in self.cmap), None)

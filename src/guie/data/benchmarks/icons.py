@@ -3,14 +3,14 @@
 A class is one name of the freedesktop Icon Naming Specification (document-open, edit-copy, folder, user-trash, ...;
 `STANDARD_ICON_NAMES`, grouped by the spec's contexts); its images are that icon as drawn by each theme of
 `ICON_THEMES`, one image per theme, composited on white at `size` px. The themes come from Debian packages fetched
-at run time with `apt-get download` + `dpkg-deb -x` into guie's cache (`guie.data.debian`), never committed.
+at run time with `apt-get download` + `dpkg-deb -x` into guie's cache (`guie.data.benchmarks.debian`), never committed.
 
 Per theme and name the file chosen is the full-colour icon (never a `-symbolic` one) closest to 64 px: a scalable
 SVG (rendered with CairoSVG at `size`), else the PNG size >= 48 px closest to 64, else the largest smaller one
 (some themes draw actions at 22-32 px only). Symbolic links are followed inside the package; when a theme links two
 standard names to one file, only the first name keeps that image (otherwise the two classes would share a picture).
 
-Benchmark hygiene (`guie.data.crossstyle`): an icon that copies the same icon of an earlier theme (MATE's icons
+Benchmark hygiene (`crossstyle`): an icon that copies the same icon of an earlier theme (MATE's icons
 inherited from GNOME, GNOME-Colors' from Tango) is dropped, a theme left with few icons of its own is dropped as a
 clone, names most themes draw identically to an earlier name are dropped, and names drawn by fewer than
 `min_themes` themes are dropped.
@@ -30,8 +30,9 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from ..imaging.io import to_rgb
-from ..utils import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir, log
+from ...errors import MissingFileError
+from ...imaging.io import to_rgb
+from ...utils import atomic_write_bytes, atomic_write_json, atomic_write_text, default_cache_dir, log
 from .crossstyle import check_image_size, compare_array, drop_style_copies, find_confusable_classes
 from .debian import fetch_debian_packages, package_version
 from .emoji import class_split
@@ -156,7 +157,7 @@ def find_theme_icons(theme_dir: str | Path, names: set[str] | None = None) -> di
     """{standard icon name: the file to render} for one theme folder (see the module docstring for the choice)."""
     theme_dir = Path(theme_dir)
     if not theme_dir.is_dir():
-        raise FileNotFoundError(f"icon theme folder not found: {theme_dir}")
+        raise MissingFileError(theme_dir, "icon theme folder")
     names = names if names is not None else {n for ns in STANDARD_ICON_NAMES.values() for n in ns}
     bound = theme_dir.resolve().parent  # links may point into sibling themes of the package, not outside
     best: dict[str, tuple[float, str, Path]] = {}

@@ -10,7 +10,7 @@ Such a benchmark is only as good as its styles are independent and its classes d
 * **confusable classes** (`find_confusable_classes`): two classes drawn identically by most styles (Latin A,
   Greek Alpha and Cyrillic A; two icon names linked to one file) cannot be told apart by any embedding, so the later
   one is dropped;
-* classes drawn by fewer than `min_styles` styles are dropped, and the class split is `guie.data.emoji.class_split`
+* classes drawn by fewer than `min_styles` styles are dropped, and the class split is `emoji.class_split`
   (hash order: half test, the train half with every 5th class val).
 """
 from __future__ import annotations
@@ -20,6 +20,8 @@ from collections.abc import Hashable, Sequence
 import numpy as np
 from PIL import Image
 
+from ...errors import InputError
+
 COMPARE_SIZE = 32  # images are compared as 32 x 32 grey arrays in [0, 1]
 IMAGE_SIZES = (16, 512)  # the side lengths a benchmark may be rendered at
 
@@ -27,7 +29,7 @@ IMAGE_SIZES = (16, 512)  # the side lengths a benchmark may be rendered at
 def check_image_size(size: int) -> None:
     """Refuse a rendering size outside IMAGE_SIZES (a one-line error naming the value)."""
     if not IMAGE_SIZES[0] <= int(size) <= IMAGE_SIZES[1]:
-        raise ValueError(f"image size {size}: must be between {IMAGE_SIZES[0]} and {IMAGE_SIZES[1]} pixels")
+        raise InputError(f"image size {size}: must be between {IMAGE_SIZES[0]} and {IMAGE_SIZES[1]} pixels")
 
 
 def compare_array(image: Image.Image) -> np.ndarray:
