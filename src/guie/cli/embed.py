@@ -6,6 +6,7 @@ from typing import List, Optional
 
 import typer
 
+from .common import fail
 from .options import ModelOptions, model_options
 
 
@@ -14,8 +15,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     @model_options()
-    def embed(source: Path = typer.Argument(..., help="image folder, or manifest (.csv/.parquet with a 'path' column)"),
-              out: Path = typer.Option(..., "--out", "-o", help="output embeddings .parquet"),
+    def embed(source: Optional[Path] = typer.Argument(
+                  None, help="image folder, or manifest (.csv/.parquet with a 'path' column)"),
+              out: Optional[Path] = typer.Option(None, "--out", "-o", help="output embeddings .parquet"),
               embed_dim: Optional[int] = typer.Option(None, help="head size for a fresh backbone (default: raw "
                                                                  "features); the head is initialised from --seed"),
               seed: int = typer.Option(0, help="seed of a fresh head (--embed-dim): the same seed gives the same "
@@ -29,17 +31,40 @@ def register(app: typer.Typer) -> None:
               where: Optional[List[str]] = typer.Option(None, help="keep rows with column=value (repeatable)"),
               overwrite: bool = typer.Option(False, help="discard shards of an earlier run with another model"),
               progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
+              shard: Optional[str] = typer.Option(
+                  None, help="i/N: embed only shard i of N (0-based; shards s with s %% N == i), for N independent "
+                             "jobs writing into one --out; join them with --merge OUT"),
+              merge: Optional[Path] = typer.Option(
+                  None, "--merge", help="merge the shards of OUT once every --shard job is done: checks every row "
+                                        "is there exactly once (one line and a non-zero exit if not)"),
               opts: ModelOptions = None):
-        """Embed images into a Parquet file (manifest columns + 'embedding'); resumes an interrupted run."""
+        """Embed images into a Parquet file (manifest columns + 'embedding'); resumes an interrupted run.
+
+        Scale-out: --shard i/N for N scheduler jobs (then --merge OUT). See docs/scale-out.md."""
+        if merge is not None:
+            if source is not None or out is not None or shard is not None:
+                fail("--merge OUT takes no SOURCE, --out or --shard")
+            return _merge(merge)
+        if source is None or out is None:
+            fail("give SOURCE and --out (or --merge OUT)")
         from ..data.manifest import OTHER_FILES, read_manifest, resolved_paths, select_rows
         from ..distributed import init_distributed
-        from ..embedding.files import embed_to_file
+        from ..embedding.files import embed_to_file, parse_shard
 
         listed = read_manifest(source, resolve=False)  # paths as listed: relative ones stay relative
         others = listed.attrs.get(OTHER_FILES, [])  # a folder's files that are not images
         df = select_rows(listed, where, str(source))
         paths = resolved_paths(df, source)
+        shard_of = parse_shard(shard) if shard is not None else None
         embedder = opts.load(embed_dim=embed_dim, seed=seed)
+        if shard_of is not None:
+            embed_to_file(embedder, df, out, batch_size=opts.batch_size, num_workers=workers, device=opts.device,
+                          features=features, shard_size=shard_size, overwrite=overwrite, decode=decode,
+                          compile=compile, progress=progress, paths=paths, runtime=opts.runtime,
+                          precision=opts.precision, shard=shard_of)
+            typer.echo(f"shard {shard_of[0]}/{shard_of[1]} of {out} done; when every shard is, run: "
+                       f"guie embed --merge {out}")
+            return
         dist = init_distributed(opts.device)  # under torchrun: one process per GPU, shards split over the ranks
         kept, emb, errors = embed_to_file(embedder, df, out, batch_size=opts.batch_size, num_workers=workers,
                                           device=dist.device if dist.enabled else opts.device,
@@ -59,3 +84,12 @@ def register(app: typer.Typer) -> None:
             unit = "files" if source.is_dir() else "rows"
             typer.echo(f"{source}: {len(kept) + len(errors) + len(others)} {unit}: {len(kept)} embedded, "
                        f"{len(errors)} unreadable, {len(others)} not images", err=True)
+
+
+def _merge(out: Path) -> None:
+    """`guie embed --merge OUT`: join the parts of --shard jobs into OUT, every row exactly once."""
+    from ..embedding.files import failed_file, merge_parts
+
+    rep = merge_parts(out)
+    typer.echo(f"merged {out}: {rep.rows} rows, {rep.embedded} embedded, {rep.failed} unreadable"
+               + (f" (listed in {failed_file(out)})" if rep.failed else ""))
