@@ -56,15 +56,32 @@ def register(app: typer.Typer) -> None:
     @index_app.command("add")
     @model_options(model=None, model_help=INDEX_MODEL_HELP)
     def add(name: str = typer.Argument(..., help="index name"),
-            source: Path = typer.Argument(..., help="image folder, manifest (.csv/.parquet) or shard folder"),
+            source: Optional[Path] = typer.Argument(None, help="image folder, manifest (.csv/.parquet) or shard "
+                                                               "folder"),
             where: Optional[List[str]] = typer.Option(None, help="keep rows with column=value (repeatable)"),
             shard_size: int = typer.Option(
                 1024, help="rows per resumable embedding shard (a killed add redoes only unfinished shards)"),
+            embeddings: Optional[Path] = typer.Option(
+                None, help="instead of SOURCE: vectors made by `guie embed` (also --shard or --ray), of the "
+                           "index's model; loaded without running a model"),
+            image_root: Optional[Path] = typer.Option(
+                None, help="with --embeddings: the folder relative paths in it are relative to (default: the "
+                           "index's image root, else the current folder)"),
             progress: bool = typer.Option(True, "--progress/--no-progress"), opts: ModelOptions = None):
         """Embed and add the images the index lacks (same content = same item), in one commit; resumable."""
         from ..search.encoder import load_index_model
         from ..search.ingest import add_source
 
+        if (source is None) == (embeddings is None):
+            fail("give SOURCE (images to embed) or --embeddings OUT (vectors made by guie embed), one of them")
+        if embeddings is not None:
+            from ..search.bulk import add_embeddings
+
+            with _open(name) as index:
+                rep = add_embeddings(index, embeddings, image_root=image_root)
+                typer.echo(f"{index.name}: added {rep.added} of {rep.rows} embedded images ({rep.duplicates} "
+                           f"already indexed, {len(rep.errors)} unreadable) in commit {rep.seq}; {len(index)} items")
+            return
         with _open(name) as index:
             embedder = load_index_model(index, opts.model, opts.image_size, opts.crop_pct)
             rep = add_source(index, source, embedder, where=where, batch_size=opts.batch_size,

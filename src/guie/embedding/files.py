@@ -88,10 +88,11 @@ def read_embeddings(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
         table = pq.read_table(path)
     except Exception as e:
         raise InputError(f"{path}: cannot read Parquet ({type(e).__name__}: {e})") from None
-    return _split_table(table, path)
+    return embeddings_from_table(table, path)
 
 
-def _split_table(table: pa.Table, path) -> tuple[pd.DataFrame, np.ndarray]:
+def embeddings_from_table(table: pa.Table, path) -> tuple[pd.DataFrame, np.ndarray]:
+    """A guie embeddings table (read from `path`, named in errors) -> (metadata DataFrame, float32 [N, d])."""
     if EMBEDDING_COLUMN not in table.column_names:
         raise InputError(f"{path}: no '{EMBEDDING_COLUMN}' column; is this a guie embeddings file?")
     col = table.column(EMBEDDING_COLUMN).combine_chunks()

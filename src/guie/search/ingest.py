@@ -89,7 +89,7 @@ def add_lock(index: ImageIndex):
     return file_lock(index.folder / ADD_LOCK, on_wait=say)
 
 
-def _unreadable(paths: Sequence[str]) -> list[str]:
+def unreadable_files(paths: Sequence[str]) -> list[str]:
     """Why each of these files could not be hashed (re-checked one by one: only the failures pay for it)."""
     from ..data.dedup import file_digest
     from ..imaging.io import ImageLoadError, check_image_header
@@ -127,7 +127,7 @@ def add_source(index: ImageIndex, source: str | Path, embedder, where: Sequence[
     if workers is None and len(df) < 4096:
         workers = 1  # hashing a few thousand files is quicker than starting a process pool
     digests = file_digests(df["path"].astype(str).tolist(), workers=workers, progress=progress, images_only=True)
-    errors = _unreadable([p for p, d in zip(df["path"].astype(str), digests) if d is None])
+    errors = unreadable_files([p for p, d in zip(df["path"].astype(str), digests) if d is None])
     df = df.assign(content_hash=digests)[[d is not None for d in digests]]
     with add_lock(index):
         root = index.set_image_root(source_root(source, everything["path"].astype(str).tolist()))
