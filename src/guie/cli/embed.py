@@ -37,10 +37,19 @@ def register(app: typer.Typer) -> None:
               merge: Optional[Path] = typer.Option(
                   None, "--merge", help="merge the shards of OUT once every --shard job is done: checks every row "
                                         "is there exactly once (one line and a non-zero exit if not)"),
+              ray: Optional[str] = typer.Option(
+                  None, "--ray", help="run on a Ray cluster (pip install 'guie[ray]'): auto (the one this machine "
+                                      "runs or $RAY_ADDRESS, else a local one), local, or an address "
+                                      "(host:6379, ray://host:10001)"),
+              actors: Optional[int] = typer.Option(
+                  None, help="--ray: most model actors (default: one per GPU of the cluster, else one per CPU "
+                             "but one)"),
+              cpus_per_actor: float = typer.Option(1.0, help="--ray on CPU: cores per model actor"),
               opts: ModelOptions = None):
         """Embed images into a Parquet file (manifest columns + 'embedding'); resumes an interrupted run.
 
-        Scale-out: --shard i/N for N scheduler jobs (then --merge OUT). See docs/scale-out.md."""
+        Scale-out: --ray for a Ray cluster, --shard i/N for N scheduler jobs (then --merge OUT); both together for
+        N Ray jobs. See docs/scale-out.md."""
         if merge is not None:
             if source is not None or out is not None or shard is not None:
                 fail("--merge OUT takes no SOURCE, --out or --shard")
@@ -57,6 +66,20 @@ def register(app: typer.Typer) -> None:
         paths = resolved_paths(df, source)
         shard_of = parse_shard(shard) if shard is not None else None
         embedder = opts.load(embed_dim=embed_dim, seed=seed)
+        if ray is not None:
+            from ..embedding.ray_embed import check_ray_options, embed_with_ray
+
+            check_ray_options(actors, cpus_per_actor)
+            done = embed_with_ray(embedder, df, out, address=ray, batch_size=opts.batch_size, shard_size=shard_size,
+                                  features=features, device=opts.device, runtime=opts.runtime,
+                                  precision=opts.precision, paths=paths, overwrite=overwrite, shard=shard_of,
+                                  actors=actors, cpus_per_actor=cpus_per_actor, progress=progress)
+            if done is None:
+                typer.echo(f"shard {shard_of[0]}/{shard_of[1]} of {out} done; when every shard is, run: "
+                           f"guie embed --merge {out}")
+            else:
+                _summary(source, out, *done, others)
+            return
         if shard_of is not None:
             embed_to_file(embedder, df, out, batch_size=opts.batch_size, num_workers=workers, device=opts.device,
                           features=features, shard_size=shard_size, overwrite=overwrite, decode=decode,
@@ -74,17 +97,21 @@ def register(app: typer.Typer) -> None:
                                           precision=opts.precision)
         if not dist.is_main:
             return
-        typer.echo(f"wrote {len(kept)} embeddings of dim {emb.shape[1]} to {out}")
-        if errors:
-            typer.echo(f"skipped {len(errors)} unreadable images (listed in {out}.failed.csv)", err=True)
-        if others:
-            names = ", ".join(Path(p).name for p in others[:3]) + (", ..." if len(others) > 3 else "")
-            typer.echo(f"left out {len(others)} files that are not images ({names})", err=True)
-        if errors or others:
-            unit = "files" if source.is_dir() else "rows"
-            typer.echo(f"{source}: {len(kept) + len(errors) + len(others)} {unit}: {len(kept)} embedded, "
-                       f"{len(errors)} unreadable, {len(others)} not images", err=True)
+        _summary(source, out, kept, emb, errors, others)
 
+
+def _summary(source: Path, out: Path, kept, emb, errors: list, others: list) -> None:
+    """What a finished `guie embed` prints: rows written, unreadable images, files that are not images."""
+    typer.echo(f"wrote {len(kept)} embeddings of dim {emb.shape[1]} to {out}")
+    if errors:
+        typer.echo(f"skipped {len(errors)} unreadable images (listed in {out}.failed.csv)", err=True)
+    if others:
+        names = ", ".join(Path(p).name for p in others[:3]) + (", ..." if len(others) > 3 else "")
+        typer.echo(f"left out {len(others)} files that are not images ({names})", err=True)
+    if errors or others:
+        unit = "files" if source.is_dir() else "rows"
+        typer.echo(f"{source}: {len(kept) + len(errors) + len(others)} {unit}: {len(kept)} embedded, "
+                   f"{len(errors)} unreadable, {len(others)} not images", err=True)
 
 def _merge(out: Path) -> None:
     """`guie embed --merge OUT`: join the parts of --shard jobs into OUT, every row exactly once."""

@@ -356,18 +356,22 @@ def _embed_parts(embedder, plan: EmbeddingParts, todo, batch_size, num_workers, 
     from .engine import _runtime_for, iter_embeddings, output_dim
 
     was_training = embedder.training
-    # the runtime first (a converting one may take a while the first time), so the rate below is the embedding's
-    inference["runtime"] = _runtime_for(embedder, inference["runtime"], inference["precision"], device, features,
-                                        inference.pop("cache_dir"), None, compile, batch_size)
-    embedder.train(was_training)
-    started = time.perf_counter()
-    rows = np.concatenate([np.arange(*plan.rows(s)) for s in todo])
-    writer = PartWriter(plan, todo, output_dim(embedder, features))
-    stream = iter_embeddings(embedder, [plan.paths[i] for i in rows], batch_size, num_workers, device, features,
-                             preprocess, decode, compile, progress, report_failure,
-                             desc=f"embed {len(todo)} of {plan.n_parts} shards", **inference)
-    for b in stream:
-        writer.add(rows[b.indices], b.embeddings, [(int(rows[i]), msg) for i, msg in b.failed])
+    try:
+        # the runtime first (a converting one may take a while the first time), so the rate below is the
+        # embedding's; it puts the model in eval mode, which must hold until the last batch (a model handed over
+        # in train mode would otherwise run its forwards with batch statistics)
+        inference["runtime"] = _runtime_for(embedder, inference["runtime"], inference["precision"], device,
+                                            features, inference.pop("cache_dir"), None, compile, batch_size)
+        started = time.perf_counter()
+        rows = np.concatenate([np.arange(*plan.rows(s)) for s in todo])
+        writer = PartWriter(plan, todo, output_dim(embedder, features))
+        stream = iter_embeddings(embedder, [plan.paths[i] for i in rows], batch_size, num_workers, device,
+                                 features, preprocess, decode, compile, progress, report_failure,
+                                 desc=f"embed {len(todo)} of {plan.n_parts} shards", **inference)
+        for b in stream:
+            writer.add(rows[b.indices], b.embeddings, [(int(rows[i]), msg) for i, msg in b.failed])
+    finally:
+        embedder.train(was_training)
     if writer.unfinished():  # pragma: no cover - iter_embeddings covers every position
         raise RuntimeError(f"internal error: shards {writer.unfinished()} did not complete")
     took = time.perf_counter() - started
