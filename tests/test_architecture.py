@@ -157,6 +157,18 @@ def test_typer_only_in_the_cli():
     assert not offenders, f"typer imported outside guie.cli: {offenders}"
 
 
+def test_ray_only_in_ray_embed():
+    """Ray is an optional extra: only `guie.embedding.ray_embed` imports it (inside its functions)."""
+    offenders = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            if any(n.split(".")[0] == "ray" for n in names) and module != "guie.embedding.ray_embed":
+                offenders.append(f"{module}:{node.lineno}")
+    assert not offenders, f"ray imported outside guie.embedding.ray_embed: {offenders}"
+
+
 def test_curation_and_embeddings_files_stay_light(tmp_path):
     """`import guie.data` does not load the trainer; reading an embeddings file needs no torch (search uses it)."""
     import numpy as np
