@@ -120,3 +120,23 @@ def test_shard_option_is_checked():
 def test_merge_of_nothing_names_the_output(tmp_path):
     r = CliRunner().invoke(app, ["embed", "--merge", str(tmp_path / "none.parquet")])
     assert r.exit_code == 2 and "none.parquet.parts/meta.json: embedding parts" in r.stderr
+
+
+def test_part_writer_keeps_the_first_copy_of_a_row_and_writes_each_part_once(tiny_embedder, tmp_path):
+    from guie.embedding.files import PartWriter, plan_parts
+
+    df = pd.DataFrame({"path": [f"img{i}.png" for i in range(5)]})
+    plan = plan_parts(tiny_embedder(), df, tmp_path / "o.parquet", part_size=2)
+    writer = PartWriter(plan, plan.todo(), dim=2)
+    vec = lambda *v: np.array(v, np.float32)  # noqa: E731
+    writer.add(np.array([0]), vec([1, 1]))
+    writer.add(np.array([0, 1]), vec([9, 9], [2, 2]))  # row 0 again (a retried batch): the first copy stays
+    assert plan.part(0).exists() and writer.unfinished() == [1, 2]
+    writer.add(np.array([1, 2]), vec([7, 7], [3, 3]))  # part 0 is written: its late copy is ignored
+    writer.add(np.array([3]), vec([4, 4]), failures=[(4, "img4.png: unreadable"), (3, "img3.png: twice")])
+    assert writer.unfinished() == [] and writer.written == 3
+    rep = merge_parts(plan.out_path)
+    assert (rep.rows, rep.embedded, rep.failed) == (5, 4, 1)
+    out, emb = read_embeddings(plan.out_path)
+    assert out["path"].tolist() == [f"img{i}.png" for i in range(4)]
+    np.testing.assert_array_equal(emb, vec([1, 1], [2, 2], [3, 3], [4, 4]))

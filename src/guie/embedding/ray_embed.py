@@ -43,8 +43,8 @@ def connect(address: str | None = "auto", num_cpus: int | None = None) -> bool:
     target = {None: None, "auto": None, "local": "local"}.get(address, address)
     try:
         ray.init(address=target, include_dashboard=False, log_to_driver=True, **kwargs)
-    except ConnectionError as e:
-        raise EnvironmentProblem(f"Ray cluster {address!r}: cannot connect ({e})") from None
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise EnvironmentProblem(f"Ray cluster {address!r}: cannot connect ({str(e).splitlines()[0]})") from None
     return True
 
 
