@@ -1,6 +1,6 @@
 """Local `guie embed` vs the same job on Ray (`guie embed --ray`) with 1 and 2 CPU model actors, on this machine.
 
-    .venv/bin/python benchmarks/ray_embed.py [--images 256] [--rounds 2] [--model efficientnet_lite0]
+    .venv/bin/python benchmarks/ray_embed.py [--images 128,384] [--rounds 2] [--model efficientnet_lite0]
 
 The same files (generated 640x480 JPEGs), the same model (the offline default, EfficientNet-Lite0 at 224 px, a 64-d
 head) and the same output kind, through `embed_to_file` (local: guie's CPU runtime, parallel single-threaded
@@ -8,8 +8,10 @@ forwards, each thread decoding its own batches) and `embed_with_ray` on a local 
 (decoding in Ray tasks of half a CPU, each model actor one thread). The cluster is started once before timing; each
 measurement is one whole job into a fresh output (plan, pipeline start, actors loading the model, every batch,
 parts, merge), so Ray's fixed costs are in its numbers. Configurations alternate in ABBA order for `--rounds`
-rounds. Prints one JSON line per measurement and a summary with img/s, ratios to local, and Ray's overhead per
-image: (Ray's seconds - local seconds) / images.
+rounds. Prints one JSON line per measurement and, per job size, a summary with img/s, ratios to local, and Ray's
+overhead per image: (Ray's seconds - local seconds) / images. With two job sizes it also splits each
+configuration's time into a fixed cost per job and a marginal cost per image (the line through both sizes), and
+Ray's marginal overhead per image (its marginal cost less local's).
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ def write_jpegs(folder: Path, n: int) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--images", default="128,384", help="job sizes, comma-separated")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--model", default="efficientnet_lite0")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -61,48 +63,57 @@ def main() -> None:
     from guie.embedding.ray_embed import embed_with_ray
     from guie.models.embedder import resolve_embedder
 
+    sizes = [int(v) for v in args.images.split(",")]
     work = Path(tempfile.mkdtemp(prefix="guie-ray-bench-"))
     try:
-        manifest = pd.DataFrame({"path": write_jpegs(work / "imgs", args.images)})
+        all_paths = write_jpegs(work / "imgs", max(sizes))
         embedder = resolve_embedder(args.model)
         embedder.eval()
         cores = os.cpu_count() or 1
         ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
 
-        def local(out):
+        def local(manifest, out):
             embed_to_file(embedder, manifest, out, batch_size=args.batch_size, progress=False)
 
         def on_ray(actors):
-            def run(out):
+            def run(manifest, out):
                 embed_with_ray(embedder, manifest, out, batch_size=args.batch_size, actors=actors,
                                cpus_per_actor=1.0, decode_cpus=0.5, progress=False)
             return run
 
         configs = {"local": local, "ray 1 actor": on_ray(1), "ray 2 actors": on_ray(2)}
+        warm = pd.DataFrame({"path": all_paths[:2 * args.batch_size]})
         for name, fn in configs.items():  # warm-up: runtime conversion, Ray worker processes, page cache
-            fn(work / f"warm-{name.replace(' ', '-')}.parquet")
-        times = {name: [] for name in configs}
-        order = list(configs)
+            fn(warm, work / f"warm-{name.replace(' ', '-')}.parquet")
+        total = {(n, name): 0.0 for n in sizes for name in configs}
+        order = [(n, name) for n in sizes for name in configs]
         for r in range(args.rounds):
-            for name in (order if r % 2 == 0 else order[::-1]):
-                out = work / f"r{r}-{name.replace(' ', '-')}.parquet"
+            for n, name in (order if r % 2 == 0 else order[::-1]):
+                out = work / f"r{r}-{n}-{name.replace(' ', '-')}.parquet"
                 load = os.getloadavg()[0]
                 t0 = time.perf_counter()
-                configs[name](out)
+                configs[name](pd.DataFrame({"path": all_paths[:n]}), out)
                 took = time.perf_counter() - t0
-                times[name].append(took)
-                print(json.dumps({"round": r, "config": name, "images": args.images, "seconds": round(took, 3),
-                                  "img/s": round(args.images / took, 2), "load1": round(load, 2)}), flush=True)
-        total = {name: sum(ts) for name, ts in times.items()}
-        n = args.images * args.rounds
+                total[n, name] += took
+                print(json.dumps({"round": r, "config": name, "images": n, "seconds": round(took, 3),
+                                  "img/s": round(n / took, 2), "load1": round(load, 2)}), flush=True)
         summary = {"step": "summary", "machine": f"{cpu_name()}, {cores} cores", "model": args.model,
-                   "images": args.images, "rounds": args.rounds, "batch_size": args.batch_size,
-                   "ray": ray.__version__}
-        for name in configs:
-            summary[f"{name} img/s"] = round(n / total[name], 2)
-            if name != "local":
-                summary[f"{name} / local"] = round(total["local"] / total[name], 3)
-                summary[f"{name} overhead ms/img"] = round(1000 * (total[name] - total["local"]) / n, 2)
+                   "sizes": sizes, "rounds": args.rounds, "batch_size": args.batch_size, "ray": ray.__version__}
+        for n in sizes:
+            seconds = {name: total[n, name] / args.rounds for name in configs}
+            for name in configs:
+                summary[f"{n}: {name} img/s"] = round(n / seconds[name], 2)
+                if name != "local":
+                    summary[f"{n}: {name} / local"] = round(seconds["local"] / seconds[name], 3)
+                    summary[f"{n}: {name} overhead ms/img"] = round(1000 * (seconds[name] - seconds["local"]) / n, 2)
+        if len(sizes) >= 2:
+            lo, hi = min(sizes), max(sizes)
+            marginal = {name: (total[hi, name] - total[lo, name]) / args.rounds / (hi - lo) for name in configs}
+            for name in configs:
+                summary[f"{name} fixed s/job"] = round(total[lo, name] / args.rounds - marginal[name] * lo, 2)
+                summary[f"{name} marginal ms/img"] = round(1000 * marginal[name], 2)
+                if name != "local":
+                    summary[f"{name} marginal overhead ms/img"] = round(1000 * (marginal[name] - marginal["local"]), 2)
         print(json.dumps(summary), flush=True)
     finally:
         if ray.is_initialized():
