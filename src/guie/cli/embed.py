@@ -73,7 +73,8 @@ def register(app: typer.Typer) -> None:
             done = embed_with_ray(embedder, df, out, address=ray, batch_size=opts.batch_size, shard_size=shard_size,
                                   features=features, device=opts.device, runtime=opts.runtime,
                                   precision=opts.precision, paths=paths, overwrite=overwrite, shard=shard_of,
-                                  actors=actors, cpus_per_actor=cpus_per_actor, progress=progress)
+                                  actors=actors, cpus_per_actor=cpus_per_actor, progress=progress,
+                                  compile=compile)
             if done is None:
                 typer.echo(f"shard {shard_of[0]}/{shard_of[1]} of {out} done; when every shard is, run: "
                            f"guie embed --merge {out}")

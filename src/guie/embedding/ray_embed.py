@@ -64,14 +64,15 @@ def embed_with_ray(embedder: Embedder, manifest: pd.DataFrame, out_path: str | P
                    overwrite: bool = False, shard: tuple[int, int] | None = None, actors: int | None = None,
                    cpus_per_actor: float = 1.0, decode_cpus: float = 1.0, progress: bool = True,
                    report_failure: Callable[[str], None] | None = None,
-                   on_batch: Callable[[int], None] | None = None):
+                   on_batch: Callable[[int], None] | None = None, compile: bool = False):
     """Embed every row of `manifest` into `out_path` on a Ray cluster; the output, its parts and their resuming
     are those of `guie.embedding.files.embed_to_file` (arguments of the same names mean the same).
 
     `address`: the cluster (`connect`). `actors`: most model actors (default: one per GPU of the cluster when
     `device` is CUDA, else one per `cpus_per_actor` CPUs less one for decoding); the pool grows from 1 to that as
-    blocks wait. `decode_cpus`: CPUs per decoding task. `on_batch(rows done so far)`: called in the driver after
-    each batch arrives (progress reporting). With `shard` = (i, n) only that shard's parts are embedded and
+    blocks wait. `decode_cpus`: CPUs per decoding task. `compile`: each actor runs torch.compile'd torch (long GPU
+    runs: 1,300 instead of 1,030 img/s for ViT-H-14 on an H200). `on_batch(rows done so far)`: called in the driver
+    after each batch arrives (progress reporting). With `shard` = (i, n) only that shard's parts are embedded and
     nothing is merged (returns None); else returns (kept metadata rows, embeddings, failure messages).
     """
     ray = import_ray()
@@ -86,7 +87,7 @@ def embed_with_ray(embedder: Embedder, manifest: pd.DataFrame, out_path: str | P
         started_here = connect(address)
         try:
             _run(ray, embedder, plan, todo, batch_size, features, device, runtime, precision, actors,
-                 cpus_per_actor, decode_cpus, progress, report_failure, on_batch)
+                 cpus_per_actor, decode_cpus, progress, report_failure, on_batch, compile)
         finally:
             if started_here:
                 ray.shutdown()
@@ -100,7 +101,7 @@ def embed_with_ray(embedder: Embedder, manifest: pd.DataFrame, out_path: str | P
 
 
 def _run(ray, embedder, plan: EmbeddingParts, todo, batch_size, features, device, runtime, precision, actors,
-         cpus_per_actor, decode_cpus, progress, report_failure, on_batch) -> None:
+         cpus_per_actor, decode_cpus, progress, report_failure, on_batch, compile) -> None:
     import pyarrow as pa
 
     from ..models.preprocess import ImageTransform, draft_size
@@ -126,7 +127,8 @@ def _run(ray, embedder, plan: EmbeddingParts, todo, batch_size, features, device
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
                         fn_constructor_kwargs={"model": [model], "features": features,
                                                "device": "cuda" if gpu else "cpu", "runtime": runtime,
-                                               "precision": precision, "threads": max(1, int(cpus_per_actor))},
+                                               "precision": precision, "threads": max(1, int(cpus_per_actor)),
+                                               "compile": compile, "batch_size": batch_size},
                         num_gpus=1 if gpu else 0, num_cpus=0 if gpu else cpus_per_actor)
     # an actor that dies is restarted and its batch run again (Ray Data's default for actor pools: max_restarts
     # and max_task_retries -1); a row that so arrives twice is written once (`PartWriter`)
@@ -179,18 +181,21 @@ class EmbedBatches:
     embedding float32 [n, d] (zeros where unreadable), error}. On CPU, `threads` intra-op threads (the actor's
     CPUs) run one forward at a time on guie's CPU runtime."""
 
-    def __init__(self, model: list, features: bool, device: str, runtime: str, precision: str, threads: int):
+    def __init__(self, model: list, features: bool, device: str, runtime: str, precision: str, threads: int,
+                 compile: bool = False, batch_size: int = 64):
         import ray
         import torch
 
-        from .engine import output_dim, pixel_forward
+        from .engine import _runtime_for, output_dim
 
         if device == "cpu":
             torch.set_num_threads(threads)
         self.embedder = ray.get(model[0])
         self.dim = output_dim(self.embedder, features)
-        self.forward = pixel_forward(self.embedder, device=device, features=features, runtime=runtime,
-                                     precision=precision, forwards=1 if device == "cpu" else None)
+        # the engine's forward (`pixel_forward`'s runtime), torch.compile'd with the batch padded when asked
+        self.runtime = _runtime_for(self.embedder, runtime, precision, device, features, None,
+                                    1 if device == "cpu" else None, compile, batch_size)
+        self.forward = self.runtime.numpy
 
     def __call__(self, batch: dict) -> dict:
         import torch
