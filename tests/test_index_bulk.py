@@ -74,3 +74,12 @@ def test_vectors_of_another_model_are_refused_in_one_line(embedded, tmp_path):
         assert len(index) == 0 and index.seq == 0
     r = CliRunner().invoke(app, ["index", "add", str(tmp_path / "ix")])
     assert r.exit_code == 2 and "give SOURCE" in r.stderr
+
+
+def test_unusable_embeddings_are_one_line_errors(embedded, tmp_path):
+    cli("index", "create", tmp_path / "ix", "--model", embedded["model"])
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1 not really")
+    for target, says in ((tmp_path / "junk.parquet", "junk.parquet: cannot read Parquet"),
+                         (tmp_path / "none.parquet", "none.parquet: embeddings file (or finished parts) not found")):
+        r = CliRunner().invoke(app, ["index", "add", str(tmp_path / "ix"), "--embeddings", str(target)])
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1 and says in r.stderr, r.output
