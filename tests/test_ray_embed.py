@@ -122,3 +122,13 @@ def test_a_driver_killed_9_mid_run_resumes_every_row_once(cluster, job, tmp_path
     assert r.exit_code == 0, r.output
     assert any("3/10 shards already done" in m for m in caplog.messages), caplog.messages
     assert_same_as_local(out, job["local"])
+
+
+def test_ray_settings_that_cannot_run_are_one_line_errors(job, tmp_path):
+    base = ["embed", str(job["folder"]), "-o", str(tmp_path / "x.parquet"), "--model", str(job["model"]), "--ray",
+            "auto"]
+    for extra, says in ((["--actors", "0"], "actors must be >= 1"), (["--cpus-per-actor", "0"], "must be > 0"),
+                        (["--decode", "gpu"], "--ray decodes in CPU tasks")):
+        r = CliRunner().invoke(app, [*base, *extra])
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1 and says in r.stderr, r.output
+    assert not (tmp_path / "x.parquet.parts").exists()

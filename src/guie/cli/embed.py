@@ -69,6 +69,8 @@ def register(app: typer.Typer) -> None:
         if ray is not None:
             from ..embedding.ray_embed import check_ray_options, embed_with_ray
 
+            if decode != "cpu":
+                fail("--ray decodes in CPU tasks: --decode gpu is for one machine")
             check_ray_options(actors, cpus_per_actor)
             done = embed_with_ray(embedder, df, out, address=ray, batch_size=opts.batch_size, shard_size=shard_size,
                                   features=features, device=opts.device, runtime=opts.runtime,
