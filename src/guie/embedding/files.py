@@ -407,7 +407,7 @@ def merge_parts(out_path: str | Path) -> MergeReport:
         raise InputError(f"{parts}: not readable embedding parts ({type(e).__name__}: {e})") from None
     size, n = int(meta["shard_size"]), len(listed)
     n_parts = -(-n // size)
-    tables, errors, missing, duplicated, bad_parts, foreign = [], [], 0, 0, [], []
+    found, errors, missing, duplicated, bad_parts, foreign = [], [], 0, 0, [], []
     for s in range(n_parts):
         lo, hi = s * size, min(n, (s + 1) * size)
         part = parts / f"part-{s:06d}.parquet"
@@ -415,8 +415,8 @@ def merge_parts(out_path: str | Path) -> MergeReport:
             missing += hi - lo
             bad_parts.append(s)
             continue
-        table = pq.read_table(part)
-        if (table.schema.metadata or {}).get(FINGERPRINT_KEY, b"").decode() != meta["model"]:
+        table = pq.read_table(part, columns=["path"])  # the check reads the paths only; the copy streams below
+        if (pq.read_schema(part).metadata or {}).get(FINGERPRINT_KEY, b"").decode() != meta["model"]:
             foreign.append(s)
         failed_json = parts / f"part-{s:06d}.failed.json"
         records = json.loads(failed_json.read_text()) if failed_json.exists() else []
@@ -429,7 +429,7 @@ def merge_parts(out_path: str | Path) -> MergeReport:
         if lost or extra:
             missing, duplicated = missing + lost, duplicated + extra
             bad_parts.append(s)
-        tables.append(table)
+        found.append(part)
         errors += [r["error"] for r in records]
     strays = [p.name for p in parts.glob("part-*.parquet") if not _part_number(p.name, n_parts)]
     if missing or duplicated or strays or foreign:
@@ -443,15 +443,41 @@ def merge_parts(out_path: str | Path) -> MergeReport:
             problems.append(f"shards {', '.join(map(str, foreign[:8]))} of another model")
         raise IncompleteError(f"{out_path}: not merged: " + ", ".join(problems) + "; rerun the embedding (it "
                               "redoes only unfinished shards) and merge again")
-    merged = _with_fingerprint(pa.concat_tables(tables), meta["model"])
-    save_parquet_atomic(merged, out_path)
+    written = _concat_parts(found, out_path, meta["model"])
     failed_csv = failed_file(out_path)
     if errors:
         pd.DataFrame({"error": errors}).to_csv(failed_csv, index=False)
     elif failed_csv.exists():
         failed_csv.unlink()
     shutil.rmtree(parts)
-    return MergeReport(n, merged.num_rows, len(errors))
+    return MergeReport(n, written, len(errors))
+
+
+def _concat_parts(parts: list[Path], out_path: Path, fingerprint: str) -> int:
+    """Copy the parts, in order, into one Parquet file written atomically (a temp file renamed), one part in memory
+    at a time. Returns the rows written."""
+    import os
+    import tempfile
+
+    schema = _with_fingerprint(pq.read_table(parts[0]).slice(0, 0), fingerprint).schema
+    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    os.close(fd)
+    rows = 0
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for part in parts:
+                table = pq.read_table(part).replace_schema_metadata(schema.metadata)
+                writer.write_table(table)
+                rows += table.num_rows
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return rows
 
 
 def _part_number(name: str, n_parts: int) -> bool:
