@@ -74,6 +74,9 @@ def test_vectors_of_another_model_are_refused_in_one_line(embedded, tmp_path):
         assert len(index) == 0 and index.seq == 0
     r = CliRunner().invoke(app, ["index", "add", str(tmp_path / "ix")])
     assert r.exit_code == 2 and "give SOURCE" in r.stderr
+    r = CliRunner().invoke(app, ["index", "add", str(tmp_path / "ix"), "--embeddings", str(embedded["out"]),
+                                 "--where", "label=class1"])
+    assert r.exit_code == 2 and "select them when embedding" in r.stderr
 
 
 def test_unusable_embeddings_are_one_line_errors(embedded, tmp_path):

@@ -77,6 +77,9 @@ def register(app: typer.Typer) -> None:
         if embeddings is not None:
             from ..search.bulk import add_embeddings
 
+            if where:
+                fail("--where selects rows of SOURCE; select them when embedding (guie embed --where)")
+
             with _open(name) as index:
                 rep = add_embeddings(index, embeddings, image_root=image_root)
                 typer.echo(f"{index.name}: added {rep.added} of {rep.rows} embedded images ({rep.duplicates} "
