@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 UPLOADS = "@index/uploads/"  # item paths of images added over HTTP: kept in the index folder, not the image root
 RERANK_FACTOR = 8  # candidates per requested neighbour re-ranked with exact vectors when the backend is approximate
+DUPLICATE_DISTANCE = 0.15  # default cut-off of `duplicate_groups` (docs/search.md: measured on a planted set)
 
 
 class SearchIndexError(InputError):
@@ -399,16 +400,23 @@ class ImageIndex:
             return self.backend.synced_seq() != before
 
     # -- reads --------------------------------------------------------------------------------------------------
-    def search(self, queries: np.ndarray, k: int = 5, where: Sequence[str] | dict | None = None) -> list[list[Hit]]:
-        """The k nearest items of each query vector [Q, dim] (Euclidean, nearest first), optionally only among
-        items matching `where` (col=value conditions)."""
+    def search(self, queries: np.ndarray, k: int = 5, where: Sequence[str] | dict | None = None,
+               max_distance: float | None = None, offset: int = 0) -> list[list[Hit]]:
+        """The k nearest items of each query vector [Q, dim] (Euclidean, nearest first, ties by id), optionally
+        only among items matching `where` (col=value conditions), only those within `max_distance`, and skipping
+        the `offset` nearest (paging: while the index does not change, the pages of one query are consecutive
+        slices of one ranking)."""
         q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if q.shape[1] != self.dim:
             raise SearchIndexError(f"query dim {q.shape[1]} != index dim {self.dim} (was it embedded with this "
                               "index's model?)")
         if k < 1:
             raise SearchIndexError(f"k must be >= 1, got {k}")
+        if offset < 0:
+            raise SearchIndexError(f"offset must be >= 0, got {offset}")
+        max_distance = check_max_distance(max_distance)
         conditions = parse_where(where)
+        depth = offset + k
         with self._lock:
             allowed = None
             if conditions and not self.backend.filters_natively:
@@ -416,9 +424,12 @@ class ImageIndex:
                 if not len(allowed):
                     return [[] for _ in q]
             exact = self.backend.exact_distances
-            fetch = k if exact else max(k * RERANK_FACTOR, 32)
+            fetch = depth if exact else max(depth * RERANK_FACTOR, 32)
             nb = self.backend.search(q, fetch, allowed_ids=allowed, where=conditions or None)
-            found = np.unique(nb.ids[nb.ids >= 0])
+            keep = nb.ids >= 0
+            if max_distance is not None and exact:
+                keep &= nb.distances <= max_distance
+            found = np.unique(nb.ids[keep])
             items = self.store.items(found)
             if not exact:  # IVF-PQ: re-rank the candidates by their exact vectors from the store
                 vid, vecs = self.store.vectors(found)
@@ -428,9 +439,58 @@ class ImageIndex:
             row = [(int(i), float(d)) for i, d in zip(nb.ids[r], nb.distances[r]) if i >= 0 and int(i) in items]
             if not exact:
                 row = [(i, float(np.linalg.norm(vecs[lookup[i]] - q[r]))) for i, _ in row]
-                row.sort(key=lambda t: (t[1], t[0]))
-            out.append([Hit(i, d, items[i]) for i, d in row[:k]])
+            row.sort(key=lambda t: (t[1], t[0]))
+            if max_distance is not None:
+                row = [t for t in row if t[1] <= max_distance]
+            out.append([Hit(i, d, items[i]) for i, d in row[offset:depth]])
         return out
+
+    def duplicate_groups(self, max_distance: float, neighbours: int = 16, chunk: int = 1024) -> list[list[Hit]]:
+        """Groups of near-identical items: every item is searched (with this index's backend) for its
+        `neighbours` nearest within `max_distance`, and pairs found are joined into groups (union-find), so a
+        group may be larger than `neighbours`. Vectors are read `chunk` at a time: memory grows with the pairs
+        found, not with the index. Each group is a list of Hits (distance: to the group's first, lowest, id),
+        groups largest first."""
+        max_distance = check_max_distance(max_distance)
+        if max_distance is None:
+            raise SearchIndexError("duplicates need a max_distance")
+        if neighbours < 1 or chunk < 1:
+            raise SearchIndexError(f"neighbours and chunk must be >= 1, got {neighbours}, {chunk}")
+        with self._lock:
+            ids = self.store.ids()
+        parent: dict[int, int] = {}
+
+        def root(i: int) -> int:
+            parent.setdefault(i, i)
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        for start in range(0, len(ids), chunk):
+            with self._lock:
+                vid, vecs = self.store.vectors(ids[start:start + chunk])
+            if not len(vid):
+                continue
+            for i, row in zip(vid.tolist(), self.search(vecs, neighbours + 1, max_distance=max_distance)):
+                for hit in row:
+                    if hit.id != i:
+                        a, b = root(i), root(hit.id)
+                        if a != b:
+                            parent[max(a, b)] = min(a, b)
+        members: dict[int, list[int]] = {}
+        for i in parent:
+            members.setdefault(root(i), []).append(i)
+        groups = []
+        for group in members.values():
+            group.sort()
+            gid, gvec = self.vectors(group)
+            items = self.items(gid.tolist())
+            dist = np.linalg.norm(gvec - gvec[0], axis=1)
+            groups.append([Hit(int(i), float(d), items[int(i)]) for i, d in zip(gid, dist) if int(i) in items])
+        groups = [g for g in groups if len(g) > 1]
+        groups.sort(key=lambda g: (-len(g), g[0].id))
+        return groups
 
     def items(self, ids: Sequence[int]) -> dict[int, dict]:
         """id -> metadata of the indexed items among `ids`."""
@@ -465,9 +525,22 @@ class ImageIndex:
                     "commits": self.store.commits(top)}
 
 
+def check_max_distance(value) -> float | None:
+    """A distance cut-off as a float (None: no cut-off); NaN, infinite or negative values are refused."""
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise SearchIndexError(f"max_distance must be a number, got {value!r}") from None
+    if not np.isfinite(value) or value < 0:
+        raise SearchIndexError(f"max_distance must be a finite number >= 0, got {value}")
+    return value
+
+
 def _describe_where(conditions: dict[str, list[str]]) -> str:
     return " ".join(f"{c}={','.join(v)}" for c, v in conditions.items())
 
 
-__all__ = ["LOCK_FILE", "AddResult", "BackendError", "Hit", "ImageIndex", "NewItem", "SearchIndexError", "index_home",
-           "resolve_index"]
+__all__ = ["LOCK_FILE", "AddResult", "BackendError", "Hit", "ImageIndex", "NewItem", "SearchIndexError",
+           "check_max_distance", "index_home", "resolve_index"]
