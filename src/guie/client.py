@@ -83,7 +83,8 @@ class Client:
         self.retries, self.max_wait = retries, max_wait
         headers = {"X-API-Key": api_key} if api_key else {}
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
-        self.retried = 0  # requests sent again after a 503 or a refused connection, in this session
+        self.retried = 0  # requests sent again after a 503, in this session
+        self.reconnects = 0  # ... after a refused connection
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -107,7 +108,7 @@ class Client:
             except httpx.ConnectError as e:
                 if attempt == self.retries:
                     raise ClientError(f"{self.url}: cannot connect ({e})") from None
-                self.retried += 1
+                self.reconnects += 1
                 time.sleep(min(self.max_wait, 0.5 * 2 ** attempt))
                 continue
             if r.status_code in RETRY_STATUSES and attempt < self.retries:
@@ -131,6 +132,13 @@ class Client:
         """The hits of each query, in order: images (paths, bytes or PIL images; sent together, one request) or
         indexed item ids (one request each). A result is the server's: {query, hits: [{id, distance, label,
         metadata, thumbnail}], more: whether a next page (offset + k) exists}."""
+        if ids is not None and images is None:
+            return [r for item_id in ids for r in
+                    self._search_body(None, [item_id], k, where, max_distance, offset)["results"]]
+        return self._search_body(images, ids, k, where, max_distance, offset)["results"]
+
+    def _search_body(self, images, ids, k, where, max_distance, offset) -> dict:
+        """One POST /search: the server's whole answer (images together, or the first of `ids`)."""
         if (images is None) == (ids is None):
             raise ClientError("search needs images or ids (one of them)")
         data: dict = {"k": str(k), "offset": str(offset)}
@@ -142,20 +150,20 @@ class Client:
             files = [("files", _image_part(im, i)) for i, im in enumerate(images, 1)]
             if not files:
                 raise ClientError("search needs at least one image")
-            return self._request("POST", "search", data=data, files=files).json()["results"]
-        out = []
-        for item_id in ids:
-            out += self._request("POST", "search", data={**data, "item": str(int(item_id))}).json()["results"]
-        return out
+            return self._request("POST", "search", data=data, files=files).json()
+        return self._request("POST", "search", data={**data, "item": str(int(ids[0]))}).json()
 
     def pages(self, images: Sequence | None = None, ids: Sequence[int] | None = None, k: int = 20,
               where: Sequence[str] | None = None, max_distance: float | None = None,
               limit: int | None = None) -> Iterator[dict]:
         """Every hit of one query (one image or one id), page after page (k per request), until the server says
         there is no more (the end of the index, the cut-off, or its paging depth) or `limit` hits."""
-        offset, seen = 0, 0
+        offset, seen, depth = 0, 0, None
         while True:
-            result = self.search(images, ids, k, where, max_distance, offset)[0]
+            page = k if depth is None else min(k, depth - offset)  # the last page stops at the server's depth
+            body = self._search_body(images, ids, page, where, max_distance, offset)
+            depth = body.get("max_depth")
+            result = body["results"][0]
             for hit in result["hits"]:
                 if limit is not None and seen >= limit:
                     return
@@ -163,7 +171,7 @@ class Client:
                 yield hit
             if not result.get("more"):
                 return
-            offset += k
+            offset += page
 
     def item(self, item_id: int) -> dict:
         """An item's label and metadata."""

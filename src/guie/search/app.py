@@ -340,7 +340,7 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
                     # one more than asked: whether a next page exists (within max_depth)
                     hits = index.search(vectors, k + 1, where=where, max_distance=max_distance, offset=offset)
                     return JSONResponse({"index": index.name, "seq": index.seq, "k": k, "offset": offset,
-                                         "max_distance": max_distance, "results": [
+                                         "max_distance": max_distance, "max_depth": settings.max_depth, "results": [
                         {"query": q, "hits": [hit_json(h) for h in row[:k]],
                          "more": len(row) > k and offset + k < settings.max_depth}
                         for q, row in zip(queries, hits)]}).body

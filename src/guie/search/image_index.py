@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 UPLOADS = "@index/uploads/"  # item paths of images added over HTTP: kept in the index folder, not the image root
 RERANK_FACTOR = 8  # candidates per requested neighbour re-ranked with exact vectors when the backend is approximate
+DISTANCE_SLACK = 1e-6  # a cut-off keeps hits this far past it: a distance shown rounded to 6 places is kept by itself
 DUPLICATE_DISTANCE = 0.15  # default cut-off of `duplicate_groups` (docs/search.md: measured on a planted set)
 
 
@@ -403,9 +404,9 @@ class ImageIndex:
     def search(self, queries: np.ndarray, k: int = 5, where: Sequence[str] | dict | None = None,
                max_distance: float | None = None, offset: int = 0) -> list[list[Hit]]:
         """The k nearest items of each query vector [Q, dim] (Euclidean, nearest first, ties by id), optionally
-        only among items matching `where` (col=value conditions), only those within `max_distance`, and skipping
-        the `offset` nearest (paging: while the index does not change, the pages of one query are consecutive
-        slices of one ranking)."""
+        only among items matching `where` (col=value conditions), only those within `max_distance` (give or take
+        DISTANCE_SLACK), and skipping the `offset` nearest (paging: while the index does not change, the pages of
+        one query are consecutive slices of one ranking)."""
         q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if q.shape[1] != self.dim:
             raise SearchIndexError(f"query dim {q.shape[1]} != index dim {self.dim} (was it embedded with this "
@@ -428,7 +429,7 @@ class ImageIndex:
             nb = self.backend.search(q, fetch, allowed_ids=allowed, where=conditions or None)
             keep = nb.ids >= 0
             if max_distance is not None and exact:
-                keep &= nb.distances <= max_distance
+                keep &= nb.distances <= max_distance + DISTANCE_SLACK
             found = np.unique(nb.ids[keep])
             items = self.store.items(found)
             if not exact:  # IVF-PQ: re-rank the candidates by their exact vectors from the store
@@ -441,7 +442,7 @@ class ImageIndex:
                 row = [(i, float(np.linalg.norm(vecs[lookup[i]] - q[r]))) for i, _ in row]
             row.sort(key=lambda t: (t[1], t[0]))
             if max_distance is not None:
-                row = [t for t in row if t[1] <= max_distance]
+                row = [t for t in row if t[1] <= max_distance + DISTANCE_SLACK]
             out.append([Hit(i, d, items[i]) for i, d in row[offset:depth]])
         return out
 

@@ -4,7 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const state = { key: sessionStorage.getItem("guie-api-key") || "", urls: [], busy: false,
-                query: null, offset: 0, shown: 0 };
+                query: null, offset: 0, k: 10, depth: 0, shown: 0 };
 const NO_CUTOFF = 2;  // the slider's right end: no cut-off (unit-length embeddings are at most 2 apart)
 
 function headers() {
@@ -85,8 +85,9 @@ function showMaxDistance() {
 async function search(query, more = false) {
   if (state.busy) return;
   state.busy = true;
-  const k = Math.max(1, Math.min(100, parseInt($("k").value, 10) || 10));
-  const offset = more ? state.offset + k : 0;
+  let k = Math.max(1, Math.min(100, parseInt($("k").value, 10) || 10));
+  const offset = more ? state.offset + state.k : 0;
+  if (more && state.depth) k = Math.max(1, Math.min(k, state.depth - offset));  // the last page stops at max_depth
   const form = query();
   form.append("k", String(k));
   form.append("offset", String(offset));
@@ -101,6 +102,8 @@ async function search(query, more = false) {
     const result = body.results.length ? body.results[0] : { hits: [], more: false };
     state.query = query;
     state.offset = offset;
+    state.k = k;
+    state.depth = body.max_depth;
     render(result.hits, more);
     $("more").hidden = !result.more;
     $("no-match").hidden = state.shown > 0 || cutoff == null;
