@@ -60,17 +60,48 @@ def register(app: typer.Typer) -> None:
             where: Optional[List[str]] = typer.Option(None, help="keep rows with column=value (repeatable)"),
             shard_size: int = typer.Option(
                 1024, help="rows per resumable embedding shard (a killed add redoes only unfinished shards)"),
-            progress: bool = typer.Option(True, "--progress/--no-progress"), opts: ModelOptions = None):
-        """Embed and add the images the index lacks (same content = same item), in one commit; resumable."""
+            progress: bool = typer.Option(True, "--progress/--no-progress"),
+            watch: bool = typer.Option(False, "--watch", help="then keep the index in step with the folder: new, "
+                                                              "changed, deleted and renamed files, committed in "
+                                                              "batches, until Ctrl+C (a restart catches up)"),
+            watch_batch_s: float = typer.Option(2.0, help="--watch: seconds of changes gathered per commit"),
+            watch_polling: bool = typer.Option(False, help="--watch: poll instead of inotify (network file "
+                                                           "systems)"),
+            opts: ModelOptions = None):
+        """Embed and add the images the index lacks (same content = same item), in one commit; resumable. With
+        --watch, then follow the folder (docs/search.md)."""
         from ..search.encoder import load_index_model
         from ..search.ingest import add_source
 
+        if watch and not source.is_dir():
+            fail(f"{source}: --watch follows a folder; this is not one")
+        if watch and where:
+            fail("--watch follows a whole folder: --where does not apply")
+        if watch_batch_s <= 0:
+            fail(f"--watch-batch-s must be > 0, got {watch_batch_s}")
         with _open(name) as index:
             embedder = load_index_model(index, opts.model, opts.image_size, opts.crop_pct)
             rep = add_source(index, source, embedder, where=where, batch_size=opts.batch_size,
                              shard_size=shard_size, progress=progress, **opts.inference)
             typer.echo(f"{index.name}: added {rep.added} of {rep.rows} images ({rep.duplicates} already indexed"
                        f", {len(rep.errors)} unreadable) in commit {rep.seq}; {len(index)} items")
+            if not watch:
+                return
+            from ..search.watch import FolderWatcher
+
+            def said(r) -> None:
+                typer.echo(f"{index.name}: commit {r.seq}: removed {r.removed}, added {r.added}"
+                           f"{f', {len(r.errors)} unreadable' if r.errors else ''}; {len(index)} items")
+                for e in r.errors[:5]:
+                    typer.echo(f"  skipped {e}", err=True)
+
+            watcher = FolderWatcher(index, source, embedder, batch_s=watch_batch_s, batch_size=opts.batch_size,
+                                    report=lambda msg: typer.echo(f"warning: {msg}", err=True), **opts.inference)
+            typer.echo(f"watching {watcher.folder} (Ctrl+C stops; a restart catches up)", err=True)
+            try:
+                watcher.run(polling=watch_polling, on_sync=said)
+            except KeyboardInterrupt:
+                typer.echo("stopped watching", err=True)
 
     @index_app.command("remove")
     def remove(name: str = typer.Argument(..., help="index name"),

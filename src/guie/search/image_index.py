@@ -508,6 +508,11 @@ class ImageIndex:
         with self._lock:
             return self.store.ids_for_hashes(hashes)
 
+    def path_items(self, paths: Sequence[str] | None = None, prefix: str | None = None) -> dict[int, tuple[str, str]]:
+        """id -> (path, content hash) of the items at `paths`, or under the relative folder `prefix`."""
+        with self._lock:
+            return self.store.path_items(paths, prefix)
+
     def ids_where(self, where: Sequence[str] | dict) -> np.ndarray:
         """Ids of the items matching the conditions."""
         with self._lock:

@@ -384,6 +384,19 @@ class MetadataStore:
         return np.asarray([i for (i,) in self._db.execute(sql, args)], dtype=np.int64)
 
     @_guarded
+    def path_items(self, paths: Sequence[str] | None = None, prefix: str | None = None) -> dict[int, tuple[str, str]]:
+        """id -> (path, content hash) of the items stored under one of `paths`, or under the folder `prefix`
+        (relative paths only: `""` is the whole image root), ascending id: what a watched folder is compared with."""
+        if paths is not None:
+            cur = self._db.execute("SELECT id, path, content_hash FROM items WHERE path IN (SELECT value FROM "
+                                   "json_each(?)) ORDER BY id", (json.dumps(list(paths)),))
+        else:
+            low = prefix.rstrip("/") + "/" if prefix else ""
+            cur = self._db.execute("SELECT id, path, content_hash FROM items WHERE path >= ? AND path < ? ORDER BY id",
+                                   (low, low + "\U0010ffff"))
+        return {i: (p, h) for i, p, h in cur}
+
+    @_guarded
     def columns(self) -> list[str]:
         """The metadata columns items have (path, label and the keys of `meta`)."""
         keys = {k for (k,) in self._db.execute("SELECT DISTINCT j.key FROM items, json_each(items.meta) AS j")}
