@@ -144,6 +144,7 @@ class FolderWatcher:
             files = [p for p in folder_files(self.folder)[0] if p.suffix.lower() in IMAGE_EXTENSIONS]
             stored = self.index.path_items(prefix=self.prefix)
         else:
+            paths = {p for p in paths if p.resolve().is_relative_to(self.folder)}  # moved out: only the source counts
             files = sorted(p for p in paths if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
             stored = self.index.path_items(paths=[relative_path(str(p), root) for p in paths])
         stored = {i: ph for i, ph in stored.items() if not ph[0].startswith((UPLOADS, "/", "../"))}
