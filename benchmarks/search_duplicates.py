@@ -91,6 +91,16 @@ def planted(originals: int, kind: str = "emoji") -> tuple[list[bytes], list[tupl
     return blobs, pairs, kinds
 
 
+THUMBNAIL_MODEL = "grey8x8"
+
+
+def grey_thumbnail(im: Image.Image) -> np.ndarray:
+    """A perceptual-hash-like 64-d embedding: the 8x8 grey thumbnail, mean removed, unit length."""
+    g = np.asarray(im.convert("L").resize((8, 8), Image.BOX), np.float32).ravel()
+    g -= g.mean()
+    return g / max(float(np.linalg.norm(g)), 1e-6)
+
+
 def peak_rss_during(fn):
     """(fn(), peak RSS growth in MB while it ran), sampled every 10 ms."""
     import psutil
@@ -117,7 +127,8 @@ def peak_rss_during(fn):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--originals", type=int, default=240)
-    ap.add_argument("--model", default="efficientnet_lite0")
+    ap.add_argument("--model", default="efficientnet_lite0", help=f"a backbone or checkpoint; {THUMBNAIL_MODEL}: an "
+                    "8x8 grey thumbnail (a perceptual-hash-like 64-d baseline, no model)")
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--distances", type=float, nargs="+", default=[0.05, 0.1, 0.15, 0.2, 0.3, 0.4])
     ap.add_argument("--flat-n", type=int, default=100_000)
@@ -138,9 +149,12 @@ def planted_table(args) -> None:
     from guie.search.image_index import ImageIndex, NewItem
 
     blobs, pairs, kinds = planted(args.originals, args.pictures)
-    model = load_model(args.model, image_size=args.image_size)
     t0 = time.perf_counter()
-    vecs = embed_decoded(model, [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs], runtime="torch")
+    if args.model == THUMBNAIL_MODEL:
+        vecs = np.stack([grey_thumbnail(Image.open(io.BytesIO(b))) for b in blobs])
+    else:
+        model = load_model(args.model, image_size=args.image_size)
+        vecs = embed_decoded(model, [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs], runtime="torch")
     print(f"# {args.pictures}-like originals; embedded {len(blobs)} images with {args.model} ({vecs.shape[1]}-d) "
           f"in {time.perf_counter() - t0:.1f} s")
     truth = {tuple(sorted(p)) for p in pairs}
