@@ -54,6 +54,20 @@ def test_pages_are_slices_of_one_ranking_and_the_cutoff_keeps_only_close_hits(ra
         index.search(q, 5, offset=-1)
 
 
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_pages_through_ties_are_stable_on_every_kind(tmp_path, kind):
+    """Ten items at exactly the same distance, paged two at a time: a graph walk returns an arbitrary subset of
+    tied items, so the search fetches past the page until the ties end (hnsw gave 250, 120 on every page)."""
+    rng = np.random.default_rng(0)
+    vecs = unit(rng.normal(size=(300, 16)))
+    vecs[[7, 13, 21, 33, 50, 80, 120, 200, 250]] = vecs[0]
+    with ImageIndex.create(tmp_path / kind, dim=16, model={"ref": "x", "fingerprint": "x"}, kind=kind) as index:
+        index.add(vecs, [NewItem(f"h{i}", None, None, {}) for i in range(300)])
+        paged = [h.id for o in range(0, 12, 2) for h in index.search(vecs[:1], 2, offset=o)[0]]
+        assert paged[:10] == [0, 7, 13, 21, 33, 50, 80, 120, 200, 250]
+        assert paged == [h.id for h in index.search(vecs[:1], 12)[0]]
+
+
 def test_duplicate_groups_join_planted_copies_in_bounded_chunks(ranked, tmp_path):
     index, vecs = ranked
     rng = np.random.default_rng(1)

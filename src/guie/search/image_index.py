@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 UPLOADS = "@index/uploads/"  # item paths of images added over HTTP: kept in the index folder, not the image root
 RERANK_FACTOR = 8  # candidates per requested neighbour re-ranked with exact vectors when the backend is approximate
+MAX_TIED_FETCH = 16_384  # neighbours a search fetches at most to resolve ties at a page's edge (Milvus's top-k limit)
 DISTANCE_SLACK = 1e-6  # a cut-off keeps hits this far past it: a distance shown rounded to 6 places is kept by itself
 DUPLICATE_DISTANCE = 0.15  # default cut-off of `duplicate_groups` (docs/search.md: measured on a planted set)
 
@@ -425,8 +426,17 @@ class ImageIndex:
                 if not len(allowed):
                     return [[] for _ in q]
             exact = self.backend.exact_distances
-            fetch = depth if exact else max(depth * RERANK_FACTOR, 32)
-            nb = self.backend.search(q, fetch, allowed_ids=allowed, where=conditions or None)
+            fetch = depth + 1 if exact else max(depth * RERANK_FACTOR, 32)
+            while True:
+                nb = self.backend.search(q, fetch, allowed_ids=allowed, where=conditions or None)
+                # Ties at the page's edge (vectors at exactly the same distance) continue past what was fetched:
+                # fetch until all of them are in, so that sorting by (distance, id) gives every page the same order.
+                if not exact or nb.ids.shape[1] < fetch or fetch >= min(self.backend.count(), MAX_TIED_FETCH):
+                    break
+                edge = nb.distances[:, depth - 1]
+                if not ((nb.ids[:, -1] >= 0) & (nb.distances[:, -1] == edge)).any():
+                    break
+                fetch = min(fetch * 2, MAX_TIED_FETCH)
             keep = nb.ids >= 0
             if max_distance is not None and exact:
                 keep &= nb.distances <= max_distance + DISTANCE_SLACK
