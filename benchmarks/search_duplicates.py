@@ -133,6 +133,7 @@ def main() -> None:
     ap.add_argument("--distances", type=float, nargs="+", default=[0.05, 0.1, 0.15, 0.2, 0.3, 0.4])
     ap.add_argument("--flat-n", type=int, default=100_000)
     ap.add_argument("--pictures", choices=["emoji", "photo"], default="emoji", help="what the originals look like")
+    ap.add_argument("--linkage", choices=["star", "single"], default="star")
     args = ap.parse_args()
 
     print(f"# {cpu_name()}")
@@ -155,8 +156,8 @@ def planted_table(args) -> None:
     else:
         model = load_model(args.model, image_size=args.image_size)
         vecs = embed_decoded(model, [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs], runtime="torch")
-    print(f"# {args.pictures}-like originals; embedded {len(blobs)} images with {args.model} ({vecs.shape[1]}-d) "
-          f"in {time.perf_counter() - t0:.1f} s")
+    print(f"# {args.pictures}-like originals, {args.linkage} linkage; embedded {len(blobs)} images with "
+          f"{args.model} ({vecs.shape[1]}-d) in {time.perf_counter() - t0:.1f} s")
     truth = {tuple(sorted(p)) for p in pairs}
     kind_of = {tuple(sorted(p)): k for p, k in zip(pairs, kinds)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -176,7 +177,7 @@ def planted_table(args) -> None:
             print("| max distance | groups | predicted pairs | precision | recall | re-encoded | resized | cropped |")
             print("|---|---|---|---|---|---|---|---|")
             for dist in args.distances:
-                groups = index.duplicate_groups(dist)
+                groups = index.duplicate_groups(dist, linkage=args.linkage)
                 predicted = {tuple(sorted((pos[a.id], pos[b.id]))) for g in groups for a, b in combinations(g, 2)}
                 hit = predicted & truth
                 by_kind = {k: sum(1 for p in hit if kind_of[p] == k) / max(1, kinds.count(k))

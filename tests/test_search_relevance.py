@@ -80,6 +80,23 @@ def test_duplicate_groups_join_planted_copies_in_bounded_chunks(ranked, tmp_path
     assert [[h.id for h in g] for g in index.duplicate_groups(0.0)] == [[0, 7, 13, 21, 33]]
     with pytest.raises(SearchIndexError, match="max_distance"):
         index.duplicate_groups(float("nan"))
+    with pytest.raises(SearchIndexError, match="linkage"):
+        index.duplicate_groups(0.1, linkage="complete")
+
+
+def test_star_groups_do_not_chain_a_dense_run_of_distinct_items(tmp_path):
+    """Twelve items along an arc, each 0.08 from the next: single linkage at 0.1 chains all twelve into one group
+    (the ends 0.85 apart); star groups keep every member within 0.1 of its group's first."""
+    angles = np.arange(12) * 0.08
+    vecs = np.zeros((12, 4), np.float32)
+    vecs[:, 0], vecs[:, 1] = np.cos(angles), np.sin(angles)
+    with ImageIndex.create(tmp_path / "arc", dim=4, model={"ref": "x", "fingerprint": "x"}) as index:
+        index.add(vecs, [NewItem(f"h{i}", None, None, {}) for i in range(12)])
+        single = index.duplicate_groups(0.1, linkage="single")
+        assert [[h.id for h in g] for g in single] == [list(range(12))] and single[0][-1].distance > 0.8
+        star = index.duplicate_groups(0.1)
+        assert [[h.id for h in g] for g in star] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]]
+        assert all(h.distance <= 0.1 for g in star for h in g)
 
 
 def planted_images(root, originals: int = 12):

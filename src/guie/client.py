@@ -186,9 +186,9 @@ class Client:
         key)."""
         return self._request("GET", "health").json()
 
-    def duplicates(self, max_distance: float | None = None, limit: int = 100) -> dict:
-        """Groups of near-identical items (GET /duplicates)."""
-        params = {"limit": str(limit)}
+    def duplicates(self, max_distance: float | None = None, limit: int = 100, linkage: str = "star") -> dict:
+        """Groups of near-identical items (GET /duplicates; `linkage` as `ImageIndex.duplicate_groups`)."""
+        params = {"limit": str(limit), "linkage": linkage}
         if max_distance is not None:
             params["max_distance"] = repr(float(max_distance))
         return self._request("GET", "duplicates", params=params).json()

@@ -191,8 +191,10 @@ def register(app: typer.Typer) -> None:
                    max_distance: Optional[float] = typer.Option(
                        None, help="items this close are near-duplicates (default: the index module's "
                                   "DUPLICATE_DISTANCE, measured in docs/search.md)"),
-                   neighbours: int = typer.Option(16, help="nearest neighbours looked at per item (groups still "
-                                                           "join through shared members)"),
+                   neighbours: int = typer.Option(16, help="nearest neighbours looked at per item"),
+                   linkage: str = typer.Option("star", help="star: every member within the distance of its group's "
+                                                            "first (default); single: groups joined through shared "
+                                                            "members (can chain distinct pictures)"),
                    as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
         """Groups of near-identical items (re-encodes, resizes, light crops), found with the index's own backend
         in bounded memory; exact byte duplicates were refused at add time already."""
@@ -200,7 +202,7 @@ def register(app: typer.Typer) -> None:
 
         distance = DUPLICATE_DISTANCE if max_distance is None else max_distance
         with _open(name, write=False) as index:
-            groups = index.duplicate_groups(distance, neighbours=neighbours)
+            groups = index.duplicate_groups(distance, neighbours=neighbours, linkage=linkage)
         if as_json:
             typer.echo(json.dumps({"index": name, "max_distance": distance, "groups": [
                 [{"id": h.id, "distance": round(h.distance, 6), "label": h.item.get("label"),

@@ -43,7 +43,7 @@ from ..imaging.io import ImageLoadError
 from .auth import MIN_KEY_CHARS, host_header_names, is_loopback, key_matches, presented_key
 from .decode_limits import DecodeLane, DecodeRefused, decode_cost
 from .http_limits import BodyGuard, SecurityHeaders
-from .image_index import UPLOADS, ImageIndex, SearchIndexError, check_max_distance
+from .image_index import LINKAGES, UPLOADS, ImageIndex, SearchIndexError, check_max_distance
 from .store import NewItem, parse_where
 from .uploads import HIDDEN_FIELDS, Thumbnails, image_format, parse_metadata, safe_name
 
@@ -442,7 +442,7 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
     duplicates_cache: dict = {}
 
     @app.get("/duplicates")
-    def duplicates(request: Request, max_distance: str = "", limit: str = "100"):
+    def duplicates(request: Request, max_distance: str = "", limit: str = "100", linkage: str = "star"):
         """Groups of near-identical items within `max_distance` of each other (largest groups first, at most
         `limit`); computed once per commit and distance, one computation at a time."""
         require_read(request)
@@ -451,14 +451,17 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
         form = {"max_distance": max_distance or str(DUPLICATE_DISTANCE), "limit": limit}
         distance = form_distance(form)
         top = form_int(form, "limit", 100, 1, settings.max_groups)
+        if linkage not in LINKAGES:
+            raise HTTPException(422, f"linkage must be one of {', '.join(LINKAGES)}")
         with Admission(), duplicates_lock:
             index.refresh()
-            key = (index.seq, distance)
+            key = (index.seq, distance, linkage)
             if key not in duplicates_cache:
                 duplicates_cache.clear()
-                duplicates_cache[key] = index.duplicate_groups(distance)
+                duplicates_cache[key] = index.duplicate_groups(distance, linkage=linkage)
             groups = duplicates_cache[key]
-        return {"index": index.name, "seq": key[0], "max_distance": distance, "groups_total": len(groups),
+        return {"index": index.name, "seq": key[0], "max_distance": distance, "linkage": linkage,
+                "groups_total": len(groups),
                 "items_in_groups": sum(len(g) for g in groups),
                 "groups": [[hit_json(h) for h in g] for g in groups[:top]]}
 

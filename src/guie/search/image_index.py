@@ -456,28 +456,29 @@ class ImageIndex:
             out.append([Hit(i, d, items[i]) for i, d in row[offset:depth]])
         return out
 
-    def duplicate_groups(self, max_distance: float, neighbours: int = 16, chunk: int = 1024) -> list[list[Hit]]:
-        """Groups of near-identical items: every item is searched (with this index's backend) for its
-        `neighbours` nearest within `max_distance`, and pairs found are joined into groups (union-find), so a
-        group may be larger than `neighbours`. Vectors are read `chunk` at a time: memory grows with the pairs
-        found, not with the index. Each group is a list of Hits (distance: to the group's first, lowest, id),
-        groups largest first."""
+    def duplicate_groups(self, max_distance: float, neighbours: int = 16, chunk: int = 1024,
+                         linkage: str = "star") -> list[list[Hit]]:
+        """Groups of near-identical items. Every item is searched (with this index's backend) for its `neighbours`
+        nearest within `max_distance`; the pairs found (both ways) are then grouped:
+
+        * `star` (default): from the lowest id up, an item not yet grouped becomes a group's first, with every
+          ungrouped item paired with it: each member lies within `max_distance` of the group's first, so a dense
+          collection does not chain distinct pictures into one group;
+        * `single`: connected components of the pairs (union-find): a group may hold items far apart, linked
+          through others (a re-encode of a resize of a crop).
+
+        Vectors are read `chunk` at a time: memory grows with the pairs found, not with the index. Each group is a
+        list of Hits (distance: to the group's first, lowest, id), groups largest first."""
         max_distance = check_max_distance(max_distance)
         if max_distance is None:
             raise SearchIndexError("duplicates need a max_distance")
         if neighbours < 1 or chunk < 1:
             raise SearchIndexError(f"neighbours and chunk must be >= 1, got {neighbours}, {chunk}")
+        if linkage not in LINKAGES:
+            raise SearchIndexError(f"linkage {linkage!r}: choose from {', '.join(LINKAGES)}")
         with self._lock:
             ids = self.store.ids()
-        parent: dict[int, int] = {}
-
-        def root(i: int) -> int:
-            parent.setdefault(i, i)
-            while parent[i] != i:
-                parent[i] = parent[parent[i]]
-                i = parent[i]
-            return i
-
+        paired: dict[int, set[int]] = {}
         for start in range(0, len(ids), chunk):
             with self._lock:
                 vid, vecs = self.store.vectors(ids[start:start + chunk])
@@ -486,16 +487,12 @@ class ImageIndex:
             for i, row in zip(vid.tolist(), self.search(vecs, neighbours + 1, max_distance=max_distance)):
                 for hit in row:
                     if hit.id != i:
-                        a, b = root(i), root(hit.id)
-                        if a != b:
-                            parent[max(a, b)] = min(a, b)
-        members: dict[int, list[int]] = {}
-        for i in parent:
-            members.setdefault(root(i), []).append(i)
+                        paired.setdefault(i, set()).add(hit.id)
+                        paired.setdefault(hit.id, set()).add(i)
+        members = _star_groups(paired) if linkage == "star" else _components(paired)
         groups = []
-        for group in members.values():
-            group.sort()
-            gid, gvec = self.vectors(group)
+        for group in members:
+            gid, gvec = self.vectors(sorted(group))
             items = self.items(gid.tolist())
             dist = np.linalg.norm(gvec - gvec[0], axis=1)
             groups.append([Hit(int(i), float(d), items[int(i)]) for i, d in zip(gid, dist) if int(i) in items])
@@ -539,6 +536,43 @@ class ImageIndex:
                     "vector_bytes": n * int(h["dim"]) * 4, "columns": self.store.columns() if n else [],
                     "labels": self.store.value_counts("label", top) if n else [],
                     "commits": self.store.commits(top)}
+
+
+LINKAGES = ("star", "single")
+
+
+def _star_groups(paired: dict[int, set[int]]) -> list[list[int]]:
+    """From the lowest id up: an ungrouped item and its ungrouped partners form a group."""
+    grouped: set[int] = set()
+    out = []
+    for i in sorted(paired):
+        if i in grouped:
+            continue
+        group = [i, *sorted(j for j in paired[i] if j not in grouped and j > i)]
+        if len(group) > 1:
+            grouped.update(group)
+            out.append(group)
+    return out
+
+
+def _components(paired: dict[int, set[int]]) -> list[list[int]]:
+    """The connected components of the pairs."""
+    seen: set[int] = set()
+    out = []
+    for i in sorted(paired):
+        if i in seen:
+            continue
+        stack, group = [i], []
+        seen.add(i)
+        while stack:
+            j = stack.pop()
+            group.append(j)
+            for n in paired[j]:
+                if n not in seen:
+                    seen.add(n)
+                    stack.append(n)
+        out.append(sorted(group))
+    return out
 
 
 def check_max_distance(value) -> float | None:
