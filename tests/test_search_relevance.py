@@ -248,3 +248,28 @@ def test_page_assets_carry_the_slider_and_more(app_client):
     page = c.get("/").text
     assert 'id="max-distance"' in page and 'id="more"' in page and 'id="no-match"' in page
     assert "max_distance" in c.get("/static/app.js").text
+
+
+def test_the_client_times_out_on_a_silent_server_and_reads_retry_after_dates():
+    """A server that accepts the connection and never answers: one ClientError line after the timeout."""
+    import email.utils
+    import socket
+    import time
+
+    from guie.client import Client, ClientError, retry_after_seconds
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        port = silent.getsockname()[1]
+        t0 = time.monotonic()
+        with Client(f"http://127.0.0.1:{port}", api_key=KEY, timeout=0.5) as c, \
+                pytest.raises(ClientError, match="no answer within 0.5 s") as e:
+            c.stats()
+        assert time.monotonic() - t0 < 5 and e.value.status is None
+    later = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 < retry_after_seconds(later) <= 30 and retry_after_seconds("-3") == 0
+    with pytest.raises(ClientError, match="timeout"):
+        Client("http://127.0.0.1:1", timeout=0)
+    with pytest.raises(ClientError, match="images or ids"):
+        Client("http://127.0.0.1:1").search()
