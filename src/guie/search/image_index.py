@@ -288,6 +288,27 @@ class ImageIndex:
                 self._persist(seq)
         return seq, removed
 
+    def replace(self, remove: Sequence[int] | np.ndarray, vectors: np.ndarray, items: Sequence[NewItem],
+                op: str = "sync") -> tuple[int, np.ndarray, AddResult]:
+        """Remove the indexed items among `remove` and add `items` with their `vectors` [n, dim] in one commit
+        (`MetadataStore.commit_changes`). Returns (the commit's seq, the removed ids, the AddResult)."""
+        vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim)
+        if len(items) != len(vectors):
+            raise SearchIndexError(f"{len(items)} items but {len(vectors)} vectors")
+        if not np.isfinite(vectors).all():
+            raise SearchIndexError("vectors hold NaN or infinite values")
+        with self.writing():
+            seq, removed, ids = self.store.commit_changes(remove, items, vectors, op=op)
+            if len(removed):
+                self.backend.remove(removed)
+            fresh = ids >= 0
+            if fresh.any():
+                attrs = [{"path": it.path, "label": it.label, **it.meta} for it, f in zip(items, fresh) if f]
+                self.backend.add(ids[fresh], vectors[fresh], attrs)
+            if len(removed) or fresh.any():
+                self._persist(seq)
+        return seq, removed, AddResult(seq, ids)
+
     def remove_where(self, where: Sequence[str] | dict) -> tuple[int, np.ndarray]:
         """Remove every item matching the metadata conditions (`col=value`, as `parse_where`)."""
         conditions = parse_where(where)

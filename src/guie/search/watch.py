@@ -1,12 +1,12 @@
 """`guie index add NAME FOLDER --watch`: keep an index in step with a folder.
 
     1. `sync(None)` compares the whole folder with the items stored under it: items whose file is gone or whose
-       content changed are removed (one commit), files whose content is not indexed are embedded and added (one
-       commit). That is also how a restart after a kill -9 catches up: the index holds whole commits only, and the
-       folder is compared afresh.
+       content changed are removed and files whose content is not indexed are embedded and added, in ONE commit
+       (`ImageIndex.replace`: a rename or a change is never half-applied). That is also how a restart after a
+       kill -9 catches up: the index holds whole commits only, and the folder is compared afresh.
     2. Then `watchdog` reports created, modified, deleted and moved files (inotify on Linux; polling elsewhere, or
        when inotify's watches or instances run out: one warning line says so and how to raise the limit); the paths
-       are collected and synced together every `batch_s` seconds (a burst of changes is one or two commits).
+       are collected and synced together every `batch_s` seconds (a burst of changes is one commit).
     3. A watched folder that disappears stops the watch with a one-line error; the index keeps its last commit.
 
 An item is identified by its content (adding the same bytes again is a no-op), so a renamed file is its old item
@@ -132,7 +132,7 @@ class FolderWatcher:
 
     def sync(self, paths: set[Path] | None = None) -> SyncReport:
         """Bring the items under the folder in line with its files: all of them (`paths` None), or only these
-        paths (files or folders that changed). At most one remove and one add commit."""
+        paths (files or folders that changed). At most one commit."""
         from ..data.dedup import file_digests
         from ..imaging.io import IMAGE_EXTENSIONS
 
@@ -154,23 +154,23 @@ class FolderWatcher:
         report.errors = [f"{p}: cannot be read" for p, d in zip(files, digests) if d is None]
         with add_lock(self.index):
             stale = [i for i, (path, h) in stored.items() if path not in current or current[path][1] != h]
-            if stale:
-                report.seq, removed = self.index.remove(stale, op=f"watch {self.folder.name}: remove")
-                report.removed = len(removed)
-            known = self.index.ids_for_hashes([d for _, d in current.values()])
+            # content indexed under a path that goes now (a rename) is free to be added under its new path
+            going = set(stale)
+            known = {h for h, i in self.index.ids_for_hashes([d for _, d in current.values()]).items()
+                     if i not in going}
             todo, seen = [], set()
             for p, d in current.values():
                 if d not in known and d not in seen:
                     seen.add(d)
                     todo.append((p, d))
-            if todo:
-                vectors, kept, errors = self._embed([p for p, _ in todo])
-                report.errors += errors
-                hashes = dict(todo)
-                items = [NewItem(hashes[p], relative_path(str(p), root), self._label(p), {}) for p in kept]
-                if items:
-                    result = self.index.add(vectors, items, op=f"watch {self.folder.name}: add")
-                    report.seq, report.added = result.seq, result.added
+            vectors, kept, errors = self._embed([p for p, _ in todo]) if todo else (None, [], [])
+            report.errors += errors
+            hashes = dict(todo)
+            items = [NewItem(hashes[p], relative_path(str(p), root), self._label(p), {}) for p in kept]
+            if stale or items:
+                vectors = vectors if items else np.empty((0, self.index.dim), np.float32)
+                report.seq, removed, result = self.index.replace(stale, vectors, items, op=f"watch {self.folder.name}")
+                report.removed, report.added = len(removed), result.added
         return report
 
     # -- watching -----------------------------------------------------------------------------------------------
