@@ -189,8 +189,8 @@ def register(app: typer.Typer) -> None:
     @index_app.command("duplicates")
     def duplicates(name: str = typer.Argument(..., help="index name"),
                    max_distance: Optional[float] = typer.Option(
-                       None, help="items this close are near-duplicates (default: the index module's "
-                                  "DUPLICATE_DISTANCE, measured in docs/search.md)"),
+                       None, help="items this close are near-duplicates (default 0.15; calibrate it for your "
+                                  "model: docs/search.md)"),
                    neighbours: int = typer.Option(16, help="nearest neighbours looked at per item"),
                    linkage: str = typer.Option("star", help="star: every member within the distance of its group's "
                                                             "first (default); single: groups joined through shared "
