@@ -66,12 +66,27 @@ def photo_like(seed: int, size: int = 128) -> Image.Image:
     return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
 
 
-def planted(originals: int, kind: str = "emoji") -> tuple[list[bytes], list[tuple[int, int]], list[str]]:
+def real_emoji(manifest: str, n: int) -> list[Image.Image]:
+    """`n` emoji images of the `guie data emoji` benchmark (a seeded sample over all vendors), on white, 128 px."""
+    import pandas as pd
+
+    m = pd.read_csv(manifest).sample(n, random_state=0)
+    out = []
+    for p in m["path"]:
+        im = Image.open(Path(manifest).parent / p).convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        out.append(Image.alpha_composite(white, im).convert("RGB").resize((128, 128), Image.LANCZOS))
+    return out
+
+
+def planted(originals: int, kind: str = "emoji", manifest: str | None = None
+            ) -> tuple[list[bytes], list[tuple[int, int]], list[str]]:
     """(PNG/JPEG bytes of every image, the planted (original, copy) index pairs, the kind of each copy)."""
     blobs, pairs, kinds = [], [], []
     draw = emoji_like if kind == "emoji" else photo_like
+    real = real_emoji(manifest, originals) if kind == "real-emoji" else None
     for i in range(originals):
-        im = draw(1000 + i)
+        im = real[i] if real else draw(1000 + i)
         buf = io.BytesIO()
         im.save(buf, "PNG")
         blobs.append(buf.getvalue())
@@ -132,7 +147,9 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--distances", type=float, nargs="+", default=[0.05, 0.1, 0.15, 0.2, 0.3, 0.4])
     ap.add_argument("--flat-n", type=int, default=100_000)
-    ap.add_argument("--pictures", choices=["emoji", "photo"], default="emoji", help="what the originals look like")
+    ap.add_argument("--pictures", choices=["emoji", "photo", "real-emoji"], default="emoji",
+                    help="the originals: generated emoji-like or photo-like pictures, or real-emoji (--manifest)")
+    ap.add_argument("--manifest", default=None, help="real-emoji: the emoji benchmark's manifest.csv")
     ap.add_argument("--linkage", choices=["star", "single"], default="star")
     args = ap.parse_args()
 
@@ -149,7 +166,7 @@ def planted_table(args) -> None:
     from guie.search.encoder import load_model
     from guie.search.image_index import ImageIndex, NewItem
 
-    blobs, pairs, kinds = planted(args.originals, args.pictures)
+    blobs, pairs, kinds = planted(args.originals, args.pictures, args.manifest)
     t0 = time.perf_counter()
     if args.model == THUMBNAIL_MODEL:
         vecs = np.stack([grey_thumbnail(Image.open(io.BytesIO(b))) for b in blobs])
