@@ -78,5 +78,18 @@ def hostile_cases(images: dict[str, Path], good_png: bytes) -> list[tuple]:
          multipart([("files", images["bomb"].read_bytes(), "b.png")]), 400, "decompression bomb"),
         ("a declared body over the cap", "POST", "/search", {**key, "Content-Length": str(2**40)}, b"", 413,
          "request body larger"),
+        # issue 30: the cut-off, paging, duplicates and metrics get the same rules
+        ("duplicates without the key", "GET", "/duplicates", {}, None, 401, "API key"),
+        ("metrics without the key", "GET", "/metrics", {}, None, 401, "API key"),
+        ("a NaN max_distance", "POST", "/search", key, multipart([("item", "1", None), ("max_distance", "nan", None)]),
+         422, "max_distance"),
+        ("a negative offset", "POST", "/search", key, multipart([("item", "1", None), ("offset", "-5", None)]), 422,
+         "offset"),
+        ("a page past max_depth", "POST", "/search", key,
+         multipart([("item", "1", None), ("offset", "999999999999", None)]), 422, "offset"),
+        ("a huge limit", "POST", "/search", key, multipart([("item", "1", None), ("limit", "10" * 40, None)]), 422,
+         "limit"),
+        ("duplicates with an infinite distance", "GET", "/duplicates?max_distance=inf", key, None, 422,
+         "max_distance"),
     ]
     return cases

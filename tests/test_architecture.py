@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["guie.imaging", "guie.metrics"]),
     ("library", ["guie.models", "guie.losses", "guie.data.benchmarks", "guie.data", "guie.pipeline"]),
     ("engine", ["guie.embedding"]),
-    ("apps", ["guie.evaluate", "guie.train", "guie.export", "guie.search", "guie.demo"]),
+    ("apps", ["guie.evaluate", "guie.train", "guie.export", "guie.search", "guie.client", "guie.demo"]),
     ("cli", ["guie.cli"]),
     ("public face", ["guie"]),
 ]

@@ -67,8 +67,16 @@ def register(app: typer.Typer) -> None:
             image_root: Optional[Path] = typer.Option(
                 None, help="with --embeddings: the folder relative paths in it are relative to (default: the "
                            "index's image root, else the current folder)"),
-            progress: bool = typer.Option(True, "--progress/--no-progress"), opts: ModelOptions = None):
-        """Embed and add the images the index lacks (same content = same item), in one commit; resumable."""
+            progress: bool = typer.Option(True, "--progress/--no-progress"),
+            watch: bool = typer.Option(False, "--watch", help="then keep the index in step with the folder: new, "
+                                                              "changed, deleted and renamed files, committed in "
+                                                              "batches, until Ctrl+C (a restart catches up)"),
+            watch_batch_s: float = typer.Option(2.0, help="--watch: seconds of changes gathered per commit"),
+            watch_polling: bool = typer.Option(False, help="--watch: poll instead of inotify (network file "
+                                                           "systems)"),
+            opts: ModelOptions = None):
+        """Embed and add the images the index lacks (same content = same item), in one commit; resumable. With
+        --watch, then follow the folder (docs/search.md); with --embeddings, load vectors made by guie embed."""
         from ..search.encoder import load_index_model
         from ..search.ingest import add_source
 
@@ -79,18 +87,43 @@ def register(app: typer.Typer) -> None:
 
             if where:
                 fail("--where selects rows of SOURCE; select them when embedding (guie embed --where)")
+            if watch:
+                fail("--watch follows a folder of images; --embeddings loads vectors once")
 
             with _open(name) as index:
                 rep = add_embeddings(index, embeddings, image_root=image_root)
                 typer.echo(f"{index.name}: added {rep.added} of {rep.rows} embedded images ({rep.duplicates} "
                            f"already indexed, {len(rep.errors)} unreadable) in commit {rep.seq}; {len(index)} items")
             return
+        if watch and not source.is_dir():
+            fail(f"{source}: --watch follows a folder; this is not one")
+        if watch and where:
+            fail("--watch follows a whole folder: --where does not apply")
+        if watch_batch_s <= 0:
+            fail(f"--watch-batch-s must be > 0, got {watch_batch_s}")
         with _open(name) as index:
             embedder = load_index_model(index, opts.model, opts.image_size, opts.crop_pct)
             rep = add_source(index, source, embedder, where=where, batch_size=opts.batch_size,
                              shard_size=shard_size, progress=progress, **opts.inference)
             typer.echo(f"{index.name}: added {rep.added} of {rep.rows} images ({rep.duplicates} already indexed"
                        f", {len(rep.errors)} unreadable) in commit {rep.seq}; {len(index)} items")
+            if not watch:
+                return
+            from ..search.watch import FolderWatcher
+
+            def said(r) -> None:
+                typer.echo(f"{index.name}: commit {r.seq}: removed {r.removed}, added {r.added}"
+                           f"{f', {len(r.errors)} unreadable' if r.errors else ''}; {len(index)} items")
+                for e in r.errors[:5]:
+                    typer.echo(f"  skipped {e}", err=True)
+
+            watcher = FolderWatcher(index, source, embedder, batch_s=watch_batch_s, batch_size=opts.batch_size,
+                                    report=lambda msg: typer.echo(f"warning: {msg}", err=True), **opts.inference)
+            typer.echo(f"watching {watcher.folder} (Ctrl+C stops; a restart catches up)", err=True)
+            try:
+                watcher.run(polling=watch_polling, on_sync=said)
+            except KeyboardInterrupt:
+                typer.echo("stopped watching", err=True)
 
     @index_app.command("remove")
     def remove(name: str = typer.Argument(..., help="index name"),
@@ -132,22 +165,31 @@ def register(app: typer.Typer) -> None:
     @model_options(model=None, model_help=INDEX_MODEL_HELP)
     def search(name: str = typer.Argument(..., help="index name"),
                images: List[Path] = typer.Argument(..., help="query image files"),
-               k: int = typer.Option(5, "-k", "--k", help="results per query"),
+               k: int = typer.Option(5, "-k", "--k", "--limit", help="results per query (per page)"),
+               offset: int = typer.Option(0, help="skip the OFFSET nearest: the next page starts at offset + k"),
+               max_distance: Optional[float] = typer.Option(
+                   None, help="only hits within this Euclidean distance (unit-norm embeddings: 0 identical, "
+                              "~1.41 unrelated, 2 opposite; docs/search.md suggests values)"),
                where: Optional[List[str]] = typer.Option(None, help="only items with column=value (repeatable)"),
                grid: Optional[Path] = typer.Option(None, help="write a PNG: each query followed by its results"),
                as_json: bool = typer.Option(False, "--json", help="print one JSON line per query"),
                opts: ModelOptions = None):
-        """The k nearest indexed images of each query image (Euclidean distance, nearest first)."""
+        """The k nearest indexed images of each query image (Euclidean distance, nearest first), optionally
+        within --max-distance and from --offset on (paging)."""
         from ..imaging.draw import picture_format
         from ..search.encoder import embed_query_files, load_index_model
+        from ..search.image_index import check_max_distance
 
         if grid:
             picture_format(grid)  # a name no picture can have is refused before the search
+        check_max_distance(max_distance)
+        if offset < 0 or k < 1:
+            fail(f"offset must be >= 0 and k >= 1 (got offset {offset}, k {k})")
 
         with _open(name, write=False) as index:
             embedder = load_index_model(index, opts.model, opts.image_size, opts.crop_pct)
             vectors = embed_query_files(embedder, images, batch_size=opts.batch_size, **opts.inference)
-            hits = index.search(vectors, k, where=where)
+            hits = index.search(vectors, k, where=where, max_distance=max_distance, offset=offset)
             files = [[index.item_file(h.item) for h in row] for row in hits]
         for img, row in zip(images, hits):
             results = [{"id": h.id, "distance": round(h.distance, 6), "label": h.item.get("label"),
@@ -155,7 +197,8 @@ def register(app: typer.Typer) -> None:
             if as_json:
                 typer.echo(json.dumps({"query": str(img), "results": results}))
             else:
-                typer.echo(str(img))
+                typer.echo(str(img) + ("" if results else f"  (no match within {max_distance})"
+                                                          if max_distance is not None else "  (no results)"))
                 for r in results:
                     typer.echo(f"  {r['id']:>8}  {r['distance']:.4f}  {r['label']}  {r['path']}")
         if grid:
@@ -164,6 +207,35 @@ def register(app: typer.Typer) -> None:
             save_picture(hits_grid(images, [[(f, h.distance, h.item.get("label")) for f, h in zip(fs, row)]
                                             for fs, row in zip(files, hits)]), grid)
             typer.echo(f"grid: {grid}")
+
+    @index_app.command("duplicates")
+    def duplicates(name: str = typer.Argument(..., help="index name"),
+                   max_distance: Optional[float] = typer.Option(
+                       None, help="items this close are near-duplicates (default 0.15; calibrate it for your "
+                                  "model: docs/search.md)"),
+                   neighbours: int = typer.Option(16, help="nearest neighbours looked at per item"),
+                   linkage: str = typer.Option("star", help="star: every member within the distance of its group's "
+                                                            "first (default); single: groups joined through shared "
+                                                            "members (can chain distinct pictures)"),
+                   as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
+        """Groups of near-identical items (re-encodes, resizes, light crops), found with the index's own backend
+        in bounded memory; exact byte duplicates were refused at add time already."""
+        from ..search.image_index import DUPLICATE_DISTANCE
+
+        distance = DUPLICATE_DISTANCE if max_distance is None else max_distance
+        with _open(name, write=False) as index:
+            groups = index.duplicate_groups(distance, neighbours=neighbours, linkage=linkage)
+        if as_json:
+            typer.echo(json.dumps({"index": name, "max_distance": distance, "groups": [
+                [{"id": h.id, "distance": round(h.distance, 6), "label": h.item.get("label"),
+                  "path": h.item.get("path")} for h in g] for g in groups]}))
+            return
+        typer.echo(f"{name}: {len(groups)} groups of near-duplicates within distance {distance} "
+                   f"({sum(len(g) for g in groups)} items)")
+        for n, g in enumerate(groups, 1):
+            typer.echo(f"group {n} ({len(g)} items)")
+            for h in g:
+                typer.echo(f"  {h.id:>8}  {h.distance:.4f}  {h.item.get('label')}  {h.item.get('path')}")
 
     @index_app.command("reindex")
     def reindex(name: str = typer.Argument(..., help="index name"),
@@ -189,7 +261,8 @@ def register(app: typer.Typer) -> None:
               allow_host: Optional[List[str]] = typer.Option(None, help="also accept this name in the Host header "
                                                                         "(repeatable; loopback names and --host "
                                                                         "always are)"),
-              max_k: int = typer.Option(100, help="largest k a client may ask for"),
+              max_k: int = typer.Option(100, help="largest k (results per page) a client may ask for"),
+              max_depth: int = typer.Option(1000, help="largest offset + k a client may page to"),
               max_files: int = typer.Option(8, help="images per request"),
               max_upload_mb: float = typer.Option(8.0, help="bytes per uploaded image, in MiB"),
               max_pixels: int = typer.Option(40_000_000, help="declared pixels per image (decompression bombs)"),
@@ -213,7 +286,7 @@ def register(app: typer.Typer) -> None:
         settings = ServerSettings(api_key=read_api_key(api_key, api_key_file), host=host, port=port,
                                   allowed_hosts=list(allow_host or []), max_upload_bytes=int(max_upload_mb * 2**20),
                                   max_files=max_files, max_pixels=max_pixels, max_query_pixels=max_query_pixels,
-                                  max_k=max_k, cors_origins=list(cor for cor in cors_origin or []))
+                                  max_k=max_k, max_depth=max_depth, cors_origins=list(cor for cor in cors_origin or []))
         settings.check()
         index = _open(name)
         encoder = EngineEncoder(load_index_model(index, opts.model, opts.image_size, opts.crop_pct),

@@ -54,12 +54,14 @@ class Ticket:
 
 @dataclass
 class BatcherStats:
-    """Counters since start: forwards run, images embedded, requests refused, the largest batch seen."""
+    """Counters since start: forwards run, images embedded, requests refused, the largest batch seen, and how many
+    forwards each batch size had (size -> forwards; `GET /metrics` turns it into a histogram)."""
 
     forwards: int = 0
     images: int = 0
     refused: int = 0
     largest_batch: int = 0
+    sizes: dict = field(default_factory=dict)
 
 
 class DynamicBatcher:
@@ -195,6 +197,7 @@ class DynamicBatcher:
                 self.stats.forwards += 1
                 self.stats.images += len(out)
                 self.stats.largest_batch = max(self.stats.largest_batch, len(out))
+                self.stats.sizes[len(out)] = self.stats.sizes.get(len(out), 0) + 1
             start = 0
             for j in live:
                 rows, start = out[start:start + j.n], start + j.n

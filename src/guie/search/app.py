@@ -2,7 +2,10 @@
 
     GET    /                       the search page (plain HTML/JS from guie/search/static, no build step, offline)
     GET    /health                 liveness; with read access also the index's size, dim, backend, queue
-    POST   /search                 multipart: `files` (images) or `item` (an indexed id), `k`, `where` (col=value)
+    POST   /search                 multipart: `files` (images) or `item` (an indexed id), `k` (or `limit`), `offset`,
+                                   `max_distance`, `where` (col=value)
+    GET    /duplicates             groups of near-identical items (`max_distance`, `limit` groups)
+    GET    /metrics                Prometheus text format (read access)
     GET    /items/{id}             an item's metadata (never its file path)
     GET    /items/{id}/thumbnail   a small WebP of the item, read from the image root
     POST   /items                  add uploaded images (write access)
@@ -40,7 +43,7 @@ from ..imaging.io import ImageLoadError
 from .auth import MIN_KEY_CHARS, host_header_names, is_loopback, key_matches, presented_key
 from .decode_limits import DecodeLane, DecodeRefused, decode_cost
 from .http_limits import BodyGuard, SecurityHeaders
-from .image_index import UPLOADS, ImageIndex, SearchIndexError
+from .image_index import LINKAGES, UPLOADS, ImageIndex, SearchIndexError, check_max_distance
 from .store import NewItem, parse_where
 from .uploads import HIDDEN_FIELDS, Thumbnails, image_format, parse_metadata, safe_name
 
@@ -82,7 +85,9 @@ class ServerSettings:
     heavy_per_client: int = 2              # heavy requests admitted at once per client address
     heavy_queue: int = 8                   # heavy requests admitted at once in all
     refusal_delay_s: float = 1.0           # a refusal of decode work (413/429/503) is answered after this pause
-    max_k: int = 100
+    max_k: int = 100                       # results per page (k / limit)
+    max_depth: int = 1000                  # offset + limit: how deep paging may reach (the work of one request)
+    max_groups: int = 1000                 # duplicate groups per answer
     max_inflight: int = 64                 # requests being decoded/embedded at once; more get 503
     max_readers: int = 256                 # request bodies arriving at once; more get 503
     body_grace_s: float = 5.0              # a body must arrive within grace + size / min rate
@@ -111,6 +116,8 @@ class ServerSettings:
                              "loopback (127.0.0.1, ::1, localhost) may be served without one")
         if self.api_key is not None and len(self.api_key) < MIN_KEY_CHARS:
             raise InputError(f"the API key must be at least {MIN_KEY_CHARS} characters")
+        if self.max_depth < self.max_k:
+            raise InputError(f"max_depth ({self.max_depth}) must be at least max_k ({self.max_k})")
         if self.port is not None and not 1 <= self.port <= 65535:
             raise InputError(f"port {self.port} is not a TCP port (1-65535)")
         bad = [h for h in self.allowed_hosts if not _HOST_NAME.match(h.strip())]
@@ -147,6 +154,10 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
 
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.host_names, www_redirect=False)
     app.add_middleware(SecurityHeaders)
+    from .service_metrics import ServiceMetrics
+
+    metrics = ServiceMetrics(index, encoder, inflight)
+    app.add_middleware(metrics.middleware)  # outermost: every answer is counted, refusals of the layers inside too
 
     def key_ok(request: Request) -> bool:
         return key_matches(settings.api_key, presented_key(request.headers))
@@ -260,6 +271,15 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
             raise HTTPException(422, f"{name} must be between {lo} and {hi}")
         return value
 
+    def form_distance(form) -> float | None:
+        raw = form.get("max_distance")
+        if raw is None or str(raw).strip() == "":
+            return None
+        try:
+            return check_max_distance(str(raw))
+        except SearchIndexError as e:
+            raise HTTPException(422, str(e)) from None
+
     @app.get("/", include_in_schema=False)
     def page():
         """The search page."""
@@ -298,7 +318,14 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
             form = await read_form(request)
             with Admission():
                 try:
-                    k = form_int(form, "k", 5, 1, settings.max_k)
+                    if form.get("k") not in (None, "") and form.get("limit") not in (None, ""):
+                        raise HTTPException(422, "send k or limit, not both (they are the same: results per page)")
+                    k = form_int(form, "limit" if form.get("limit") not in (None, "") else "k", 5, 1, settings.max_k)
+                    offset = form_int(form, "offset", 0, 0, settings.max_depth)
+                    if offset + k > settings.max_depth:
+                        raise HTTPException(422, f"offset + k is {offset + k}; this server pages at most "
+                                                 f"{settings.max_depth} results deep (max_depth)")
+                    max_distance = form_distance(form)
                     where = parse_where([str(w) for w in form.getlist("where") if str(w).strip()])
                 except ValueError as e:
                     raise HTTPException(422, str(e)) from None
@@ -306,12 +333,17 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
                 item = form.get("item")
                 if bool(uploads) == (item is not None):
                     raise HTTPException(400, "send image files (field 'files') or one indexed item (field 'item')")
+                metrics.queries.observe(len(uploads) or 1)
 
                 def answer(vectors, queries) -> bytes:
                     index.refresh()
-                    hits = index.search(vectors, k, where=where)
-                    return JSONResponse({"index": index.name, "k": k, "results": [
-                        {"query": q, "hits": [hit_json(h) for h in row]} for q, row in zip(queries, hits)]}).body
+                    # one more than asked: whether a next page exists (within max_depth)
+                    hits = index.search(vectors, k + 1, where=where, max_distance=max_distance, offset=offset)
+                    return JSONResponse({"index": index.name, "seq": index.seq, "k": k, "offset": offset,
+                                         "max_distance": max_distance, "max_depth": settings.max_depth, "results": [
+                        {"query": q, "hits": [hit_json(h) for h in row[:k]],
+                         "more": len(row) > k and offset + k < settings.max_depth}
+                        for q, row in zip(queries, hits)]}).body
 
                 if item is not None:
                     if not str(item).strip():
@@ -405,6 +437,41 @@ def create_app(index: ImageIndex, encoder: QueryEncoder, settings: ServerSetting
             if stored is not None and not index.ids_for_hashes([item["content_hash"]]):
                 stored.unlink(missing_ok=True)
         return {"seq": seq, "removed": [int(i) for i in removed]}
+
+    duplicates_lock = threading.Lock()
+    duplicates_cache: dict = {}
+
+    @app.get("/duplicates")
+    def duplicates(request: Request, max_distance: str = "", limit: str = "100", linkage: str = "star"):
+        """Groups of near-identical items within `max_distance` of each other (largest groups first, at most
+        `limit`); computed once per commit and distance, one computation at a time."""
+        require_read(request)
+        from .image_index import DUPLICATE_DISTANCE
+
+        form = {"max_distance": max_distance or str(DUPLICATE_DISTANCE), "limit": limit}
+        distance = form_distance(form)
+        top = form_int(form, "limit", 100, 1, settings.max_groups)
+        if linkage not in LINKAGES:
+            raise HTTPException(422, f"linkage must be one of {', '.join(LINKAGES)}")
+        with Admission(), duplicates_lock:
+            index.refresh()
+            key = (index.seq, distance, linkage)
+            if key not in duplicates_cache:
+                duplicates_cache.clear()
+                duplicates_cache[key] = index.duplicate_groups(distance, linkage=linkage)
+            groups = duplicates_cache[key]
+        return {"index": index.name, "seq": key[0], "max_distance": distance, "linkage": linkage,
+                "groups_total": len(groups),
+                "items_in_groups": sum(len(g) for g in groups),
+                "groups": [[hit_json(h) for h in g] for g in groups[:top]]}
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics(request: Request):
+        """Counters, latencies, batching, queue depth and the index's size and commit, in Prometheus text format
+        (read access)."""
+        require_read(request)
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
 
     @app.exception_handler(SearchIndexError)
     async def index_error(request: Request, exc: SearchIndexError):

@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 UPLOADS = "@index/uploads/"  # item paths of images added over HTTP: kept in the index folder, not the image root
 RERANK_FACTOR = 8  # candidates per requested neighbour re-ranked with exact vectors when the backend is approximate
+MAX_TIED_FETCH = 16_384  # neighbours a search fetches at most to resolve ties at a page's edge (Milvus's top-k limit)
+DISTANCE_SLACK = 1e-6  # a cut-off keeps hits this far past it: a distance shown rounded to 6 places is kept by itself
+DUPLICATE_DISTANCE = 0.15  # default cut-off of `duplicate_groups` (docs/search.md: measured on a planted set)
 
 
 class SearchIndexError(InputError):
@@ -285,6 +288,27 @@ class ImageIndex:
                 self._persist(seq)
         return seq, removed
 
+    def replace(self, remove: Sequence[int] | np.ndarray, vectors: np.ndarray, items: Sequence[NewItem],
+                op: str = "sync") -> tuple[int, np.ndarray, AddResult]:
+        """Remove the indexed items among `remove` and add `items` with their `vectors` [n, dim] in one commit
+        (`MetadataStore.commit_changes`). Returns (the commit's seq, the removed ids, the AddResult)."""
+        vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim)
+        if len(items) != len(vectors):
+            raise SearchIndexError(f"{len(items)} items but {len(vectors)} vectors")
+        if not np.isfinite(vectors).all():
+            raise SearchIndexError("vectors hold NaN or infinite values")
+        with self.writing():
+            seq, removed, ids = self.store.commit_changes(remove, items, vectors, op=op)
+            if len(removed):
+                self.backend.remove(removed)
+            fresh = ids >= 0
+            if fresh.any():
+                attrs = [{"path": it.path, "label": it.label, **it.meta} for it, f in zip(items, fresh) if f]
+                self.backend.add(ids[fresh], vectors[fresh], attrs)
+            if len(removed) or fresh.any():
+                self._persist(seq)
+        return seq, removed, AddResult(seq, ids)
+
     def remove_where(self, where: Sequence[str] | dict) -> tuple[int, np.ndarray]:
         """Remove every item matching the metadata conditions (`col=value`, as `parse_where`)."""
         conditions = parse_where(where)
@@ -399,16 +423,23 @@ class ImageIndex:
             return self.backend.synced_seq() != before
 
     # -- reads --------------------------------------------------------------------------------------------------
-    def search(self, queries: np.ndarray, k: int = 5, where: Sequence[str] | dict | None = None) -> list[list[Hit]]:
-        """The k nearest items of each query vector [Q, dim] (Euclidean, nearest first), optionally only among
-        items matching `where` (col=value conditions)."""
+    def search(self, queries: np.ndarray, k: int = 5, where: Sequence[str] | dict | None = None,
+               max_distance: float | None = None, offset: int = 0) -> list[list[Hit]]:
+        """The k nearest items of each query vector [Q, dim] (Euclidean, nearest first, ties by id), optionally
+        only among items matching `where` (col=value conditions), only those within `max_distance` (give or take
+        DISTANCE_SLACK), and skipping the `offset` nearest (paging: while the index does not change, the pages of
+        one query are consecutive slices of one ranking)."""
         q = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if q.shape[1] != self.dim:
             raise SearchIndexError(f"query dim {q.shape[1]} != index dim {self.dim} (was it embedded with this "
                               "index's model?)")
         if k < 1:
             raise SearchIndexError(f"k must be >= 1, got {k}")
+        if offset < 0:
+            raise SearchIndexError(f"offset must be >= 0, got {offset}")
+        max_distance = check_max_distance(max_distance)
         conditions = parse_where(where)
+        depth = offset + k
         with self._lock:
             allowed = None
             if conditions and not self.backend.filters_natively:
@@ -416,9 +447,21 @@ class ImageIndex:
                 if not len(allowed):
                     return [[] for _ in q]
             exact = self.backend.exact_distances
-            fetch = k if exact else max(k * RERANK_FACTOR, 32)
-            nb = self.backend.search(q, fetch, allowed_ids=allowed, where=conditions or None)
-            found = np.unique(nb.ids[nb.ids >= 0])
+            fetch = depth + 1 if exact else max(depth * RERANK_FACTOR, 32)
+            while True:
+                nb = self.backend.search(q, fetch, allowed_ids=allowed, where=conditions or None)
+                # Ties at the page's edge (vectors at exactly the same distance) continue past what was fetched:
+                # fetch until all of them are in, so that sorting by (distance, id) gives every page the same order.
+                if not exact or nb.ids.shape[1] < fetch or fetch >= min(self.backend.count(), MAX_TIED_FETCH):
+                    break
+                edge = nb.distances[:, depth - 1]
+                if not ((nb.ids[:, -1] >= 0) & (nb.distances[:, -1] == edge)).any():
+                    break
+                fetch = min(fetch * 2, MAX_TIED_FETCH)
+            keep = nb.ids >= 0
+            if max_distance is not None and exact:
+                keep &= nb.distances <= max_distance + DISTANCE_SLACK
+            found = np.unique(nb.ids[keep])
             items = self.store.items(found)
             if not exact:  # IVF-PQ: re-rank the candidates by their exact vectors from the store
                 vid, vecs = self.store.vectors(found)
@@ -428,9 +471,55 @@ class ImageIndex:
             row = [(int(i), float(d)) for i, d in zip(nb.ids[r], nb.distances[r]) if i >= 0 and int(i) in items]
             if not exact:
                 row = [(i, float(np.linalg.norm(vecs[lookup[i]] - q[r]))) for i, _ in row]
-                row.sort(key=lambda t: (t[1], t[0]))
-            out.append([Hit(i, d, items[i]) for i, d in row[:k]])
+            row.sort(key=lambda t: (t[1], t[0]))
+            if max_distance is not None:
+                row = [t for t in row if t[1] <= max_distance + DISTANCE_SLACK]
+            out.append([Hit(i, d, items[i]) for i, d in row[offset:depth]])
         return out
+
+    def duplicate_groups(self, max_distance: float, neighbours: int = 16, chunk: int = 1024,
+                         linkage: str = "star") -> list[list[Hit]]:
+        """Groups of near-identical items. Every item is searched (with this index's backend) for its `neighbours`
+        nearest within `max_distance`; the pairs found (both ways) are then grouped:
+
+        * `star` (default): from the lowest id up, an item not yet grouped becomes a group's first, with every
+          ungrouped item paired with it: each member lies within `max_distance` of the group's first, so a dense
+          collection does not chain distinct pictures into one group;
+        * `single`: connected components of the pairs (union-find): a group may hold items far apart, linked
+          through others (a re-encode of a resize of a crop).
+
+        Vectors are read `chunk` at a time: memory grows with the pairs found, not with the index. Each group is a
+        list of Hits (distance: to the group's first, lowest, id), groups largest first."""
+        max_distance = check_max_distance(max_distance)
+        if max_distance is None:
+            raise SearchIndexError("duplicates need a max_distance")
+        if neighbours < 1 or chunk < 1:
+            raise SearchIndexError(f"neighbours and chunk must be >= 1, got {neighbours}, {chunk}")
+        if linkage not in LINKAGES:
+            raise SearchIndexError(f"linkage {linkage!r}: choose from {', '.join(LINKAGES)}")
+        with self._lock:
+            ids = self.store.ids()
+        paired: dict[int, set[int]] = {}
+        for start in range(0, len(ids), chunk):
+            with self._lock:
+                vid, vecs = self.store.vectors(ids[start:start + chunk])
+            if not len(vid):
+                continue
+            for i, row in zip(vid.tolist(), self.search(vecs, neighbours + 1, max_distance=max_distance)):
+                for hit in row:
+                    if hit.id != i:
+                        paired.setdefault(i, set()).add(hit.id)
+                        paired.setdefault(hit.id, set()).add(i)
+        members = _star_groups(paired) if linkage == "star" else _components(paired)
+        groups = []
+        for group in members:
+            gid, gvec = self.vectors(sorted(group))
+            items = self.items(gid.tolist())
+            dist = np.linalg.norm(gvec - gvec[0], axis=1)
+            groups.append([Hit(int(i), float(d), items[int(i)]) for i, d in zip(gid, dist) if int(i) in items])
+        groups = [g for g in groups if len(g) > 1]
+        groups.sort(key=lambda g: (-len(g), g[0].id))
+        return groups
 
     def items(self, ids: Sequence[int]) -> dict[int, dict]:
         """id -> metadata of the indexed items among `ids`."""
@@ -446,6 +535,11 @@ class ImageIndex:
         """content hash -> id of the indexed items among `hashes`."""
         with self._lock:
             return self.store.ids_for_hashes(hashes)
+
+    def path_items(self, paths: Sequence[str] | None = None, prefix: str | None = None) -> dict[int, tuple[str, str]]:
+        """id -> (path, content hash) of the items at `paths`, or under the relative folder `prefix`."""
+        with self._lock:
+            return self.store.path_items(paths, prefix)
 
     def ids_where(self, where: Sequence[str] | dict) -> np.ndarray:
         """Ids of the items matching the conditions."""
@@ -465,9 +559,59 @@ class ImageIndex:
                     "commits": self.store.commits(top)}
 
 
+LINKAGES = ("star", "single")
+
+
+def _star_groups(paired: dict[int, set[int]]) -> list[list[int]]:
+    """From the lowest id up: an ungrouped item and its ungrouped partners form a group."""
+    grouped: set[int] = set()
+    out = []
+    for i in sorted(paired):
+        if i in grouped:
+            continue
+        group = [i, *sorted(j for j in paired[i] if j not in grouped and j > i)]
+        if len(group) > 1:
+            grouped.update(group)
+            out.append(group)
+    return out
+
+
+def _components(paired: dict[int, set[int]]) -> list[list[int]]:
+    """The connected components of the pairs."""
+    seen: set[int] = set()
+    out = []
+    for i in sorted(paired):
+        if i in seen:
+            continue
+        stack, group = [i], []
+        seen.add(i)
+        while stack:
+            j = stack.pop()
+            group.append(j)
+            for n in paired[j]:
+                if n not in seen:
+                    seen.add(n)
+                    stack.append(n)
+        out.append(sorted(group))
+    return out
+
+
+def check_max_distance(value) -> float | None:
+    """A distance cut-off as a float (None: no cut-off); NaN, infinite or negative values are refused."""
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise SearchIndexError(f"max_distance must be a number, got {value!r}") from None
+    if not np.isfinite(value) or value < 0:
+        raise SearchIndexError(f"max_distance must be a finite number >= 0, got {value}")
+    return value
+
+
 def _describe_where(conditions: dict[str, list[str]]) -> str:
     return " ".join(f"{c}={','.join(v)}" for c, v in conditions.items())
 
 
-__all__ = ["LOCK_FILE", "AddResult", "BackendError", "Hit", "ImageIndex", "NewItem", "SearchIndexError", "index_home",
-           "resolve_index"]
+__all__ = ["LOCK_FILE", "AddResult", "BackendError", "Hit", "ImageIndex", "NewItem", "SearchIndexError",
+           "check_max_distance", "index_home", "resolve_index"]

@@ -266,6 +266,43 @@ class MetadataStore:
             self._bump(seq, op, len(found), self.next_id)
         return seq, np.asarray(found, dtype=np.int64)
 
+    @_guarded
+    def commit_changes(self, remove: Iterable[int], items: Sequence[NewItem], vectors: np.ndarray,
+                       op: str = "sync") -> tuple[int, np.ndarray, np.ndarray]:
+        """Remove the stored items among `remove` and add `items` with their `vectors`, in ONE transaction (a
+        watched folder's batch: a renamed or changed file is never half-applied). Removals come first, so content
+        removed here may be added back under another path. Returns (the commit's seq, the removed ids, the added
+        ids in input order, -1 for content stored already); when nothing changes nothing is committed."""
+        vectors = np.ascontiguousarray(vectors, dtype="<f4")
+        dim = int(self.get_info("dim"))
+        if len(items) != len(vectors) or (len(vectors) and vectors.shape[1] != dim):
+            raise StoreError(f"{len(items)} items and vectors of shape {vectors.shape}; the index is {dim}-d")
+        wanted = json.dumps(sorted({int(i) for i in remove}))
+        with self._transaction() as db:
+            seq, next_id = self.seq + 1, self.next_id
+            found = [i for (i,) in db.execute("SELECT id FROM items WHERE id IN (SELECT value FROM json_each(?))",
+                                              (wanted,))]
+            if found:
+                db.execute("DELETE FROM items WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(found),))
+                db.executemany("INSERT OR REPLACE INTO removed VALUES (?, ?)", [(i, seq) for i in found])
+            ids = np.full(len(items), -1, dtype=np.int64)
+            seen = {h for (h,) in db.execute("SELECT content_hash FROM items WHERE content_hash IN (SELECT value FROM "
+                                             "json_each(?))", (json.dumps([it.content_hash for it in items]),))}
+            rows = []
+            for i, (it, v) in enumerate(zip(items, vectors)):
+                if it.content_hash in seen:
+                    continue
+                seen.add(it.content_hash)
+                ids[i] = next_id
+                rows.append((next_id, it.content_hash, it.path, it.label,
+                             json.dumps({k: json_scalar(x) for k, x in it.meta.items()}), v.tobytes(), seq))
+                next_id += 1
+            if not rows and not found:
+                return seq - 1, np.empty(0, np.int64), ids
+            db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            self._bump(seq, op, len(rows) + len(found), next_id)
+        return seq, np.asarray(found, dtype=np.int64), ids
+
     def _bump(self, seq: int, op: str, n: int, next_id: int) -> None:
         self._db.executemany("INSERT OR REPLACE INTO info VALUES (?, ?)",
                              [("seq", json.dumps(seq)), ("next_id", json.dumps(next_id))])
@@ -382,6 +419,19 @@ class MetadataStore:
         clause, args = sql_where(parse_where(where))
         sql = f"SELECT id FROM items WHERE {clause} ORDER BY id"
         return np.asarray([i for (i,) in self._db.execute(sql, args)], dtype=np.int64)
+
+    @_guarded
+    def path_items(self, paths: Sequence[str] | None = None, prefix: str | None = None) -> dict[int, tuple[str, str]]:
+        """id -> (path, content hash) of the items stored under one of `paths`, or under the folder `prefix`
+        (relative paths only: `""` is the whole image root), ascending id: what a watched folder is compared with."""
+        if paths is not None:
+            cur = self._db.execute("SELECT id, path, content_hash FROM items WHERE path IN (SELECT value FROM "
+                                   "json_each(?)) ORDER BY id", (json.dumps(list(paths)),))
+        else:
+            low = prefix.rstrip("/") + "/" if prefix else ""
+            cur = self._db.execute("SELECT id, path, content_hash FROM items WHERE path >= ? AND path < ? ORDER BY id",
+                                   (low, low + "\U0010ffff"))
+        return {i: (p, h) for i, p, h in cur}
 
     @_guarded
     def columns(self) -> list[str]:

@@ -3,7 +3,9 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { key: sessionStorage.getItem("guie-api-key") || "", urls: [], busy: false };
+const state = { key: sessionStorage.getItem("guie-api-key") || "", urls: [], busy: false,
+                query: null, offset: 0, k: 10, depth: 0, shown: 0 };
+const NO_CUTOFF = 2;  // the slider's right end: no cut-off (unit-length embeddings are at most 2 apart)
 
 function headers() {
   return state.key ? { "X-API-Key": state.key } : {};
@@ -69,19 +71,44 @@ function showQuery(src, caption) {
   $("query-caption").textContent = caption;
 }
 
-async function search(form) {
+function maxDistance() {
+  const value = parseFloat($("max-distance").value);
+  return value >= NO_CUTOFF ? null : value;
+}
+
+function showMaxDistance() {
+  const value = maxDistance();
+  $("max-distance-value").textContent = value == null ? "any" : value.toFixed(2);
+}
+
+// `query` makes a fresh FormData holding the query (an upload or an item); `more` asks for the next page.
+async function search(query, more = false) {
   if (state.busy) return;
   state.busy = true;
-  form.append("k", String(Math.max(1, Math.min(100, parseInt($("k").value, 10) || 10))));
+  let k = Math.max(1, Math.min(100, parseInt($("k").value, 10) || 10));
+  const offset = more ? state.offset + state.k : 0;
+  if (more && state.depth) k = Math.max(1, Math.min(k, state.depth - offset));  // the last page stops at max_depth
+  const form = query();
+  form.append("k", String(k));
+  form.append("offset", String(offset));
+  const cutoff = maxDistance();
+  if (cutoff != null) form.append("max_distance", String(cutoff));
   const where = $("where").value.trim();
   if (where) for (const cond of where.split(/\s+/)) form.append("where", cond);
   setStatus("searching…");
   const started = performance.now();
   try {
     const body = await (await api("search", { method: "POST", body: form })).json();
-    const hits = body.results.length ? body.results[0].hits : [];
-    render(hits);
-    setStatus(`${hits.length} results in ${Math.round(performance.now() - started)} ms`);
+    const result = body.results.length ? body.results[0] : { hits: [], more: false };
+    state.query = query;
+    state.offset = offset;
+    state.k = k;
+    state.depth = body.max_depth;
+    render(result.hits, more);
+    $("more").hidden = !result.more;
+    $("no-match").hidden = state.shown > 0 || cutoff == null;
+    const within = cutoff == null ? "" : ` within distance ${cutoff.toFixed(2)}`;
+    setStatus(`${state.shown} results${within} in ${Math.round(performance.now() - started)} ms`);
   } catch (e) {
     setStatus(e.message, true);
   } finally {
@@ -89,15 +116,22 @@ async function search(form) {
   }
 }
 
-function render(hits) {
+function render(hits, append) {
   const results = $("results");
-  forgetImages();
-  results.replaceChildren();
-  hits.forEach((hit, i) => {
+  if (!append) {
+    forgetImages();
+    results.replaceChildren();
+    state.shown = 0;
+  }
+  const first = state.shown;
+  state.shown += hits.length;
+  hits.forEach((hit, j) => {
+    const i = first + j;
     const card = document.createElement("button");
     card.type = "button";
     card.className = "hit";
     card.dataset.id = String(hit.id);
+    card.dataset.distance = String(hit.distance);
     card.dataset.label = hit.label == null ? "" : String(hit.label);
     const img = document.createElement("img");
     img.className = "thumb";
@@ -124,9 +158,11 @@ function render(hits) {
     card.append(img, head, meta);
     card.addEventListener("click", () => {
       showQuery(img.src, `item ${hit.id}${hit.label ? ` (${hit.label})` : ""}`);
-      const form = new FormData();
-      form.append("item", String(hit.id));
-      search(form);
+      search(() => {
+        const form = new FormData();
+        form.append("item", String(hit.id));
+        return form;
+      });
     });
     results.append(card);
   });
@@ -139,9 +175,11 @@ function searchFile(file) {
   }
   const url = URL.createObjectURL(file);
   showQuery(url, file.name ? `uploaded: ${file.name}` : "pasted image");
-  const form = new FormData();
-  form.append("files", file, file.name || "pasted.png");
-  search(form);
+  search(() => {
+    const form = new FormData();
+    form.append("files", file, file.name || "pasted.png");
+    return form;
+  });
 }
 
 const drop = $("drop");
@@ -164,6 +202,9 @@ $("file-input").addEventListener("change", (e) => {
   if (e.target.files.length) searchFile(e.target.files[0]);
   e.target.value = "";
 });
+$("max-distance").addEventListener("input", showMaxDistance);
+$("max-distance").addEventListener("change", () => { if (state.query) search(state.query); });
+$("more").addEventListener("click", () => { if (state.query) search(state.query, true); });
 $("key-form").addEventListener("submit", (e) => {
   e.preventDefault();
   state.key = $("api-key").value;
@@ -172,4 +213,6 @@ $("key-form").addEventListener("submit", (e) => {
   setStatus("");
   loadInfo();
 });
+showMaxDistance();
 loadInfo();
+
