@@ -20,6 +20,14 @@ def cli(*args, code: int = 0) -> str:
     return r.output
 
 
+@pytest.fixture(scope="module", autouse=True)
+def milvus_imported_outside_cli_runner():
+    """Import pymilvus before any CliRunner call: it attaches logging handlers to sys.stderr when imported, and
+    imported inside CliRunner they would keep its stream, closed after the call ("I/O operation on closed file")."""
+    pytest.importorskip("pymilvus")
+    from guie.search.backends import milvus_backend, milvus_local  # noqa: F401
+
+
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
     """A folder of 18 images in class folders, a tiny saved model and `guie embed` of the folder."""

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from conftest import write_labelled_folder
 from guie.cli import app
 from guie.embedding.files import embeddings_fingerprint, read_embeddings
-from test_index_bulk import assert_same_top5_as_direct
+from test_index_bulk import assert_same_top5_as_direct, milvus_imported_outside_cli_runner  # noqa: F401
 
 ray = pytest.importorskip("ray")
 KILLER = str(Path(__file__).with_name("kill_points.py"))
