@@ -27,9 +27,15 @@ RAY_ARGS = ["--ray", "auto", "--actors", "1", "--cpus-per-actor", "1", "--no-pro
             "--shard-size", "4"]
 
 
+def patient_ray_start() -> None:
+    """Give Ray's GCS server 2 minutes to start instead of 30 s: on a loaded 2-core machine it took longer."""
+    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """One local Ray cluster for the module (2 CPUs: one decoding task and one model actor at a time)."""
+    patient_ray_start()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
