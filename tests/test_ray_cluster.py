@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from guie.cli import app
-from test_ray_embed import assert_same_as_local, job  # noqa: F401 - `job` is a fixture
+from test_ray_embed import assert_same_as_local, job, patient_ray_start  # noqa: F401 - `job` is a fixture
 
 ray = pytest.importorskip("ray")
 
@@ -16,6 +16,7 @@ def two_nodes():
     """A head node and one worker node of 1 CPU each; this process is the driver."""
     from ray.cluster_utils import Cluster
 
+    patient_ray_start()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, log_to_driver=False)

@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +28,15 @@ RAY_ARGS = ["--ray", "auto", "--actors", "1", "--cpus-per-actor", "1", "--no-pro
             "--shard-size", "4"]
 
 
+def patient_ray_start() -> None:
+    """Give Ray's GCS server 2 minutes to start instead of 30 s: on a loaded 2-core machine it took longer."""
+    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """One local Ray cluster for the module (2 CPUs: one decoding task and one model actor at a time)."""
+    patient_ray_start()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
@@ -77,11 +84,12 @@ def test_ray_job_writes_the_local_output_and_bulk_loads_like_the_images(cluster,
         assert_same_top5_as_direct(job["folder"], job["model"], out, tmp_path, backend)
 
 
-def _actor_pids() -> list[int]:
+def _actor_pids(since: float = 0.0) -> list[int]:
+    """PIDs of the model actors (Ray names their processes after the class) started after `since` (epoch s)."""
     import psutil
 
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if any("EmbedBatches" in part for part in (p.info["cmdline"] or []))]
+    return [p.pid for p in psutil.process_iter(["cmdline", "create_time"])
+            if any("EmbedBatches" in part for part in (p.info["cmdline"] or [])) and p.info["create_time"] >= since]
 
 
 @pytest.mark.slow
@@ -90,12 +98,12 @@ def test_a_killed_model_actor_is_replaced_and_every_row_lands_once(cluster, job,
     from guie.embedding.ray_embed import embed_with_ray
     from guie.models import load_embedder
 
-    killed = []
+    killed, started = [], time.time() - 1  # actors of earlier jobs may still be shutting down: only this job's
 
     def kill_the_actor(done: int) -> None:
         if not killed:
-            pids = _actor_pids()
-            assert len(pids) == 1 and done < 37, (pids, done)
+            pids = _actor_pids(since=started)
+            assert len(pids) == 1 and done < 37, (pids, done)  # one actor, rows still to embed
             os.kill(pids[0], 9)
             killed.append((pids[0], done))
 

@@ -402,10 +402,11 @@ def merge_parts(out_path: str | Path) -> MergeReport:
         raise MissingFileError(meta_file, "embedding parts (nothing was embedded into this output yet?)")
     try:
         meta = json.loads(meta_file.read_text())
+        size, model = int(meta["shard_size"]), str(meta["model"])
         listed = pq.read_table(parts / "rows.parquet").column("path").to_pylist()
-    except (OSError, ValueError, KeyError, pa.ArrowException) as e:
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as e:
         raise InputError(f"{parts}: not readable embedding parts ({type(e).__name__}: {e})") from None
-    size, n = int(meta["shard_size"]), len(listed)
+    n = len(listed)
     n_parts = -(-n // size)
     found, errors, missing, duplicated, bad_parts, foreign = [], [], 0, 0, [], []
     for s in range(n_parts):
@@ -416,7 +417,7 @@ def merge_parts(out_path: str | Path) -> MergeReport:
             bad_parts.append(s)
             continue
         table = pq.read_table(part, columns=["path"])  # the check reads the paths only; the copy streams below
-        if (pq.read_schema(part).metadata or {}).get(FINGERPRINT_KEY, b"").decode() != meta["model"]:
+        if (pq.read_schema(part).metadata or {}).get(FINGERPRINT_KEY, b"").decode() != model:
             foreign.append(s)
         failed_json = parts / f"part-{s:06d}.failed.json"
         records = json.loads(failed_json.read_text()) if failed_json.exists() else []
@@ -441,9 +442,10 @@ def merge_parts(out_path: str | Path) -> MergeReport:
             problems.append(f"unexpected files {', '.join(sorted(strays)[:3])}")
         if foreign:
             problems.append(f"shards {', '.join(map(str, foreign[:8]))} of another model")
-        raise IncompleteError(f"{out_path}: not merged: " + ", ".join(problems) + "; rerun the embedding (it "
-                              "redoes only unfinished shards) and merge again")
-    written = _concat_parts(found, out_path, meta["model"])
+        fix = ("delete those shards' part files, " if duplicated or strays or foreign else "") + "rerun the embedding"
+        raise IncompleteError(f"{out_path}: not merged: " + ", ".join(problems) + f"; {fix} (it redoes only "
+                              "unfinished shards) and merge again")
+    written = _concat_parts(found, out_path, model)
     failed_csv = failed_file(out_path)
     if errors:
         pd.DataFrame({"error": errors}).to_csv(failed_csv, index=False)
