@@ -16,7 +16,7 @@ def smoke(name, tmp_path, overrides=None, steps=1):
     return cfg, run_smoke(cfg, tmp_path, steps=steps)
 
 
-def test_first_place_recipe_smoke_runs_all_nine_stages_at_both_resolutions(tmp_path):
+def test_first_place_recipe_smoke_runs_all_13_stages_at_every_resolution(tmp_path):
     from guie.models import load_embedder
 
     cfg, report = smoke("guie-1st-place-vit-h-14", tmp_path)
@@ -26,8 +26,11 @@ def test_first_place_recipe_smoke_runs_all_nine_stages_at_both_resolutions(tmp_p
     first, last = load_embedder(run / "model-stage-00-s1-head.pt"), load_embedder(run / "model.pt")
     # same family (an open_clip ViT with patch 14 and the projection kept), resampled 16x16 -> 20x20 at 280 px
     assert first.spec.backbone.startswith("open_clip:guie-smoke-ViT-H-14")
-    assert tuple(first.backbone.visual.grid_size) == (16, 16) and tuple(last.backbone.visual.grid_size) == (20, 20)
-    assert last.preprocess.image_size == 280
+    at280 = load_embedder(run / "model-stage-08-s9-p10k-backbone-280.pt")
+    assert tuple(first.backbone.visual.grid_size) == (16, 16) and tuple(at280.backbone.visual.grid_size) == (20, 20)
+    # s10-s13: 290 px through the 14-px patches at stride 12: (290 - 14) // 12 + 1 = 24 a side
+    assert tuple(last.backbone.visual.grid_size) == (24, 24) and last.backbone.visual.conv1.stride == (12, 12)
+    assert last.preprocess.image_size == 290 and last.spec.backbone_kwargs["patch_stride"] == 12
     assert "open_clip:ViT-H-14 -> a 2-block" in report.table()
     assert "cost plan of the real run" in report.table()
 
@@ -52,8 +55,8 @@ def test_cpu_recipes_smoke(tmp_path, recipe):
 def test_a_broken_late_stage_fails_the_smoke_run_in_one_line_naming_it(tmp_path):
     """281 px is no multiple of the 14-px patch: only the stage that switches to it can tell, at its start."""
     r = CliRunner().invoke(app, ["train", "guie-1st-place-vit-h-14", "--smoke", "--smoke-steps", "1",
-                                 "--set", "stages.8.image_size=281", "--stages", "s8-p10k-head-280,s9-p10k-backbone-280",
-                                 "--output-dir", str(tmp_path)])
+                                 "--set", "stages.8.image_size=281", "--output-dir", str(tmp_path),
+                                 "--stages", "s8-p10k-head-280,s9-p10k-backbone-280"])
     assert r.exit_code == 2, r.output
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert lines[-1] == ("error: smoke run of guie-1st-place-vit-h-14: stage 2/2 's9-p10k-backbone-280' failed: "

@@ -104,7 +104,7 @@ class CostPlan:
         src = (f"throughput of {self.throughput_key} measured on one {GPU} (benchmarks/results/h100-backbones.jsonl), "
                f"scaled by tokens" if self.throughput_key else f"no throughput measured for {self.backbone}")
         lines = [f"cost plan of the real run ({self.recipe}, {self.backbone}; {src}):",
-                 f"  {'stage':<22} {'px':>4} {'trains':<24} {'images':>12} {'fwd':>12} {'fwd+bwd':>12} "
+                 f"  {'stage':<22} {'px':>6} {'trains':<24} {'images':>12} {'fwd':>12} {'fwd+bwd':>12} "
                  f"{GPU + ' h':>9}"]
 
         def n(v):
@@ -113,7 +113,7 @@ class CostPlan:
         for s in self.stages:
             px = f"{s.size}" + (f"/{s.stride}" if s.stride else "")
             hours = "?" if s.seconds is None else f"{s.seconds / 3600:.2f}"
-            lines.append(f"  {s.name:<22} {px:>4} {s.trains:<24} {n(s.images):>12} {n(s.forward):>12} "
+            lines.append(f"  {s.name:<22} {px:>6} {s.trains:<24} {n(s.images):>12} {n(s.forward):>12} "
                          f"{n(s.forward_backward):>12} {hours:>9}")
         total = self.gpu_hours
         partial = any(s.seconds is None for s in self.stages)
@@ -149,15 +149,7 @@ def cost_plan(cfg: RunConfig) -> CostPlan:
     m = cfg.model
     key = throughput_key(m.backbone)
     sizes = {name: dataset_size(name, cfg) for name in {d for s in cfg.stages for d in s.datasets}}
-    notes = []
-    unknown = sorted(n for n, s in sizes.items() if s.images is None)
-    if unknown:
-        notes.append(f"size unknown for {unknown}: their manifests are not here; set datasets.<name>."
-                     f"expected_images (or expected_classes with min_per_class)")
-    hinted = sorted(n for n, s in sizes.items() if s.source == "hint")
-    if hinted:
-        notes.append(f"sizes from the recipe's expected_images / expected_classes hints: {hinted}")
-    notes.append("validation passes, data loading and the head are not counted")
+    notes = _size_notes(sizes)
     size = m.image_size or (THROUGHPUT[key]["size"] if key else 224)
     stride = m.patch_stride
     weights_version, cached = 0, set()
@@ -172,6 +164,20 @@ def cost_plan(cfg: RunConfig) -> CostPlan:
         if "backbone" in stage.train:
             weights_version += 1
     return CostPlan(cfg.name, m.backbone, key, stages, notes)
+
+
+def _size_notes(sizes: dict[str, DatasetSize]) -> list[str]:
+    """What the plan's sizes rest on, in words."""
+    notes = []
+    unknown = sorted(n for n, s in sizes.items() if s.images is None)
+    if unknown:
+        notes.append(f"size unknown for {unknown}: their manifests are not here; set datasets.<name>."
+                     f"expected_images (or expected_classes with min_per_class)")
+    hinted = sorted(n for n, s in sizes.items() if s.source == "hint")
+    if hinted:
+        notes.append(f"sizes from the recipe's expected_images / expected_classes hints: {hinted}")
+    notes.append("validation passes, data loading and the head are not counted")
+    return notes
 
 
 def _stage_cost(stage: StageConfig, n: int | None, key: str | None, size: int, stride: int | None,

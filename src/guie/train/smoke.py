@@ -111,7 +111,7 @@ def _tiny_open_clip(arch: str, kwargs: dict, work: Path) -> tuple[str, dict, str
         raise InputError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
     vision = dict(cfg["vision_cfg"])
     if not isinstance(vision.get("layers", 0), int) or "timm_model_name" in vision:
-        raise InputError(f"open_clip:{arch} is not a ViT tower; --smoke knows OpenCLIP ViTs")
+        raise InputError(f"open_clip:{arch} is not a ViT tower; a smoke run knows OpenCLIP ViTs")
     vision.update(layers=TINY_LAYERS, width=TINY_WIDTH, head_width=TINY_HEAD_WIDTH)
     tiny = f"guie-smoke-{arch}"
     folder = work / "open_clip_configs"
