@@ -83,3 +83,17 @@ def test_cost_plan_counts_passes_and_hours_from_hints():
     # 280 px: 401 tokens instead of 257
     assert s9.seconds == pytest.approx(s5.seconds * 401 / 257)
     assert images_per_second("vit_huge_patch14_clip_224", 290, 12, "infer") == pytest.approx(1203 * 257 / 577)
+
+
+def test_tiny_stand_ins_keep_the_family(tmp_path):
+    from guie.models import create_embedder
+    from guie.train.smoke import tiny_backbone
+
+    name, kwargs, what = tiny_backbone("timm:vit_huge_patch14_clip_224", {}, tmp_path)
+    emb = create_embedder(name, 8, pretrained=False, image_size=56, **kwargs)
+    assert type(emb.backbone.model).__name__ == "VisionTransformer" and len(emb.backbone.model.blocks) == 2
+    assert emb.backbone.model.patch_embed.patch_size == (14, 14)
+    name, kwargs, _ = tiny_backbone("open_clip:ViT-L-14:openai", {"keep_projection": False}, tmp_path)
+    emb = create_embedder(name, 8, pretrained=False, **kwargs)
+    assert emb.backbone.visual.proj is None and emb.backbone.visual.conv1.kernel_size == (14, 14)
+    assert emb.preprocess.image_size == 224
