@@ -198,7 +198,8 @@ def _build_efficientnet_lite(variant, arch, source, pretrained, image_size, feat
                                                                  crop_pct=v.crop_pct)
 
 
-def _build_timm(arch, source, pretrained, image_size, checkpoint: str | None = None, feature_levels=None, **kw):
+def _build_timm(arch, source, pretrained, image_size, checkpoint: str | None = None, feature_levels=None,
+                model_args: dict | None = None, **kw):
     import timm
     from timm.data import resolve_data_config
 
@@ -207,7 +208,8 @@ def _build_timm(arch, source, pretrained, image_size, checkpoint: str | None = N
     # weights, so a trained model must not need the checkpoint it started from.
     if checkpoint and pretrained and not os.path.isfile(checkpoint):
         raise MissingFileError(checkpoint, "timm checkpoint")
-    extra = dict(kw)
+    # model_args: create_model arguments whose names the embedder uses itself (e.g. a ViT's embed_dim)
+    extra = {**(model_args or {}), **kw}
     if image_size and _takes_img_size(arch):
         extra["img_size"] = image_size
     if checkpoint and pretrained:

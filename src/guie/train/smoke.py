@@ -94,7 +94,8 @@ def tiny_backbone(name: str, kwargs: dict, work: Path) -> tuple[str, dict, str]:
     if family == "timm":
         kwargs.pop("checkpoint", None)
         if arch.startswith(TIMM_VIT_PREFIXES):
-            kwargs.update(embed_dim=TINY_WIDTH, depth=TINY_LAYERS, num_heads=TINY_WIDTH // TINY_HEAD_WIDTH)
+            kwargs["model_args"] = dict(embed_dim=TINY_WIDTH, depth=TINY_LAYERS,
+                                        num_heads=TINY_WIDTH // TINY_HEAD_WIDTH)
             return f"timm:{arch}", kwargs, f"timm:{arch} with {TINY_LAYERS} blocks of width {TINY_WIDTH}, random"
         return f"timm:{arch}", kwargs, f"timm:{arch} with random weights"
     return family, kwargs, f"{family} with random weights"
