@@ -6,9 +6,9 @@ mP@5. PCA variants fit their PCA on the models' embeddings of the training image
 
     python benchmarks/tricks_emoji.py --out benchmarks/results/tricks-emoji.jsonl [--steps 3200] [--variants a,b]
 
-Variants: baseline; msd4 / msd8 (model.head_multisample_dropout 4 / 8); wide256 (a 256-d head, scored as it is: not a GUIE-valid
-model); wide256-pca64 (the 6th place: the same head, PCA to 64); seed1 (the baseline at seed 1); concat-pca64 (the
-4th place's combination on CPU: baseline + seed1 concatenated, 128-d, PCA to 64).
+Variants: baseline; msd4 / msd8 (model.head_multisample_dropout 4 / 8); wide256 (a 256-d head, scored as it is:
+not a GUIE-valid model); wide256-pca64 (the 6th place: the same head, PCA to 64); seed1 (the baseline at seed 1);
+concat-pca64 (the 4th place's combination on CPU: baseline + seed1 concatenated, 128-d, PCA to 64).
 """
 from __future__ import annotations
 
