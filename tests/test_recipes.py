@@ -46,8 +46,12 @@ def test_first_place_recipe_matches_the_paper_schedule():
     assert (s2.train, s2.lr["backbone"], s2.batch_size, s2.epochs) == (["backbone"], 2.5e-4, 32, 3)
     assert s1.loss.name == "cosface" and s1.loss.scale == 30 and s1.loss.margin == 0.55
     sizes = [s.image_size for s in cfg.stages]
-    first_280 = sizes.index(280)                     # a stage's image_size stays in force for the stages after it
-    assert cfg.stages[first_280].new_centers and set(sizes[first_280 + 1:]) <= {None, 280}
+    first_280, first_290 = sizes.index(280), sizes.index(290)   # a stage's image_size stays in force after it
+    assert cfg.stages[first_280].new_centers and set(sizes[first_280 + 1:first_290]) <= {None, 280}
+    # s10-s13: 290 px through the 14-px patch embedding at stride 12 (overlapping patches), new centres
+    overlap = cfg.stages[first_290]
+    assert overlap.new_centers and overlap.patch_stride == 12 and set(sizes[first_290 + 1:]) == {None}
+    assert len(cfg.stages) == 13
 
 
 def test_select_stages_keeps_recipe_order_and_names_unknown_ones():

@@ -25,6 +25,16 @@ def _image_paths(source: Optional[Path], where: Optional[List[str]], max_images:
     return df["path"].astype(str).tolist()[:max_images]
 
 
+def _image_sample(source: Path, where: Optional[List[str]], max_images: int) -> list[str]:
+    """Image paths of a manifest or folder: a seeded random sample of at most `max_images` (all if fewer)."""
+    from ..data.manifest import read_manifest, select_rows
+
+    df = select_rows(read_manifest(source), where, str(source))
+    if len(df) > max_images:
+        df = df.sample(max_images, random_state=0)
+    return df["path"].astype(str).tolist()
+
+
 def _print_report(report, json_out: Optional[Path]) -> None:
     from ..utils import atomic_write_json
 
@@ -51,7 +61,16 @@ def register(app: typer.Typer) -> None:
                max_dim: int = typer.Option(64, help="refuse wider outputs (GUIE limit 64); 0 = no limit"),
                device: str = typer.Option("auto", help="TorchScript: device to trace on (auto: cuda when there is "
                                                        "one, else cpu; $GUIE_DEVICE pins it)"),
-               check: bool = typer.Option(True, help="run check-submission on the result")):
+               check: bool = typer.Option(True, help="run check-submission on the result"),
+               concat_pca: int = typer.Option(0, "--concat-pca", help="concatenate the members' embeddings and "
+                                              "project them to this many dims with a PCA fitted on --pca-images "
+                                              "(GUIE 4th place; one member with a wide head: 6th place); 0: "
+                                              "average the members (shared-head ensemble)"),
+               pca_images: Optional[Path] = typer.Option(None, help="--concat-pca: training images to fit the PCA "
+                                                                    "on (manifest or folder; never the test classes)"),
+               pca_where: Optional[List[str]] = typer.Option(None, help="--pca-images: keep rows with column=value"),
+               pca_max_images: int = typer.Option(2000, help="--concat-pca: fit on at most this many images (a "
+                                                             "seeded random sample)")):
         """Export a model, a shared-head ensemble or a soup as a competition-format TorchScript or ONNX file.
 
         The file maps raw uint8 RGB images of any size ([3,H,W] or [B,3,H,W]) to float32 [B,d] embeddings, with
@@ -63,7 +82,20 @@ def register(app: typer.Typer) -> None:
 
         fmt = format_for(out, format)
         tta_cfg = TTAConfig.parse(tta, min_aspect)
-        if soup:
+        projection = None
+        if concat_pca:
+            from ..export.projection import fit_concat_pca
+            from ..models.embedder import load_embedder
+
+            if soup or weights:
+                fail("--concat-pca concatenates whole models: make soups first (guie soup), then concatenate them")
+            if pca_images is None:
+                fail("--concat-pca needs --pca-images: the training images to fit the PCA on")
+            members = [load_embedder(c) for c in checkpoints]
+            sources = [str(c) for c in checkpoints]
+            fit_on = _image_sample(pca_images, pca_where, pca_max_images)
+            projection = fit_concat_pca(members, fit_on, concat_pca, tta_cfg, source=str(pca_images))
+        elif soup:
             members = [soup_checkpoints(checkpoints, weights=_parse_weights(weights, len(checkpoints)))]
             sources = [None]
         else:
@@ -71,7 +103,8 @@ def register(app: typer.Typer) -> None:
                 fail("--weights is for --soup; ensemble members are averaged with equal weight")
             members = load_members(checkpoints, allow_different_heads=allow_different_heads)
             sources = [str(c) for c in checkpoints]
-        result = export_model(members, out, tta_cfg, fmt, sources, device=device, max_dim=max_dim or None)
+        result = export_model(members, out, tta_cfg, fmt, sources, device=device, max_dim=max_dim or None,
+                              projection=projection)
         typer.echo(f"wrote {result.path}: {fmt}, {result.metadata.embed_dim}-d, {len(members)} member(s), "
                    f"max |exported - eager| = {result.max_abs_diff:.1e}")
         if check:

@@ -19,18 +19,35 @@ def register(app: typer.Typer) -> None:
               set_: Optional[List[str]] = typer.Option(None, "--set", help="override a recipe value: key.sub=value"),
               output_dir: Optional[Path] = typer.Option(None, help="run folder (default: runs/<name>)"),
               stages: Optional[str] = typer.Option(None, help="run only these stages (comma-separated names)"),
-              progress: bool = typer.Option(True, help="show progress bars")):
+              progress: bool = typer.Option(True, help="show progress bars"),
+              smoke: bool = typer.Option(False, help="prove the recipe runs: every stage a few steps with a tiny "
+                                                     "random backbone of the same family on a small sample (or "
+                                                     "generated images), on this machine, then the real run's cost "
+                                                     "plan; nothing is kept unless --output-dir is given"),
+              smoke_steps: int = typer.Option(2, min=1, help="--smoke: optimizer steps per stage")):
         """Train an embedder through a recipe's stages (torchrun --nproc_per_node N guie train ... for DDP)."""
         from ..distributed import cleanup_distributed
         from ..train.engine import train as run_training
         from ..train.recipe import load_run_config
 
         overrides = list(set_ or [])
-        if output_dir:
+        if output_dir and not smoke:
             overrides.append(f"output_dir={output_dir}")
         cfg = load_run_config(recipe, overrides)
         if stages:
             cfg.select_stages(stages.split(","))
+        if smoke:
+            import tempfile
+
+            from ..train.smoke import run_smoke
+
+            if output_dir:
+                report = run_smoke(cfg, output_dir, steps=smoke_steps)
+            else:
+                with tempfile.TemporaryDirectory(prefix="guie-smoke-") as work:
+                    report = run_smoke(cfg, Path(work), steps=smoke_steps)
+            typer.echo(report.table())
+            return
         try:
             final = run_training(cfg, resume=resume, progress=progress)
         finally:

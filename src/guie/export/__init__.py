@@ -6,7 +6,7 @@ Names are imported on first use (PEP 562), so that importing the package does no
 from importlib import import_module
 
 _EXPORTS = {
-    "CheckReport": "check", "check_submission": "check",
+    "CheckReport": "check", "check_submission": "check", "ConcatPCA": "projection", "fit_concat_pca": "projection",
     "IncompatibleMembersError": "ensemble", "check_shared_head": "ensemble", "ensemble_embeddings": "ensemble",
     "load_members": "ensemble", "soup_checkpoints": "ensemble", "soup_embedders": "ensemble",
     "ExportError": "metadata", "ExportMetadata": "metadata", "read_metadata": "metadata",

@@ -183,6 +183,13 @@ def check_submission(model: str | Path, checkpoints: Sequence[str | Path] | None
     tta = tta or TTAConfig()
     if references is None:
         references = _load_references(checkpoints, meta, report)
+    projection = None
+    if meta is not None and meta.projection:
+        from .projection import ConcatPCA
+
+        projection = ConcatPCA.from_dict(meta.projection)
+        report.add("members concatenated + PCA", INFO, f"{projection.member_dims} -> {projection.dim} dims, fitted "
+                                                       f"on {projection.fitted_on.get('images', '?')} images")
 
     inputs: dict[str, np.ndarray] = {}
     native = None
@@ -214,7 +221,8 @@ def check_submission(model: str | Path, checkpoints: Sequence[str | Path] | None
             return report
     _judge_probe(report, res, outputs, inputs, max_dim)
     if references and not res.get("load_error"):
-        _judge_parity(report, references, tta, inputs, outputs, native, real_names, network_atol, min_cosine)
+        _judge_parity(report, references, tta, inputs, outputs, native, real_names, network_atol, min_cosine,
+                      projection)
     return report
 
 
@@ -294,12 +302,13 @@ def _judge_probe(report: CheckReport, res: dict, outputs: dict, inputs: dict, ma
         report.add("latency", FAIL, res["latency_error"])
 
 
-def _judge_parity(report, references, tta, inputs, outputs, native, real_names, network_atol, min_cosine) -> None:
+def _judge_parity(report, references, tta, inputs, outputs, native, real_names, network_atol, min_cosine,
+                  projection=None) -> None:
     from .reference import reference_embed
 
     singles = [n for n, x in inputs.items() if x.ndim == 3 and n in outputs]
     pil = [Image.fromarray(np.ascontiguousarray(inputs[n].transpose(1, 2, 0)), "RGB") for n in singles]
-    ref = dict(zip(singles, reference_embed(references, pil, tta)))
+    ref = dict(zip(singles, reference_embed(references, pil, tta, projection=projection)))
     if native in outputs:
         d = float(np.abs(outputs[native][0] - ref[native]).max())
         report.add("network parity (same pixels)", PASS if d <= network_atol else FAIL,

@@ -25,13 +25,14 @@ def format_for(out: str | Path, format: str = "auto") -> str:
 
 def export_model(members: Embedder | Sequence[Embedder | str | Path], out: str | Path, tta: TTAConfig | None = None,
                  format: str = "auto", checkpoints: Sequence[str | None] | None = None, device: str = "auto",
-                 max_dim: int | None = MAX_EMBED_DIM) -> ExportResult:
+                 max_dim: int | None = MAX_EMBED_DIM, projection=None) -> ExportResult:
     """Export a model, or a shared-head ensemble (several members), as a competition-format TorchScript (.pt) or
     ONNX (.onnx) file: raw uint8 RGB images of any size in, float32 [B, d] L2-normalised embeddings out.
 
     `members` are Embedders or guie checkpoint files (loaded with `load_members`, which refuses members without a
     shared head; their paths are recorded as `checkpoints`). `device` is where TorchScript traces ("auto":
-    `guie.utils.resolve_device`).
+    `guie.utils.resolve_device`). `projection` (a `guie.export.projection.ConcatPCA`) concatenates the members and
+    projects them instead of averaging (they need no shared head then).
     """
     from ..utils import resolve_device
     from .ensemble import load_members
@@ -43,11 +44,16 @@ def export_model(members: Embedder | Sequence[Embedder | str | Path], out: str |
     members = list(members)
     if members and not isinstance(members[0], Embedder):
         checkpoints = checkpoints or [str(m) for m in members]
-        members = load_members(members)
+        if projection is None:
+            members = load_members(members)
+        else:  # concatenated, not averaged: no shared head needed
+            from ..models.embedder import load_embedder
+
+            members = [load_embedder(m) for m in members]
     if format_for(out, format) == "onnx":
         from .onnx import export_onnx
 
-        return export_onnx(members, out, tta, checkpoints, max_dim=max_dim)
+        return export_onnx(members, out, tta, checkpoints, max_dim=max_dim, projection=projection)
     from .torchscript import export_torchscript
 
-    return export_torchscript(members, out, tta, checkpoints, device=device, max_dim=max_dim)
+    return export_torchscript(members, out, tta, checkpoints, device=device, max_dim=max_dim, projection=projection)

@@ -37,6 +37,7 @@ class ExportMetadata:
     output: str = OUTPUT_CONTRACT
     versions: dict = field(default_factory=dict)
     verification: dict = field(default_factory=dict)
+    projection: dict | None = None    # members concatenated + PCA (guie.export.projection.ConcatPCA.to_dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -49,22 +50,31 @@ class ExportMetadata:
         return cls(**d)
 
 
-def validate_members(embedders: Sequence[Embedder], max_dim: int | None = MAX_EMBED_DIM) -> int:
+def validate_members(embedders: Sequence[Embedder], max_dim: int | None = MAX_EMBED_DIM, projection=None) -> int:
     """Check the members can form one exported model; return the output dimension."""
     if not embedders:
         raise ExportError("nothing to export: no model given")
+    if projection is not None:
+        dims = [e.embed_dim for e in embedders]
+        if dims != list(projection.member_dims):
+            raise ExportError(f"the projection was fitted on members of dims {projection.member_dims}, these have "
+                              f"{dims}")
+        if max_dim is not None and projection.dim > max_dim:
+            raise ExportError(f"the projection outputs {projection.dim} dims, over the limit of {max_dim}")
+        return projection.dim
     dims = {e.embed_dim for e in embedders}
     if len(dims) != 1:
         raise ExportError(f"members output different dimensions {sorted(dims)}; an ensemble needs one")
     dim = dims.pop()
     if max_dim is not None and dim > max_dim:
         raise ExportError(f"the model outputs {dim}-d embeddings, over the GUIE limit of {max_dim}: export a model "
-                          "with a projection head (embed_dim <= 64), or lift the limit (max_dim) for serving")
+                          "with a projection head (embed_dim <= 64), project it with a PCA (concat-pca), or lift the "
+                          "limit (max_dim) for serving")
     return dim
 
 
 def build_metadata(embedders: Sequence[Embedder], tta, checkpoints: Sequence[str | None] | None = None,
-                   verification: dict | None = None) -> ExportMetadata:
+                   verification: dict | None = None, projection=None) -> ExportMetadata:
     """Metadata for an export of `embedders` (checkpoint paths recorded so parity can be checked later)."""
     import torch
 
@@ -75,8 +85,10 @@ def build_metadata(embedders: Sequence[Embedder], tta, checkpoints: Sequence[str
                 "embed_dim": e.embed_dim, "preprocess": e.preprocess.to_dict()}
                for e, c in zip(embedders, checkpoints)]
     versions = {"guie": __version__, "torch": torch.__version__}
-    return ExportMetadata(embed_dim=embedders[0].embed_dim, members=members, tta=tta.to_dict(), versions=versions,
-                          verification=verification or {})
+    dim = projection.dim if projection is not None else embedders[0].embed_dim
+    return ExportMetadata(embed_dim=dim, members=members, tta=tta.to_dict(), versions=versions,
+                          verification=verification or {},
+                          projection=projection.to_dict() if projection is not None else None)
 
 
 def read_metadata(path: str | Path) -> ExportMetadata | None:

@@ -121,13 +121,21 @@ class ExportedEmbedder(nn.Module):
     than the model is moved to the model's. Output: float32 [B, d] on the model's device (B = 1 for a single image).
     """
 
-    def __init__(self, members: list[MemberPipeline]):
+    def __init__(self, members: list[MemberPipeline], projection=None):
         super().__init__()
         if not members:
             raise InputError("an exported model needs at least one member")
         self.members = nn.ModuleList(members)
         self.ensemble: bool = len(members) > 1
         self.register_buffer("device_anchor", torch.zeros(0), persistent=False)
+        # `projection` (guie.export.projection.ConcatPCA): the members' embeddings are concatenated, not averaged,
+        # then projected by a PCA fitted on training images
+        self.concat: bool = projection is not None
+        mean = torch.zeros(0) if projection is None else torch.as_tensor(projection.mean, dtype=torch.float32)
+        comps = torch.zeros(0, 0) if projection is None else torch.as_tensor(projection.components,
+                                                                             dtype=torch.float32)
+        self.register_buffer("pca_mean", mean.clone())
+        self.register_buffer("pca_components", comps.clone())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images
@@ -141,6 +149,12 @@ class ExportedEmbedder(nn.Module):
             x = x.float()
         else:
             x = x.float() * 255.0
+        if self.concat:
+            parts: list[torch.Tensor] = []
+            for member in self.members:
+                parts.append(member(x))
+            emb = torch.cat(parts, dim=1) - self.pca_mean
+            return F.normalize(emb @ self.pca_components.t(), dim=-1).float()
         emb = torch.zeros(0)
         first = True
         for member in self.members:

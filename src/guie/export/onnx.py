@@ -61,7 +61,7 @@ def onnx_embed(session, images: torch.Tensor) -> np.ndarray:
 
 def export_onnx(embedders: Sequence[Embedder], path: str | Path, tta: TTAConfig | None = None,
                 checkpoints: Sequence[str | None] | None = None, opset: int = ONNX_OPSET,
-                max_dim: int | None = MAX_EMBED_DIM, atol: float = ONNX_ATOL) -> ExportResult:
+                max_dim: int | None = MAX_EMBED_DIM, atol: float = ONNX_ATOL, projection=None) -> ExportResult:
     """Export one model or a shared-head ensemble to ONNX (dynamic B, H, W) and verify it in onnxruntime.
 
     The file (and, for models over ~1.5 GB, its `<name>.data` weights file) appears only once verified.
@@ -71,9 +71,9 @@ def export_onnx(embedders: Sequence[Embedder], path: str | Path, tta: TTAConfig 
     if opset < ONNX_OPSET:
         raise ExportError(f"opset {opset} is older than {ONNX_OPSET}, the oldest guie's ONNX export is verified with")
     tta = tta or TTAConfig()
-    validate_members(embedders, max_dim)
+    validate_members(embedders, max_dim, projection)
     path = Path(path)
-    module = build_exported_module(embedders, tta, trace=False, device="cpu")
+    module = build_exported_module(embedders, tta, trace=False, device="cpu", projection=projection)
     size = max(e.preprocess.image_size for e in embedders)
     # H != W and both unlike any constant in the code, so that no symbolic size gets specialised to the example's
     (example,) = random_images([(2, 3, size + 13, size + 29)], seed=3)
@@ -99,7 +99,8 @@ def export_onnx(embedders: Sequence[Embedder], path: str | Path, tta: TTAConfig 
         diff = _verify(tmp, module)
         if not diff <= atol:
             raise ExportError(f"onnxruntime differs from PyTorch by {diff:.3g} (> {atol}) on odd-sized test images")
-        meta = build_metadata(embedders, tta, checkpoints, {"onnx_vs_eager_max_abs": diff, "opset": opset})
+        meta = build_metadata(embedders, tta, checkpoints, {"onnx_vs_eager_max_abs": diff, "opset": opset},
+                              projection)
         _write_metadata(tmp, meta.to_json())
         for f in tmp_dir.iterdir():
             os.replace(f, path.parent / f.name)

@@ -28,13 +28,15 @@ def _views(image: Image.Image, embedder: Embedder, tta: TTAConfig) -> list[torch
 
 @torch.inference_mode()
 def reference_embed(embedders: Sequence[Embedder], images: Sequence[Image.Image], tta: TTAConfig | None = None,
-                    batch_size: int = 64) -> np.ndarray:
+                    batch_size: int = 64, projection=None) -> np.ndarray:
     """Embed RGB PIL images the way the exported module does, but through PIL resizing and eager Embedders.
 
-    Each member: L2-normalise(sum of its views' embeddings); several members: L2-normalise(sum of members).
-    Returns float32 [N, d].
+    Each member: L2-normalise(sum of its views' embeddings); several members: L2-normalise(sum of members), or with
+    `projection` (guie.export.projection.ConcatPCA) the members concatenated and projected. Returns float32 [N, d].
     """
     tta = tta or TTAConfig()
+    if projection is not None:
+        return projection.apply([reference_embed([e], images, tta, batch_size) for e in embedders])
     total: torch.Tensor | None = None
     for embedder in embedders:
         embedder.eval()

@@ -57,14 +57,15 @@ def trace_network(embedder: Embedder, device: str | torch.device = "cpu") -> tor
 
 
 def build_exported_module(embedders: Sequence[Embedder], tta: TTAConfig | None = None, trace: bool = False,
-                          device: str | torch.device = "cpu") -> ExportedEmbedder:
-    """The ExportedEmbedder for these members: eager networks (trace=False, for ONNX and parity) or traced ones."""
+                          device: str | torch.device = "cpu", projection=None) -> ExportedEmbedder:
+    """The ExportedEmbedder for these members: eager networks (trace=False, for ONNX and parity) or traced ones;
+    `projection` (a ConcatPCA) concatenates and projects the members instead of averaging them."""
     tta = tta or TTAConfig()
     members = []
     for e in embedders:
         net = trace_network(e, device) if trace else e.eval().to(device)
         members.append(MemberPipeline(net, e.preprocess, tta))
-    return ExportedEmbedder(members).eval().to(device)
+    return ExportedEmbedder(members, projection).eval().to(device)
 
 
 def _self_check(exported, reference: ExportedEmbedder, device) -> float:
@@ -80,7 +81,8 @@ def _self_check(exported, reference: ExportedEmbedder, device) -> float:
 
 def export_torchscript(embedders: Sequence[Embedder], path: str | Path, tta: TTAConfig | None = None,
                        checkpoints: Sequence[str | None] | None = None, device: str | torch.device = "cpu",
-                       max_dim: int | None = MAX_EMBED_DIM, atol: float = TRACE_ATOL) -> ExportResult:
+                       max_dim: int | None = MAX_EMBED_DIM, atol: float = TRACE_ATOL,
+                       projection=None) -> ExportResult:
     """Export one model, or a shared-head ensemble, as a self-contained TorchScript file (written atomically).
 
     Args:
@@ -89,21 +91,23 @@ def export_torchscript(embedders: Sequence[Embedder], path: str | Path, tta: TTA
         checkpoints: their checkpoint files, recorded in the metadata for later parity checks.
         device: where to trace (the file can be loaded elsewhere with torch.jit.load(map_location=...)).
         max_dim: refuse outputs wider than this (the GUIE limit, 64); None to allow any.
+        projection: a `guie.export.projection.ConcatPCA`: concatenate the members and project (4th / 6th place).
     Raises:
         ExportError: invalid members, or the scripted module disagrees with the eager one by more than `atol`.
     """
     tta = tta or TTAConfig()
-    validate_members(embedders, max_dim)
+    validate_members(embedders, max_dim, projection)
     path = Path(path)
     log.info("tracing %d member(s) for TorchScript", len(embedders))
-    module = build_exported_module(embedders, tta, trace=True, device=device)
+    module = build_exported_module(embedders, tta, trace=True, device=device, projection=projection)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         scripted = torch.jit.script(module)
-    diff = _self_check(scripted, build_exported_module(embedders, tta, trace=False, device=device), device)
+    diff = _self_check(scripted, build_exported_module(embedders, tta, trace=False, device=device,
+                                                       projection=projection), device)
     if not diff <= atol:
         raise ExportError(f"the scripted module differs from the eager one by {diff:.3g} (> {atol})")
-    meta = build_metadata(embedders, tta, checkpoints, {"torchscript_vs_eager_max_abs": diff})
+    meta = build_metadata(embedders, tta, checkpoints, {"torchscript_vs_eager_max_abs": diff}, projection)
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)

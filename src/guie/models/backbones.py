@@ -45,6 +45,13 @@ class Backbone(nn.Module):
     def set_image_size(self, image_size: int) -> None:
         """Adapt to another input resolution (ViTs resample their position embeddings; CNNs need nothing)."""
 
+    def set_geometry(self, image_size: int, patch_stride: int | None = None) -> None:
+        """Adapt to another resolution and patch-embedding stride; only OpenCLIP ViTs have a stride to set."""
+        if patch_stride is not None:
+            raise InputError(f"patch_stride: {type(self).__name__} has no patch embedding to stride (open_clip "
+                             f"ViTs only)")
+        self.set_image_size(image_size)
+
 
 class TimmBackbone(Backbone):
     """A timm model with its classifier removed (num_classes=0): forward returns pre-logits features.
@@ -129,25 +136,46 @@ class OpenClipBackbone(Backbone):
 
     def set_image_size(self, image_size: int) -> None:
         """Resample the position embedding to the new grid (bicubic, as open_clip's resize_pos_embed)."""
+        self.set_geometry(image_size)
+
+    @property
+    def patch_stride(self) -> int:
+        """The patch embedding's stride (= the patch size unless overlapping patches were asked for)."""
+        return int(self.visual.conv1.stride[0])
+
+    def set_geometry(self, image_size: int, patch_stride: int | None = None) -> None:
+        """Run at `image_size` px with patches `patch_stride` px apart (None: keep the current stride).
+
+        A stride below the patch size makes patches overlap (the GUIE 1st place: patch 14, stride 12 at 290 px):
+        the grid becomes (image_size - patch) // stride + 1 per side and the position embedding is resampled to it
+        (bicubic, as open_clip's resize_pos_embed), so the pretrained patch projection and positions serve a finer
+        grid. stride == patch size is the plain model, bit for bit.
+        """
+        visual = self.visual
+        patch = int(visual.conv1.kernel_size[0])
+        stride = int(patch_stride or visual.conv1.stride[0])
+        if not 1 <= stride <= patch:
+            raise InputError(f"patch_stride {stride} must be in [1, patch size {patch}]")
+        if stride == patch and image_size % patch:
+            raise InputError(f"image_size {image_size} is not a multiple of the patch size {patch}")
+        if image_size < patch:
+            raise InputError(f"image_size {image_size} is smaller than the patch size {patch}")
+        side = (image_size - patch) // stride + 1
+        visual.conv1.stride = (stride, stride)
+        visual.image_size = (image_size, image_size)
+        if tuple(visual.grid_size) == (side, side):
+            return
         from open_clip.model import resize_pos_embed
 
-        visual = self.visual
-        patch = visual.conv1.kernel_size[0]
-        if image_size % patch:
-            raise InputError(f"image_size {image_size} is not a multiple of the patch size {patch}")
-        grid = (image_size // patch, image_size // patch)
-        if tuple(visual.grid_size) == grid:
-            return
         state = {"visual.positional_embedding": visual.positional_embedding.detach()}
         holder = nn.Module()
         holder.visual = nn.Module()
-        holder.visual.grid_size = grid
+        holder.visual.grid_size = (side, side)
         holder.visual.positional_embedding = visual.positional_embedding
         resize_pos_embed(state, holder)
         visual.positional_embedding = nn.Parameter(state["visual.positional_embedding"].to(
             visual.positional_embedding.dtype), requires_grad=visual.positional_embedding.requires_grad)
-        visual.grid_size = grid
-        visual.image_size = (image_size, image_size)
+        visual.grid_size = (side, side)
 
 
 def _split_name(name: str) -> tuple[str, str, str | None]:
@@ -170,7 +198,8 @@ def _build_efficientnet_lite(variant, arch, source, pretrained, image_size, feat
                                                                  crop_pct=v.crop_pct)
 
 
-def _build_timm(arch, source, pretrained, image_size, checkpoint: str | None = None, feature_levels=None, **kw):
+def _build_timm(arch, source, pretrained, image_size, checkpoint: str | None = None, feature_levels=None,
+                model_args: dict | None = None, **kw):
     import timm
     from timm.data import resolve_data_config
 
@@ -179,7 +208,8 @@ def _build_timm(arch, source, pretrained, image_size, checkpoint: str | None = N
     # weights, so a trained model must not need the checkpoint it started from.
     if checkpoint and pretrained and not os.path.isfile(checkpoint):
         raise MissingFileError(checkpoint, "timm checkpoint")
-    extra = dict(kw)
+    # model_args: create_model arguments whose names the embedder uses itself (e.g. a ViT's embed_dim)
+    extra = {**(model_args or {}), **kw}
     if image_size and _takes_img_size(arch):
         extra["img_size"] = image_size
     if checkpoint and pretrained:
@@ -203,7 +233,8 @@ def _takes_img_size(arch: str) -> bool:
     return bool(cfg and getattr(cfg, "fixed_input_size", False))
 
 
-def _build_open_clip(arch, source, pretrained, image_size, keep_projection: bool = True, **kw):
+def _build_open_clip(arch, source, pretrained, image_size, keep_projection: bool = True,
+                     patch_stride: int | None = None, **kw):
     import open_clip
     from open_clip.model import _build_vision_tower
 
@@ -217,6 +248,8 @@ def _build_open_clip(arch, source, pretrained, image_size, keep_projection: bool
     vision_cfg.update(kw)
     # The image tower alone: building the whole CLIP model would also allocate the text tower (~350M params for ViT-H).
     visual = _build_vision_tower(cfg["embed_dim"], vision_cfg, quick_gelu=cfg.get("quick_gelu", False))
+    if patch_stride is not None:  # before the weights load: they are resampled to the strided grid
+        OpenClipBackbone(visual).set_geometry(vision_cfg["image_size"], patch_stride)
     mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     if pretrained and source:
         if os.path.isfile(source):
@@ -272,7 +305,8 @@ def create_backbone(name: str = "efficientnet_lite0", pretrained: bool = True, i
         pretrained: load weights (package file, hub or local file); False gives random init (tests, or when the
             weights come from a guie checkpoint afterwards).
         image_size: input resolution; ViT position embeddings are resampled to it.
-        kwargs: family options: ``checkpoint=`` (timm local file), ``keep_projection=`` (open_clip), or timm
+        kwargs: family options: ``checkpoint=`` (timm local file), ``keep_projection=`` and ``patch_stride=``
+            (open_clip: overlapping patches when smaller than the patch size), or timm
             ``create_model`` keyword arguments.
     """
     family, arch, source = _split_name(name)

@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import InputError, MissingFileError
 from ..utils import atomic_save
 from .backbones import BACKBONES, FAMILIES, Backbone, create_backbone
-from .heads import ProjectionHead
+from .heads import MAX_EMBED_DIM, ProjectionHead
 from .preprocess import ImageNormalize, ImageTransform, PreprocessConfig, check_image_size
 
 CHECKPOINT_FORMAT = "guie-embedder/1"
@@ -75,12 +75,18 @@ class Embedder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embed_features(self.forward_features(images))
 
-    def set_image_size(self, image_size: int) -> Embedder:
+    def set_image_size(self, image_size: int, patch_stride: int | None = None) -> Embedder:
         """Run at another resolution: the backbone adapts (ViTs resample position embeddings), preprocessing follows.
+        `patch_stride` (OpenCLIP ViTs) also changes the patch embedding's stride (overlapping patches).
 
-        Saved checkpoints record the new size, so `load_embedder` rebuilds the model at it."""
-        if image_size != self.preprocess.image_size:
+        Saved checkpoints record the new size (and stride), so `load_embedder` rebuilds the model at it."""
+        stride_changes = patch_stride is not None and patch_stride != self.spec.backbone_kwargs.get("patch_stride")
+        if stride_changes:
+            self.backbone.set_geometry(image_size, patch_stride)
+            self.spec.backbone_kwargs = {**self.spec.backbone_kwargs, "patch_stride": int(patch_stride)}
+        elif image_size != self.preprocess.image_size:
             self.backbone.set_image_size(image_size)
+        if image_size != self.preprocess.image_size:
             self.preprocess = self.preprocess.replace(image_size=image_size)
             self.spec.image_size = image_size
         return self
@@ -123,7 +129,7 @@ class Embedder(nn.Module):
 def create_embedder(backbone: str = "efficientnet_lite0", embed_dim: int | None = 64, dropout: float = 0.0,
                     pretrained: bool = True, image_size: int | None = None, preprocess: dict | None = None,
                     head_norm: str = "none", head_hidden: int | None = None, seed: int | None = 0,
-                    **backbone_kwargs) -> Embedder:
+                    max_embed_dim: int | None = MAX_EMBED_DIM, **backbone_kwargs) -> Embedder:
     """Build an Embedder: a registered backbone + Dropout/Linear head to `embed_dim` (<= 64) + L2 normalisation.
 
     Fresh weights (the head; the whole backbone when not pretrained) are drawn from torch's RNG seeded with `seed`
@@ -140,6 +146,8 @@ def create_embedder(backbone: str = "efficientnet_lite0", embed_dim: int | None 
         preprocess: overrides of PreprocessConfig fields, e.g. ``{"crop_pct": 1.0}``.
         head_norm: "batchnorm" to standardise backbone features before the projection.
         head_hidden: width of a hidden GELU layer in the head (None: the linear head the winners used).
+        max_embed_dim: refuse a wider head (the GUIE limit, 64); None allows any (a wide head trained for a PCA
+            to 64 at export, the 6th place's way).
         backbone_kwargs: family options, e.g. ``keep_projection=False`` (open_clip) or ``feature_levels=(2, 3, 4)``
             (timm CNNs: also pool these intermediate stages and concatenate them to the final features).
     """
@@ -147,8 +155,8 @@ def create_embedder(backbone: str = "efficientnet_lite0", embed_dim: int | None 
         if seed is not None:
             torch.manual_seed(seed)
         net, pre = create_backbone(backbone, pretrained=pretrained, image_size=image_size, **backbone_kwargs)
-        head = (ProjectionHead(net.num_features, embed_dim, dropout, norm=head_norm, hidden=head_hidden)
-                if embed_dim is not None else None)
+        head = (ProjectionHead(net.num_features, embed_dim, dropout, norm=head_norm, hidden=head_hidden,
+                               max_dim=max_embed_dim) if embed_dim is not None else None)
     if preprocess:
         pre = pre.replace(**preprocess)
     spec = EmbedderSpec(backbone=backbone, embed_dim=embed_dim, dropout=dropout, image_size=pre.image_size,
@@ -168,7 +176,8 @@ def embedder_from_spec(spec: EmbedderSpec) -> Embedder:
     """A fresh Embedder of `spec`'s architecture, random weights and no hub access: what a checkpoint's weights
     are loaded into."""
     return create_embedder(spec.backbone, spec.embed_dim, spec.dropout, pretrained=False, image_size=spec.image_size,
-                           head_norm=spec.head_norm, head_hidden=spec.head_hidden, **spec.backbone_kwargs)
+                           head_norm=spec.head_norm, head_hidden=spec.head_hidden, max_embed_dim=None,
+                           **spec.backbone_kwargs)
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

@@ -23,6 +23,19 @@ def resolve_manifest_source(source: str, cache_dir: Path | None) -> Path:
     return Path(source).expanduser()
 
 
+def available_manifest(source: str, cache_dir: Path | None) -> Path | None:
+    """The manifest of `source` if it is on this machine, without building anything (a built-in benchmark counts
+    only when already built); None otherwise. (`guie train --smoke` samples it, the cost plan counts it.)"""
+    from ..data.benchmarks import BENCHMARKS
+    from ..utils import default_cache_dir
+
+    if source in BENCHMARKS:
+        found = sorted((Path(cache_dir or default_cache_dir()) / source).glob("*/manifest.csv"))
+        return found[0] if found else None
+    path = Path(source).expanduser()
+    return path if path.exists() else None
+
+
 def load_training_dataset(name: str, cfg: DatasetConfig, cache_dir: Path | None, seed: int) -> pd.DataFrame:
     """One dataset as a manifest with a namespaced `label`, a `domain` and `dataset`, filtered/capped/upsampled."""
     from ..data import builder

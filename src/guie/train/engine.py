@@ -27,7 +27,7 @@ from ..distributed import DistInfo, barrier, init_distributed, mean_across_ranks
 from ..embedding.engine import embed_num_workers
 from ..errors import GuieError, InputError
 from ..models.embedder import Embedder, create_embedder, embedder_from_payload, read_checkpoint, save_embedder
-from ..models.heads import ProjectionHead
+from ..models.heads import MAX_EMBED_DIM, ProjectionHead
 from ..models.preprocess import draft_size
 from ..pipeline.augment import AugmentConfig, build_train_transform
 from ..pipeline.datasets import ImageFileDataset
@@ -106,6 +106,8 @@ class Trainer:
         self.plans = [plan_stage(cfg, i, self.dist) for i in range(start, len(cfg.stages))]
         self.logger = RunLogger(self.run_dir, enabled=self.dist.is_main)
         self._stop_signal: int | None = None
+        self.current_plan: StagePlan | None = None   # the stage in progress (a failure names it)
+        self.stage_seconds: dict[str, float] = {}    # wall time of each stage run by this process
         seed_everything(cfg.seed)
         self.embedder, init_centers = self._build_embedder()
         for plan in self.plans:
@@ -141,7 +143,8 @@ class Trainer:
         # seed=None: the head comes from the global RNG that seed_everything(cfg.seed) just seeded
         return create_embedder(m.backbone, m.embed_dim, m.dropout, pretrained=m.pretrained, image_size=m.image_size,
                                preprocess=m.preprocess or None, head_norm=m.head_norm, head_hidden=m.head_hidden,
-                               seed=None, **m.backbone_kwargs), None
+                               seed=None, max_embed_dim=None if m.wide_head else MAX_EMBED_DIM,
+                               **m.backbone_options()), None
 
     def _write_resolved_config(self) -> None:
         if self.dist.is_main:
@@ -150,8 +153,9 @@ class Trainer:
             atomic_write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False), self.run_dir / "config.yaml")
 
     def _apply_image_size(self, stage: StageConfig) -> None:
-        if stage.image_size:
-            self.embedder.set_image_size(stage.image_size)
+        """The stage's resolution and patch stride (open_clip ViTs), when it sets them."""
+        if stage.image_size or stage.patch_stride:
+            self.embedder.set_image_size(stage.image_size or self.embedder.preprocess.image_size, stage.patch_stride)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _checkpoint(self, run: _StageRun, done: bool, tag: str | None = None) -> None:
@@ -211,10 +215,13 @@ class Trainer:
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             for plan in self.plans:
+                self.current_plan, t_stage = plan, time.time()
                 run = self._setup_stage(plan, state)
                 self._train_steps(run)
                 self._finish_stage(run)
+                self.stage_seconds[plan.stage.name] = time.time() - t_stage
                 state = None
+            self.current_plan = None
         finally:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
@@ -269,7 +276,8 @@ class Trainer:
 
     def _train_module(self, stage: StageConfig, use_features: bool) -> nn.Module:
         """The stage's objective (margin loss + its terms) over the model, DDP-wrapped under torchrun."""
-        module = TrainModule(self.embedder, self.loss, distill_terms(stage.distill, use_features))
+        module = TrainModule(self.embedder, self.loss, distill_terms(stage.distill, use_features),
+                             samples=self.cfg.model.head_multisample_dropout)
         if not self.dist.enabled:
             return module
         return nn.parallel.DistributedDataParallel(

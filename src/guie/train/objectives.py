@@ -42,12 +42,18 @@ class Objective(nn.Module):
 
 
 class TrainModule(nn.Module):
-    """Embedder head (+ backbone unless the batch holds features) + margin loss + extra terms -> one loss."""
+    """Embedder head (+ backbone unless the batch holds features) + margin loss + extra terms -> one loss.
 
-    def __init__(self, embedder: Embedder, loss: nn.Module, terms: Sequence[Objective] = ()):
+    samples=N > 1 is multi-sample dropout (the GUIE 3rd place; Inoue 2019): the head runs N times on the same
+    features, each with its own dropout mask, and the margin loss is the mean of the N losses; the backbone runs once.
+    The extra terms read the first sample. At inference (no dropout) the N copies are one and the same.
+    """
+
+    def __init__(self, embedder: Embedder, loss: nn.Module, terms: Sequence[Objective] = (), samples: int = 1):
         super().__init__()
         self.embedder, self.loss = embedder, loss
         self.terms = nn.ModuleList(terms)
+        self.samples = int(samples)
 
     def forward(self, batch: Batch, features_given: bool) -> torch.Tensor:
         """The step's loss: margin loss on the labelled rows (mirrored rows past them feed the terms alone)."""
@@ -62,6 +68,11 @@ class TrainModule(nn.Module):
         else:
             out = HeadOutput(head(feats.float()))
         loss = self.loss(out.embeddings[:batch.size], batch.targets)
+        if self.samples > 1:
+            feats_labelled = feats[:batch.size].float()
+            for _ in range(self.samples - 1):
+                loss = loss + self.loss(head(feats_labelled), batch.targets)
+            loss = loss / self.samples
         for term in active:
             loss = loss + term(out, batch)
         return loss

@@ -43,11 +43,30 @@ class ModelConfig:
     # passed to the backbone's constructor: {keep_projection: false} (open_clip), {feature_levels: [2, 3, 4]}
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     init_checkpoint: Path | None = None                  # start from a saved guie embedder
+    # open_clip ViTs: patch-embedding stride < patch size = overlapping patches, a finer token grid from the same
+    # pretrained projection (1st place: stride 12 for patch 14 at 290 px); position embeddings are resampled
+    patch_stride: int | None = None
+    head_multisample_dropout: int = 1                    # N dropout masks per step, margin loss averaged (3rd place)
+    wide_head: bool = False                              # allow embed_dim > 64 (6th place: 256); export with a PCA
 
     def __post_init__(self):
         _check_dropout(self.dropout)
         if self.embed_dim < 1:
             raise InputError(f"embed_dim must be >= 1, got {self.embed_dim}")
+        if self.embed_dim > 64 and not self.wide_head:
+            raise InputError(f"model.embed_dim {self.embed_dim} is over the GUIE limit of 64: set model.wide_head "
+                             f"to train a wider head and export it with a PCA to 64")
+        if self.patch_stride is not None and self.patch_stride < 1:
+            raise InputError(f"model.patch_stride must be >= 1, got {self.patch_stride}")
+        if self.head_multisample_dropout < 1:
+            raise InputError(f"model.head_multisample_dropout must be >= 1, got {self.head_multisample_dropout}")
+
+    def backbone_options(self) -> dict[str, Any]:
+        """The keyword arguments the backbone is built with: backbone_kwargs plus patch_stride."""
+        kwargs = dict(self.backbone_kwargs)
+        if self.patch_stride is not None:
+            kwargs["patch_stride"] = self.patch_stride
+        return kwargs
 
 
 @dataclass
@@ -63,6 +82,10 @@ class DatasetConfig:
     min_images: int = 2                            # drop classes with fewer images
     max_per_class: int | None = None               # cap (2nd place: 100)
     min_per_class: int | None = None               # upsample by repetition (2nd place: 20)
+    # the size of the data after the filters, for `guie train --smoke`'s cost plan when the manifest is not on
+    # this machine (with min/max_per_class, classes bound the images: classes x min_per_class at least)
+    expected_images: int | None = None
+    expected_classes: int | None = None
 
 
 @dataclass
@@ -176,6 +199,7 @@ class StageConfig:
     lock_kept_centers: bool = False   # train only the new classes' centres: the kept ones stay exactly as they were
                                       # (the 1st place's "add a dataset with its own centres while the old stay")
     image_size: int | None = None     # change resolution (ViT position embeddings are resampled)
+    patch_stride: int | None = None   # change the open_clip patch stride (model.patch_stride) from this stage on
     epochs: float | None = None       # length in epochs, or
     steps: int | None = None          # in optimizer steps
     batch_size: int = 64              # global batch (split over DDP ranks)
@@ -200,6 +224,8 @@ class StageConfig:
     def __post_init__(self):
         if self.dropout is not None:
             _check_dropout(self.dropout)
+        if self.patch_stride is not None and self.patch_stride < 1:
+            raise InputError(f"stage {self.name!r}: patch_stride must be >= 1, got {self.patch_stride}")
         bad = sorted(set(self.train) - set(PARTS))
         if bad:
             raise InputError(f"stage {self.name!r}: unknown part(s) {bad} in 'train'; parts are {list(PARTS)}")
