@@ -237,7 +237,7 @@ def test_an_image_stage_holds_each_image_to_its_mirror_as_its_teacher_does(tmp_p
         cfg = load_run_config(tmp_path / f"{name}.yaml", ["stages.0.distill.mirror_domains=[dom0]",
                                                           f"stages.0.distill.mirror_weight={weight}",
                                                           "stages.0.distill.weight=" + ("5.0" if weight else "0.0"),
-                                                          "stages.0.steps=40"])
+                                                          "stages.0.steps=40", "checkpoint_every_steps=1000"])
         runs[name] = Trainer(cfg, progress=False)
     trainer = runs["mirror"]
     data = build_stage_data(trainer.cfg, trainer.cfg.stages[0])
