@@ -102,14 +102,14 @@ def test_int8_without_a_quantized_model_is_one_line(checkpoint, tiny_embedder):
 
 
 @needs_bf16
-def test_openvino_bf16_really_runs_in_bf16_close_to_fp32(checkpoint, styles, tmp_path):
+def test_openvino_bf16_really_runs_in_bf16_close_to_fp32(checkpoint, styles):
     """The real bf16 forward (AMX / AVX512-BF16): vectors move (bf16 arithmetic ran) but stay close to fp32."""
     from guie.embedding.engine import embed_images
 
     model = load_embedder(checkpoint)
     paths = styles[0]["path"].tolist()
-    fp32 = embed_images(model, paths, runtime="openvino", precision="fp32", progress=False, cache_dir=tmp_path)
-    rt = create_runtime(model, "openvino", "bf16", "cpu", cache_dir=tmp_path)
+    fp32 = embed_images(model, paths, runtime="openvino", precision="fp32", progress=False)  # the default cache:
+    rt = create_runtime(model, "openvino", "bf16", "cpu")  # one conversion for the tests of this module
     assert rt.precision == "bf16" and rt.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "bf16"
     bf16 = embed_images(model, paths, runtime=rt, progress=False)
     diff = np.abs(bf16.embeddings - fp32.embeddings).max()
