@@ -25,6 +25,14 @@ NATIVE_BF16 = cpu_has_native_bf16()
 needs_bf16 = pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no native bf16 (AMX or AVX512-BF16)")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def own_cache(tmp_path_factory):
+    """Conversions of this module go to one private cache (shared by its tests), not the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GUIE_CACHE", str(tmp_path_factory.mktemp("guie-cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny model saved as a checkpoint (its own folder: its int8 model goes beside it)."""
