@@ -43,7 +43,7 @@ from _common import cpu_name  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 BARE = ["torch eager", "torch eager, one forward", "torch.compile", "onnxruntime", "openvino fp32",
-        "openvino fp32, one stream", "openvino bf16"]
+        "openvino fp32, one stream", "openvino bf16", "openvino int8"]  # int8: only with --model quantized
 
 
 def emit(record: dict) -> None:
@@ -126,7 +126,7 @@ def bare_child(variant: str, model: Path, images: Path, batch: int, seconds: flo
     elif variant == "onnxruntime":
         rt = create_runtime(embedder, "onnxruntime", "fp32", "cpu")
     elif variant.startswith("openvino"):
-        rt = create_runtime(embedder, "openvino", "bf16" if "bf16" in variant else "fp32", "cpu",
+        rt = create_runtime(embedder, "openvino", variant.split()[1].rstrip(","), "cpu",
                             forwards=1 if "one stream" in variant else None)
     else:
         raise SystemExit(f"unknown variant {variant!r}")
@@ -315,7 +315,7 @@ def main() -> None:
             emit({"phase": "conversion", **rec})
 
     # 2. bare forwards, each in its own process; the converting ones warmed once (conversion cached)
-    wanted = [v.strip() for v in args.variants.split(",") if v.strip()] or BARE
+    wanted = [v.strip() for v in args.variants.split(",") if v.strip()] or [v for v in BARE if "int8" not in v]
     variants = [v for v in BARE if v in wanted and (bf16 or "bf16" not in v)]
     if not bf16:
         emit({"phase": "bare", "variant": "openvino bf16", "skipped": "this CPU has no native bf16"})
