@@ -9,8 +9,8 @@ from guie.data.builder import load_recipe
 from guie.train.recipe import load_run_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "guie" / "recipes"
-RUN_RECIPES = ["emoji-lite0-cpu.yaml", "guie-1st-place-vit-h-14.yaml", "guie-2nd-place-vit-h-14.yaml",
-               "multi-domain-lite0-cpu.yaml", "specialist-lite0-cpu.yaml"]
+RUN_RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("data-"))
+DATA_RECIPES = sorted(p.name for p in CONFIGS.glob("data-*.yaml"))
 
 
 @pytest.mark.parametrize("name", RUN_RECIPES)
@@ -25,6 +25,11 @@ def test_run_recipes_load_and_every_stage_trains_something(name):
 def test_data_mix_recipe_loads():
     recipe = load_recipe(CONFIGS / "data-mix.yaml")
     assert len(recipe.datasets) >= 5
+
+
+@pytest.mark.parametrize("name", DATA_RECIPES)
+def test_every_data_recipe_loads(name):
+    assert load_recipe(CONFIGS / name).datasets
 
 
 def test_emoji_recipe_is_head_then_backbone_with_head_locked():

@@ -81,11 +81,9 @@ def test_second_creation_loads_the_cache_without_converting(tiny, pixels, cache,
 def quick_conversion(tiny, cache, monkeypatch):
     """Conversions in this test hand back the module cache's converted model (the cache logic is under test, not
     the converter, whose seconds the other tests pay)."""
-    import openvino as ov
-
     create_runtime(tiny, "openvino", "fp32", "cpu", cache_dir=cache)
     source = entry_folder("openvino", ovr.conversion_key(tiny, "openvino", False), cache)
-    monkeypatch.setattr(ovr, "convert_to_openvino", lambda *a: ov.Core().read_model(source / "model.xml"))
+    monkeypatch.setattr(ovr, "convert_to_openvino", lambda *a: ovr.openvino_core().read_model(source / "model.xml"))
     return source
 
 

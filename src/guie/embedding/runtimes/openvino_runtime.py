@@ -45,14 +45,26 @@ _PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
 
 
 @functools.lru_cache(maxsize=1)
+def openvino_core():
+    """The process's one `ov.Core`, shared by every read, compile and device query.
+
+    OpenVINO's plugins are not made to be started by many Cores in one process: creating a fresh Core per model
+    crashed a long-lived process (a segmentation fault after ~20 model loads in the test suite, as others report),
+    and each Core loads its plugins again."""
+    import openvino as ov
+
+    return ov.Core()
+
+
+@functools.lru_cache(maxsize=1)
 def openvino_unavailable() -> str | None:
     """Why OpenVINO cannot run here (None: it can)."""
     try:
-        import openvino as ov
+        import openvino  # noqa: F401 - the question is whether it imports
     except ImportError as e:
         return f"the openvino package is not installed ({e.name or e})"
     try:
-        if "CPU" not in ov.Core().available_devices:
+        if "CPU" not in openvino_core().available_devices:
             return "OpenVINO sees no supported CPU"
     except Exception as e:  # noqa: BLE001 - an unsupported CPU shows up as any error of the plugin
         return f"OpenVINO's CPU plugin does not start ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
@@ -114,7 +126,7 @@ def openvino_model(embedder, features: bool, cache_dir=None):
         ov.save_model(model, folder / "model.xml", compress_to_fp16=False)
 
     def load(folder):
-        model = ov.Core().read_model(folder / "model.xml")
+        model = openvino_core().read_model(folder / "model.xml")
         if len(model.inputs) != 1 or model.inputs[0].get_partial_shape()[1:].to_shape() != \
                 list(example_images(embedder).shape[1:]):
             raise ValueError("unexpected input shape")
@@ -127,8 +139,6 @@ def openvino_model(embedder, features: bool, cache_dir=None):
 def quantized_model(embedder):
     """(the int8 `ov.Model` beside the embedder's checkpoint, the precision hint for its layers left unquantized), as
     `guie.export.quantize` recorded them; one-line errors when there is none for these weights or it cannot be read."""
-    import openvino as ov
-
     checkpoint = getattr(embedder, "checkpoint_path", None)
     if checkpoint is None:
         raise InputError("precision int8 runs a checkpoint's quantized model (made by guie quantize); this model was "
@@ -140,7 +150,7 @@ def quantized_model(embedder):
         raise InputError(f"precision int8: {checkpoint} has no int8 model of its weights at {folder} ({why}); make "
                          "one with guie quantize")
     try:
-        model = ov.Core().read_model(folder / "model.xml")
+        model = openvino_core().read_model(folder / "model.xml")
     except Exception as e:  # noqa: BLE001 - OpenVINO's reader raises one generic type for any damage
         raise InputError(f"precision int8: cannot read the int8 model {folder} ({type(e).__name__}: "
                          f"{str(e).strip().splitlines()[0][:160] if str(e) else ''}); quantize again") from None
@@ -178,7 +188,7 @@ class OpenVINORuntime(InferenceRuntime):
                   "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "THROUGHPUT"}
         self.threads = threads
         try:
-            self.compiled = ov.Core().compile_model(model, "CPU", config)
+            self.compiled = openvino_core().compile_model(model, "CPU", config)
         except Exception as e:  # noqa: BLE001 - the plugin's failures have no common type
             raise RuntimeUnavailable(f"OpenVINO cannot compile {embedder.spec.backbone} for this CPU "
                                      f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
