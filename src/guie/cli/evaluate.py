@@ -88,8 +88,8 @@ def register(app: typer.Typer) -> None:
             atomic_write_json({"split": split, "rows": rows}, out)
 
     @app.command("check-precision")
-    def check_precision(model: str = typer.Argument(..., help="guie checkpoint (.pt) (or a backbone name, with "
-                                                               "--no-record)"),
+    def check_precision(model: str = typer.Argument(..., metavar="MODEL", help="guie checkpoint (.pt) (or a backbone "
+                                                    "name, with --no-record)"),
                         checked: str = typer.Argument(..., metavar="PRECISION", help="bf16 or int8 (the "
                                                       "checkpoint's int8 model, made by guie quantize)"),
                         benchmarks: str = typer.Option("emoji,glyphs,icons", help="comma-separated built-in "
