@@ -395,7 +395,9 @@ def main() -> None:
 
     # summary against the targets
     chosen = report["cold_embed"]["log"]
-    same_precision = fastest if "bf16" in chosen else fastest_fp32
+    m = re.match(r"inference: (\S+) (\S+) on", chosen)  # the runtime and precision `auto` chose
+    chosen_precision = m.group(2) if m else "fp32"
+    same_precision = bare.get(f"openvino {chosen_precision}", fastest if chosen_precision != "fp32" else fastest_fp32)
     rows, mem = [], []
 
     def ratio(source: str, kind: str, other: str | float) -> float | None:
