@@ -1,8 +1,10 @@
 """CPU inference runtimes: bare forwards of every runtime, then `guie embed` and `guie serve` end to end, with peak RSS.
 
     .venv/bin/python benchmarks/cpu_runtimes.py [--images 1000] [--rounds 2] [--bare-rounds 3] [--json out.json]
+        [--model CHECKPOINT] [--variants "torch eager,openvino bf16"] [--sources png,jpeg] [--no-serve]
 
-The model is guie's default embedder (EfficientNet-Lite0 + a 64-d head, seed 0, 224 px), saved once; every
+The model is guie's default embedder (EfficientNet-Lite0 + a 64-d head, seed 0, 224 px), saved once, or `--model`
+(e.g. the demo's checkpoint, whose recorded bf16 check lets `auto` choose bf16 on a native-bf16 CPU); every
 measurement runs in its own process (ONNX Runtime's and OpenVINO's thread pools, torch's OpenMP team and the glibc
 heap of one would otherwise colour the next), built through the runtime registry (`guie.embedding.runtimes`).
 
@@ -41,7 +43,7 @@ from _common import cpu_name  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 BARE = ["torch eager", "torch eager, one forward", "torch.compile", "onnxruntime", "openvino fp32",
-        "openvino fp32, one stream", "openvino bf16"]
+        "openvino fp32, one stream", "openvino bf16", "openvino int8"]  # int8: only with --model quantized
 
 
 def emit(record: dict) -> None:
@@ -124,7 +126,7 @@ def bare_child(variant: str, model: Path, images: Path, batch: int, seconds: flo
     elif variant == "onnxruntime":
         rt = create_runtime(embedder, "onnxruntime", "fp32", "cpu")
     elif variant.startswith("openvino"):
-        rt = create_runtime(embedder, "openvino", "bf16" if "bf16" in variant else "fp32", "cpu",
+        rt = create_runtime(embedder, "openvino", variant.split()[1].rstrip(","), "cpu",
                             forwards=1 if "one stream" in variant else None)
     else:
         raise SystemExit(f"unknown variant {variant!r}")
@@ -250,6 +252,10 @@ def main() -> None:
     ap.add_argument("--serve-seconds", type=float, default=15.0)
     ap.add_argument("--no-conversion", action="store_true")
     ap.add_argument("--no-serve", action="store_true")
+    ap.add_argument("--no-torch-embed", action="store_true", help="leave out `guie embed --runtime torch`")
+    ap.add_argument("--model", type=Path, help="checkpoint to run (default: a fresh default embedder)")
+    ap.add_argument("--variants", default="", help="comma-separated bare variants (default: all)")
+    ap.add_argument("--sources", default="png,jpeg", help="end-to-end sources: png (emoji) and/or jpeg (640x480)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -285,11 +291,18 @@ def main() -> None:
     tmp_dir = tempfile.TemporaryDirectory(prefix="guie-cpu-runtimes-")
     tmp = Path(tmp_dir.name)
     env = {"GUIE_CACHE": str(tmp / "cache")}  # a fresh conversion cache: the first embed converts (cold)
-    model = save_embedder(create_embedder(embed_dim=64, seed=0), tmp / "model.pt")
+    if args.model:  # a copy with the files beside it (its int8 model, recipe): the original stays as it is
+        import shutil
+
+        model = tmp / "model" / args.model.name
+        shutil.copytree(args.model.parent, model.parent, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+    else:
+        model = save_embedder(create_embedder(embed_dim=64, seed=0), tmp / "model.pt")
     png, jpeg = prepare_images(tmp, args.images)
     from guie.imaging.io import load_image
+    from guie.models import load_embedder
 
-    transform = create_embedder(embed_dim=64, seed=0).transform
+    transform = load_embedder(model).transform  # the model's own preprocessing (the demo's: crop_pct 1.0)
     batch = np.stack([transform(load_image(p)).permute(1, 2, 0).numpy() for p in png[:args.batch]])
     np.save(tmp / "batch.npy", batch)
     me = [sys.executable, __file__, "--child"]
@@ -302,10 +315,11 @@ def main() -> None:
             emit({"phase": "conversion", **rec})
 
     # 2. bare forwards, each in its own process; the converting ones warmed once (conversion cached)
-    variants = [v for v in BARE if bf16 or "bf16" not in v]
+    wanted = [v.strip() for v in args.variants.split(",") if v.strip()] or [v for v in BARE if "int8" not in v]
+    variants = [v for v in BARE if v in wanted and (bf16 or "bf16" not in v)]
     if not bf16:
         emit({"phase": "bare", "variant": "openvino bf16", "skipped": "this CPU has no native bf16"})
-    for v in ("onnxruntime", "openvino fp32"):
+    for v in [v for v in ("onnxruntime", "openvino fp32") if v in variants or v == "openvino fp32"]:
         run_child(me + ["bare", v, model, tmp / "batch.npy", args.batch, 0.1], env)
     sums = {v: [0, 0.0] for v in variants}
     for r in range(args.bare_rounds):
@@ -317,28 +331,32 @@ def main() -> None:
             emit({"phase": "bare", "round": r + 1, **rec, "img_s": round(rec["images"] / rec["seconds"], 1)})
     bare = {v: n / t for v, (n, t) in sums.items()}
     report["bare_img_s"] = {v: round(x, 1) for v, x in bare.items()}
-    eager = bare["torch eager"]
+    eager = bare.get("torch eager")
     for v, x in bare.items():
-        emit({"phase": "bare summary", "variant": v, "img_s": round(x, 1), "vs torch eager": round(x / eager, 2)})
-    fastest_fp32 = max(x for v, x in bare.items() if "bf16" not in v)
+        emit({"phase": "bare summary", "variant": v, "img_s": round(x, 1),
+              "vs torch eager": round(x / eager, 2) if eager else None})
+    fastest_fp32 = max((x for v, x in bare.items() if "bf16" not in v), default=0.0)
     fastest = max(bare.values())
 
     # 3. end to end
     guie = [sys.executable, "-m", "guie.cli"]
     lists = {}
-    for name, paths in (("emoji png", png), ("jpeg 640x480", jpeg)):
+    picked = {s.strip() for s in args.sources.split(",")}
+    sources = [(n, p) for key, n, p in (("png", "emoji png", png), ("jpeg", "jpeg 640x480", jpeg)) if key in picked]
+    for name, paths in sources:
         pd_path = tmp / f"{name.split()[0]}.csv"
         import pandas as pd
 
         pd.DataFrame({"path": paths}).to_csv(pd_path, index=False)
         (tmp / f"{name.split()[0]}.txt").write_text("\n".join(paths))
         lists[name] = (pd_path, tmp / f"{name.split()[0]}.txt")
-    _, err, wall, rss = child_rss(guie + ["embed", lists["emoji png"][0], "-o", tmp / "cold.parquet",
+    _, err, wall, rss = child_rss(guie + ["embed", next(iter(lists.values()))[0], "-o", tmp / "cold.parquet",
                                           "--model", model, "--no-progress"], env)
     report["cold_embed"] = {"wall_s": round(wall, 1), "peak_rss_mb": round(rss), "log": _chosen(err)}
     emit({"phase": "embed cold (converts)", **report["cold_embed"]})
     e2e = {}
-    kinds = ["guie embed (auto)", "guie embed --runtime torch", "bare decode+resize+forward loop"]
+    kinds = [k for k in ("guie embed (auto)", "guie embed --runtime torch", "bare decode+resize+forward loop")
+             if not (args.no_torch_embed and "torch" in k)]
     for name, (manifest, listing) in lists.items():
         sums = {k: [0, 0.0, 0.0, 0.0] for k in kinds}  # images, embedding seconds, wall seconds, peak RSS
         for r in range(args.rounds):
@@ -377,22 +395,33 @@ def main() -> None:
 
     # summary against the targets
     chosen = report["cold_embed"]["log"]
-    same_precision = fastest if "bf16" in chosen else fastest_fp32
-    rows = []
-    png_auto, jpg_auto = e2e["emoji png"]["guie embed (auto)"], e2e["jpeg 640x480"]["guie embed (auto)"]
-    rows.append(("guie embed (auto) / fastest bare forward, emoji PNGs", png_auto["img_s"] / same_precision, 0.9))
+    m = re.match(r"inference: (\S+) (\S+) on", chosen)  # the runtime and precision `auto` chose
+    chosen_precision = m.group(2) if m else "fp32"
+    same_precision = bare.get(f"openvino {chosen_precision}", fastest if chosen_precision != "fp32" else fastest_fp32)
+    rows, mem = [], []
+
+    def ratio(source: str, kind: str, other: str | float) -> float | None:
+        if source not in e2e or kind not in e2e[source]:
+            return None
+        base = other if isinstance(other, float) else e2e[source].get(other, {}).get("img_s")
+        return e2e[source][kind]["img_s"] / base if base else None
+
+    rows.append(("guie embed (auto) / fastest bare forward, emoji PNGs",
+                 ratio("emoji png", "guie embed (auto)", same_precision), 0.9))
     rows.append(("guie embed (auto) / bare decode+resize+forward loop, JPEGs",
-                 jpg_auto["img_s"] / e2e["jpeg 640x480"]["bare decode+resize+forward loop"]["img_s"], 0.9))
+                 ratio("jpeg 640x480", "guie embed (auto)", "bare decode+resize+forward loop"), 0.9))
     rows.append(("guie embed (auto) / guie embed --runtime torch, emoji PNGs",
-                 png_auto["img_s"] / e2e["emoji png"]["guie embed --runtime torch"]["img_s"], 2.5))
+                 ratio("emoji png", "guie embed (auto)", "guie embed --runtime torch"), 2.5))
     rows.append(("guie embed (auto) / guie embed --runtime torch, JPEGs",
-                 jpg_auto["img_s"] / e2e["jpeg 640x480"]["guie embed --runtime torch"]["img_s"], 2.0))
-    if "serve" in report:
+                 ratio("jpeg 640x480", "guie embed (auto)", "guie embed --runtime torch"), 2.0))
+    if "serve" in report and same_precision:
         rows.append(("guie serve, 8 clients / fastest bare forward", report["serve"]["served_img_per_s"] /
                      same_precision, 0.8))
+    rows = [r for r in rows if r[1] is not None]
+    for source, label in (("emoji png", "emoji PNGs"), ("jpeg 640x480", "JPEGs")):
+        if source in e2e:
+            mem.append((f"guie embed (auto) peak RSS MB, {label}", e2e[source]["guie embed (auto)"]["peak_rss_mb"]))
     report["targets"] = [{"what": w, "ratio": round(x, 3), "target": t, "met": x >= t} for w, x, t in rows]
-    mem = [("guie embed (auto) peak RSS MB, emoji PNGs", png_auto["peak_rss_mb"]),
-           ("guie embed (auto) peak RSS MB, JPEGs", jpg_auto["peak_rss_mb"])]
     if "serve" in report:
         mem += [("guie serve RSS MB at rest", report["serve"]["rss_at_rest_mb"]),
                 ("guie serve RSS MB under 8 clients", report["serve"]["rss_under_load_mb"])]

@@ -164,7 +164,7 @@ def test_choices_are_checked_and_precision_auto_needs_native_bf16_and_a_passed_c
         create_runtime(tiny, "tensorrt", "fp32", "cpu")
     with pytest.raises(InputError, match="unknown precision 'fp8'"):
         create_runtime(tiny, "torch", "fp8", "cpu")
-    with pytest.raises(InputError, match="int8 is not available yet"):
+    with pytest.raises(InputError, match="int8 runs a checkpoint's quantized model"):  # tests/test_precision.py
         create_runtime(tiny, "openvino", "int8", "cpu")
     with pytest.raises(InputError, match="does not offer precision bf16"):
         create_runtime(tiny, "onnxruntime", "bf16", "cpu")

@@ -112,3 +112,24 @@ def single_intra_op_thread() -> Iterator[None]:
     """
     with intra_op_threads(1):
         yield
+
+
+def skip_triton_without_cuda() -> bool:
+    """On a machine without a CUDA device, tell torch that triton (a compiler of GPU kernels) is not installed, so that
+    importing torchvision (which timm imports, and which asks `torch._dynamo` whether triton exists) does not load it:
+    100 MB of RSS in every process that builds a model, a tenth of `guie embed`'s peak on a CPU
+    (docs/cpu-runtime.md). Nothing on a CPU uses triton (torch.compile's CPU code is C++). Returns whether it acted;
+    a no-op where triton is already imported, a CUDA device exists, or GUIE_KEEP_TRITON=1."""
+    import sys
+
+    if "triton" in sys.modules or os.environ.get("GUIE_KEEP_TRITON", "0") not in ("", "0"):
+        return False
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    import torch.utils._triton as triton_probe
+
+    triton_probe.has_triton_package = lambda: False  # later importers of the name get this one
+    return True
+

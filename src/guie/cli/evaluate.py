@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
     """Add `guie evaluate` to the top-level app."""
 
     @app.command()
-    @model_options(model=None, model_help="model for manifests (checkpoint or backbone name)")
+    @model_options(model=None, model_help="model for manifests (checkpoint or backbone name)", precision="fp32")
     def evaluate(embeddings: Optional[Path] = typer.Argument(None, help="one embeddings file or manifest, split by "
                                                                         "--folds-by"),
                  query: Optional[Path] = typer.Option(None, help="query embeddings/manifest"),
@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
         typer.echo(json.dumps({f"mP@{k}": round(ev.score, 6)}))
 
     @app.command()
-    @model_options(with_model=False)
+    @model_options(with_model=False, precision="fp32")
     def benchmark(models: List[str] = typer.Argument(..., help="checkpoints (.pt) or backbone names (raw features)"),
                   benchmarks: str = typer.Option("emoji,glyphs,icons", help="comma-separated built-in benchmarks"),
                   split: str = typer.Option("test", help="classes to score: test | val | train | all"),
@@ -86,3 +86,37 @@ def register(app: typer.Typer) -> None:
         typer.echo(format_table(rows, ["model", "dim", *bench, "mean"], title=f"mP@5 on {split} classes"))
         if out:
             atomic_write_json({"split": split, "rows": rows}, out)
+
+    @app.command("check-precision")
+    def check_precision(model: str = typer.Argument(..., metavar="MODEL", help="guie checkpoint (.pt) (or a backbone "
+                                                    "name, with --no-record)"),
+                        checked: str = typer.Argument(..., metavar="PRECISION", help="bf16 or int8 (the "
+                                                      "checkpoint's int8 model, made by guie quantize)"),
+                        benchmarks: str = typer.Option("emoji,glyphs,icons", help="comma-separated built-in "
+                                                                                 "benchmarks: one domain each"),
+                        split: str = typer.Option("test", help="classes to score: test | val | train | all"),
+                        record: bool = typer.Option(True, "--record/--no-record", help="store the result with the "
+                                                    "model (what lets --precision auto choose it)"),
+                        cache: Optional[Path] = typer.Option(None, help="benchmark cache folder"),
+                        batch_size: int = typer.Option(64, help="images per forward"),
+                        progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
+                        out: Optional[Path] = typer.Option(None, help="write the check as JSON here")):
+        """Measure what a model loses in mP@5 when its forward runs in bf16 or int8 instead of fp32 (OpenVINO, the same
+        pixels), per benchmark domain, and record it with the model: --precision auto picks bf16/int8 only where
+        every domain lost at most 0.002."""
+        from ..evaluate.precision import measure_precision, record_precision_check
+        from ..evaluate.report import format_table
+        from ..utils import atomic_write_json
+
+        bench = [b.strip() for b in benchmarks.split(",") if b.strip()]
+        check = measure_precision(model, checked.strip().lower(), bench, split, cache, batch_size, progress)
+        cols = ["domain", "images", "fp32", check.precision, "loss", "max |diff|", "mean cos"]
+        typer.echo(format_table(check.table_rows(), cols, title=f"mP@5, {split} classes: fp32 vs {check.precision}"))
+        verdict = "passes" if check.passes else "fails"
+        typer.echo(f"{check.precision} {verdict}: largest loss {max(check.domains.values()):+.4f} "
+                   f"(tolerance {check.tolerance})")
+        if record:
+            typer.echo(f"recorded in {record_precision_check(model, check)}")
+        if out:
+            atomic_write_json(check.to_record(), out)
+

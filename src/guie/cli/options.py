@@ -58,11 +58,14 @@ class ModelOptions:
 
 def model_options(model: str | None = "efficientnet_lite0", model_help: str = "guie checkpoint (.pt) or backbone "
                   "name", with_model: bool = True, batch_size: int = 64, image_size_help: str | None = None,
-                  batch_size_flags: tuple[str, ...] = ("--batch-size",), batch_size_help: str = "images per forward"):
+                  batch_size_flags: tuple[str, ...] = ("--batch-size",), batch_size_help: str = "images per forward",
+                  precision: str = "auto"):
     """Decorator: add the shared model options to a typer command, which then receives them as `opts`.
 
     `model`: the default of --model (None: optional, e.g. "the index's model"; ... : required); with_model=False
-    leaves --model out, for a command that takes its models as arguments (`guie benchmark`)."""
+    leaves --model out, for a command that takes its models as arguments (`guie benchmark`). `precision`: the
+    default of --precision ("fp32" where the command measures the model itself: its scores must not move with the
+    CPU it runs on)."""
     def decorate(fn):
         hints = typing.get_type_hints(fn)
         sig = inspect.signature(fn)
@@ -86,7 +89,7 @@ def model_options(model: str | None = "efficientnet_lite0", model_help: str = "g
             inspect.Parameter("runtime", kw, annotation=str, default=typer.Option(
                 "auto", "--runtime", help=RUNTIME_HELP)),
             inspect.Parameter("precision", kw, annotation=str, default=typer.Option(
-                "auto", "--precision", help=PRECISION_HELP)),
+                precision, "--precision", help=PRECISION_HELP)),
         ]
         names = {p.name for p in shared}
 

@@ -76,7 +76,7 @@ def cached_features(embedder: Embedder, paths: Sequence[str], cache_dir: str | P
     from .runtimes import resolve_choice
 
     device = resolve_device(device)
-    choice = resolve_choice(embedder, runtime, precision, device)
+    choice = resolve_choice(embedder, runtime, precision, device, features=True)
     paths = [str(p) for p in paths]
     preprocess = preprocess or embedder.preprocess
     saved_pre = embedder.preprocess

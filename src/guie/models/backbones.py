@@ -200,6 +200,9 @@ def _build_efficientnet_lite(variant, arch, source, pretrained, image_size, feat
 
 def _build_timm(arch, source, pretrained, image_size, checkpoint: str | None = None, feature_levels=None,
                 model_args: dict | None = None, **kw):
+    from ..runtime import skip_triton_without_cuda
+
+    skip_triton_without_cuda()  # before timm imports torchvision: 100 MB less RSS on a CPU
     import timm
     from timm.data import resolve_data_config
 
@@ -227,6 +230,9 @@ def _build_timm(arch, source, pretrained, image_size, checkpoint: str | None = N
 
 
 def _takes_img_size(arch: str) -> bool:
+    from ..runtime import skip_triton_without_cuda
+
+    skip_triton_without_cuda()
     import timm
 
     cfg = timm.models.get_pretrained_cfg(arch)
@@ -235,6 +241,9 @@ def _takes_img_size(arch: str) -> bool:
 
 def _build_open_clip(arch, source, pretrained, image_size, keep_projection: bool = True,
                      patch_stride: int | None = None, **kw):
+    from ..runtime import skip_triton_without_cuda
+
+    skip_triton_without_cuda()
     import open_clip
     from open_clip.model import _build_vision_tower
 

@@ -95,6 +95,9 @@ def lukemelas_to_timm(state_dict: dict, depths=LITE0_STAGE_DEPTHS) -> dict:
 def create_efficientnet_lite(name: str = "efficientnet_lite0", pretrained: bool = True, num_classes: int = 0):
     """timm tf_efficientnet_lite{0,1,2} with its package's ImageNet weights (strict load); classifier dropped if
     num_classes=0."""
+    from ..runtime import skip_triton_without_cuda
+
+    skip_triton_without_cuda()  # before timm imports torchvision: 100 MB less RSS on a CPU
     import timm
 
     v = _variant(name)

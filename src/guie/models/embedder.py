@@ -228,8 +228,11 @@ def embedder_from_payload(payload: dict, path: str | Path = "checkpoint") -> Emb
 
 
 def load_embedder(path: str | Path, map_location: str | torch.device = "cpu") -> Embedder:
-    """Rebuild an Embedder from `save_embedder` output (`read_checkpoint` + `embedder_from_payload`)."""
-    return embedder_from_payload(read_checkpoint(path, map_location), path)
+    """Rebuild an Embedder from `save_embedder` output (`read_checkpoint` + `embedder_from_payload`); the model
+    remembers its file (`checkpoint_path`), where files made from it live beside it (its int8 model)."""
+    embedder = embedder_from_payload(read_checkpoint(path, map_location), path)
+    embedder.checkpoint_path = Path(path).expanduser().resolve()
+    return embedder
 
 
 def _state_dict_mismatch(embedder: nn.Module, state) -> str | None:

@@ -10,10 +10,11 @@ A new runtime or precision (e.g. int8) is one more entry; nothing else changes.
 Choices of "auto" (logged once per process with the reason, `guie.utils.log`):
   * runtime: OpenVINO on a CPU (2-2.5x torch's eager fp32 forward on the same numbers, benchmarks/cpu_runtimes.py);
     torch on CUDA; torch where OpenVINO is missing or cannot run (one line says why).
-  * precision: on CUDA bf16 autocast (as before); on a CPU fp32, unless the CPU has native bf16 (AMX or
-    AVX512-BF16) *and* the model carries a passed bf16 accuracy check (`precision_checks`: mP@5 within 0.002 of fp32
-    on every domain it was checked on): bf16 changes the vectors (max abs ~0.01-0.02), so it is never chosen
-    unmeasured. int8 is explicit only.
+  * precision: on CUDA bf16 autocast (as before); on a CPU int8 where the model has an int8 model (`guie
+    quantize`, `quantized_folder`) whose recorded loss is within 0.002 mP@5 on every domain; else bf16 where the CPU
+    has native bf16 (AMX or AVX512-BF16) *and* the model carries a passed bf16 accuracy check (`precision_checks`,
+    written by `guie precision-check`: mP@5 within 0.002 of fp32 on every domain it was checked on); else fp32.
+    bf16 and int8 change the vectors (max abs ~0.01-0.05), so neither is chosen unmeasured.
 
 The pixels are the same whatever runs the forward: preprocessing (`guie.imaging.geometry`, `ImageTransform`) happens
 before the runtime; converted models take the same uint8 input and normalise inside, as the torch module does.
@@ -40,6 +41,8 @@ from .base import (
     cpu_has_native_bf16,
     precision_checks,
     precision_passes,
+    quantized_folder,
+    quantized_record,
     register_runtime,
 )
 
@@ -50,7 +53,8 @@ if TYPE_CHECKING:
 
 __all__ = ["BF16_TOLERANCE", "PRECISION_CHOICES", "RUNTIME_CHOICES", "Choice", "InferenceRuntime", "RuntimeEntry",
            "RuntimeUnavailable", "check_choice", "cpu_has_native_bf16", "create_runtime", "list_runtimes",
-           "precision_checks", "precision_passes", "register_runtime", "resolve_choice"]
+           "precision_checks", "precision_passes", "quantized_folder", "quantized_record", "register_runtime",
+           "resolve_choice"]
 
 
 def list_runtimes() -> list[str]:
@@ -68,9 +72,27 @@ class Choice:
     reason: str
 
 
-def resolve_choice(embedder: Embedder | None, runtime: str, precision: str, device: torch.device) -> Choice:
+def _auto_cpu_precision(embedder: Embedder | None, entry: RuntimeEntry, features: bool) -> tuple[str, str]:
+    """(precision, reason) of "auto" on a CPU: int8 where the model has an int8 model whose recorded loss is within
+    `BF16_TOLERANCE` on every domain; else bf16 where the CPU has native bf16 and the model's recorded bf16 check
+    passed; else fp32. Never a precision that was not measured on this model."""
+    if embedder is not None and not features and "int8" in entry.precisions and precision_passes(embedder, "int8"):
+        return "int8", f"its int8 model lost <= {BF16_TOLERANCE} mP@5 on every domain checked"
+    native = cpu_has_native_bf16()
+    if "bf16" in entry.precisions and native and embedder is not None and precision_passes(embedder, "bf16"):
+        return "bf16", f"native bf16 CPU and this model's bf16 check passed (<= {BF16_TOLERANCE} mP@5 lost)"
+    if not native:
+        return "fp32", "fp32: this CPU has no native bf16"
+    if embedder is not None and "bf16" in precision_checks(embedder):
+        return "fp32", f"fp32: this model's bf16 check lost more than {BF16_TOLERANCE} mP@5 on some domain"
+    return "fp32", "fp32: no bf16 check recorded for this model"
+
+
+def resolve_choice(embedder: Embedder | None, runtime: str, precision: str, device: torch.device,
+                   features: bool = False) -> Choice:
     """Resolve "auto" for runtime and precision on `device` (see the module docstring); explicit choices are checked
-    against the registry (one-line errors)."""
+    against the registry (one-line errors). `features`: for backbone features (the feature cache), where "auto"
+    never picks int8 (a quantized model is a whole model)."""
     _load_builtin()
     runtime, precision = check_choice(runtime, precision)
     why = []
@@ -90,19 +112,16 @@ def resolve_choice(embedder: Embedder | None, runtime: str, precision: str, devi
     if precision == "auto":
         if device.type == "cuda":
             precision, reason = "bf16", "bf16 autocast on CUDA"
-        elif "bf16" in entry.precisions and cpu_has_native_bf16() and embedder is not None \
-                and precision_passes(embedder, "bf16"):
-            precision, reason = "bf16", "native bf16 CPU and a passed bf16 check of this model"
         else:
-            precision = "fp32"
-            reason = ("fp32: no bf16 check recorded for this model" if cpu_has_native_bf16()
-                      else "fp32: this CPU has no native bf16")
+            precision, reason = _auto_cpu_precision(embedder, entry, features)
         why.append(reason)
     if precision not in entry.precisions:
-        if precision == "int8":
-            raise InputError(f"precision int8 is not available yet for runtime {runtime} (use fp32 or bf16)")
-        raise InputError(f"runtime {runtime} does not offer precision {precision} "
-                         f"(it offers {', '.join(entry.precisions)})")
+        offers = [p for p in PRECISION_CHOICES if p in entry.precisions]
+        hint = " (int8 runs on openvino)" if precision == "int8" else ""
+        raise InputError(f"runtime {runtime} does not offer precision {precision}: it offers {', '.join(offers)}{hint}")
+    if precision == "int8" and features:
+        raise InputError("precision int8 is for a whole model's embeddings (its quantized model), not backbone "
+                         "features: use fp32 or bf16")
     if precision == "bf16" and device.type == "cpu" and runtime != "torch" and not cpu_has_native_bf16():
         raise InputError(f"precision bf16 with runtime {runtime} needs a CPU with native bf16 (AMX or AVX512-BF16); "
                          "this one has none: use fp32 (or runtime torch, which emulates bf16 slowly)")
@@ -140,7 +159,7 @@ def create_runtime(embedder: Embedder, runtime: str | None = "auto", precision: 
         _load_builtin()
         device = "cpu" if "cpu" in _REGISTRY[asked_runtime].devices else device  # a CPU runtime asked by name
     device = resolve_device(device)
-    choice = resolve_choice(embedder, runtime, precision, device)
+    choice = resolve_choice(embedder, runtime, precision, device, features)
     entry = _REGISTRY[choice.runtime]
     problem = entry.unavailable()
     if problem:

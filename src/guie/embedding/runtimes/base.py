@@ -107,10 +107,49 @@ def cpu_has_native_bf16() -> bool:
     return bool(flags & {"amx_bf16", "avx512_bf16", "bf16"})
 
 
+QUANTIZED_SUFFIX = ".int8"  # `model.pt` -> `model.int8/`: the int8 model beside its checkpoint
+QUANTIZED_RECORD = "quantized.json"
+
+
+def quantized_folder(checkpoint: str | Path) -> Path:
+    """Where a checkpoint's int8 model lives (`guie.export.quantize` writes it): beside the checkpoint, `<stem>.int8/`
+    with the OpenVINO IR (`model.xml`, `model.bin`) and `quantized.json` (the model's fingerprint, the calibration,
+    the measured mP@5 loss per domain). The fp32 checkpoint itself is never touched."""
+    path = Path(checkpoint)
+    return path.with_name(path.stem + QUANTIZED_SUFFIX)
+
+
+def quantized_record(embedder: Embedder) -> dict | None:
+    """The record of the int8 model beside the checkpoint `embedder` was loaded from, with its `folder`; None when
+    the model has no checkpoint, there is no int8 model, or it was made from other weights or preprocessing (its
+    fingerprint differs: a retrained or resized model never runs a stale int8 model)."""
+    import json
+
+    checkpoint = getattr(embedder, "checkpoint_path", None)
+    if checkpoint is None:
+        return None
+    folder = quantized_folder(checkpoint)
+    try:
+        record = json.loads((folder / QUANTIZED_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("fingerprint") != embedder.fingerprint(False):
+        return None
+    return {**record, "folder": str(folder)}
+
+
 def precision_checks(embedder: Embedder) -> dict:
-    """A model's recorded accuracy checks per precision: {"bf16": {"domains": {name: mP@5 loss}}, ...} (from its
-    checkpoint's `extra["precision_checks"]`; empty for a fresh model)."""
-    return dict(getattr(embedder, "precision_checks", None) or {})
+    """A model's recorded accuracy checks per precision: {"bf16": {"domains": {name: mP@5 loss}, ...}, "int8": ...}.
+
+    bf16: from its checkpoint's `extra["precision_checks"]` (written by `guie.evaluate.precision`); int8: from the
+    record of its int8 model (`quantized_record`), so the check goes with the quantized model it measured. Empty
+    for a fresh model."""
+    checks = dict(getattr(embedder, "precision_checks", None) or {})
+    checks.pop("int8", None)  # only the int8 model's own record counts
+    record = quantized_record(embedder)
+    if record and record.get("check"):
+        checks["int8"] = record["check"]
+    return checks
 
 
 def precision_passes(embedder: Embedder, precision: str, tolerance: float = BF16_TOLERANCE) -> bool:

@@ -15,7 +15,9 @@ process took, which is why one forward split over all cores is not the default.
 
 The input is uint8 NHWC (a `PrePostProcessor` transposes inside the compiled model): guie's batches are
 channels_last, so they go in without a copy. Precision is a compile-time hint on the same fp32 IR
-(`INFERENCE_PRECISION_HINT`): fp32 equals torch within ~1e-6; bf16 only on CPUs with native bf16.
+(`INFERENCE_PRECISION_HINT`): fp32 equals torch within ~1e-6; bf16 only on CPUs with native bf16. int8 is another
+IR: the checkpoint's quantized model (`guie.export.quantize`, kept beside the checkpoint; `quantized_model`), its
+unquantized layers at the precision it was measured with.
 """
 from __future__ import annotations
 
@@ -27,7 +29,16 @@ import warnings
 import numpy as np
 import torch
 
-from .base import InferenceRuntime, RuntimeEntry, RuntimeUnavailable, cpu_has_native_bf16, register_runtime
+from ...errors import InputError
+from .base import (
+    InferenceRuntime,
+    RuntimeEntry,
+    RuntimeUnavailable,
+    cpu_has_native_bf16,
+    quantized_folder,
+    quantized_record,
+    register_runtime,
+)
 from .cache import load_or_convert
 
 _PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
@@ -125,6 +136,28 @@ def openvino_model(embedder, features: bool, cache_dir=None):
                            lambda: convert_to_openvino(embedder, features), save, load, cache_dir, what="OpenVINO")
 
 
+def quantized_model(embedder):
+    """(the int8 `ov.Model` beside the embedder's checkpoint, the precision hint for its layers left unquantized), as
+    `guie.export.quantize` recorded them; one-line errors when there is none for these weights or it cannot be read."""
+    checkpoint = getattr(embedder, "checkpoint_path", None)
+    if checkpoint is None:
+        raise InputError("precision int8 runs a checkpoint's quantized model (made by guie quantize); this model was "
+                         "not loaded from a checkpoint file")
+    record = quantized_record(embedder)
+    folder = quantized_folder(checkpoint)
+    if record is None:
+        why = "none" if not folder.exists() else "the one there was made from other weights or preprocessing"
+        raise InputError(f"precision int8: {checkpoint} has no int8 model of its weights at {folder} ({why}); make "
+                         "one with guie quantize")
+    try:
+        model = openvino_core().read_model(folder / "model.xml")
+    except Exception as e:  # noqa: BLE001 - OpenVINO's reader raises one generic type for any damage
+        raise InputError(f"precision int8: cannot read the int8 model {folder} ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0][:160] if str(e) else ''}); quantize again") from None
+    rest = record.get("rest_precision", "fp32")
+    return model, _PRECISION_HINTS["bf16" if rest == "bf16" and cpu_has_native_bf16() else "fp32"]
+
+
 class OpenVINORuntime(InferenceRuntime):
     """A compiled OpenVINO model on the CPU; see the module docstring for the thread layout."""
 
@@ -142,12 +175,16 @@ class OpenVINORuntime(InferenceRuntime):
         self.precision = precision
         threads = torch.get_num_threads()
         self.parallel = max(1, min(streams or threads, threads))
-        model = openvino_model(embedder, features, cache_dir)
+        hint = _PRECISION_HINTS.get(precision)
+        if precision == "int8":
+            model, hint = quantized_model(embedder)
+        else:
+            model = openvino_model(embedder, features, cache_dir)
         ppp = PrePostProcessor(model)
         ppp.input().tensor().set_layout(ov.Layout("NHWC"))
         ppp.input().model().set_layout(ov.Layout("NCHW"))
         model = ppp.build()
-        config = {"INFERENCE_PRECISION_HINT": _PRECISION_HINTS[precision], "NUM_STREAMS": self.parallel,
+        config = {"INFERENCE_PRECISION_HINT": hint, "NUM_STREAMS": self.parallel,
                   "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "THROUGHPUT"}
         self.threads = threads
         try:
@@ -222,5 +259,5 @@ def _build(embedder, precision: str, device: torch.device, features: bool, cache
     return OpenVINORuntime(embedder, precision, features, cache_dir, streams=forwards)
 
 
-register_runtime(RuntimeEntry("openvino", devices=("cpu",), precisions=("fp32", "bf16"),
+register_runtime(RuntimeEntry("openvino", devices=("cpu",), precisions=("fp32", "bf16", "int8"),
                               unavailable=openvino_unavailable, build=_build))
