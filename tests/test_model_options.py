@@ -19,6 +19,9 @@ MODEL_COMMANDS = {"embed", "evaluate", "benchmark", "fit-pca", "index create", "
 MODELS_AS_ARGUMENTS = {"benchmark"}
 
 
+SCORING_COMMANDS = {"evaluate", "benchmark"}
+
+
 def _commands(group, prefix: str = "") -> dict:
     out = {}
     for name, cmd in group.commands.items():
@@ -49,7 +52,8 @@ def test_every_model_command_has_the_shared_model_options():
         for opt in shared:  # the same flag, default and help everywhere
             assert f"--{opt.replace('_', '-')}" in params[opt].opts, (name, opt)
         assert params["device"].default == "auto" and params["runtime"].default == "auto"
-        assert params["precision"].default == "auto"
+        # commands that score a model measure it in fp32 (a score must not move with the CPU it runs on)
+        assert params["precision"].default == ("fp32" if name in SCORING_COMMANDS else "auto"), name
 
 
 def test_export_traces_on_auto_by_default():
