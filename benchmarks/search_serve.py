@@ -221,7 +221,7 @@ def main() -> None:
 
             def search(client: httpx.Client, i: int) -> tuple[int, float]:
                 t = time.perf_counter()
-                r = client.post(url + "search", data={"k": "5"},
+                r = client.post(url + "search", data={"k": "5"}, headers={"X-API-Key": KEY},
                                 files=[("files", ("q.png", payloads[i % len(payloads)], "image/png"))])
                 return r.status_code, time.perf_counter() - t
 
@@ -244,7 +244,7 @@ def main() -> None:
                 i = c
                 while time.perf_counter() < stop_at:
                     body, ctype = bodies[i % len(bodies)]
-                    conn.request("POST", "/search", body=body, headers={"Content-Type": ctype})
+                    conn.request("POST", "/search", body=body, headers={"Content-Type": ctype, "X-API-Key": KEY})
                     resp = conn.getresponse()
                     resp.read()
                     done[c] += resp.status == 200
@@ -318,7 +318,8 @@ def main() -> None:
 
             def burst_one(_):
                 with httpx.Client(timeout=60) as client:
-                    return client.post(url + "search", data={"k": "5"}, files=big).status_code
+                    return client.post(url + "search", data={"k": "5"}, headers={"X-API-Key": KEY},
+                                       files=big).status_code
 
             with ThreadPoolExecutor(64) as pool:
                 codes = list(pool.map(burst_one, range(64)))
