@@ -225,44 +225,63 @@ class MetadataStore:
         """Add `items` with their `vectors` [n, dim] in one transaction; items whose content hash is already stored
         are skipped. Returns (the new commit's seq, the ids of the added items, in input order; -1 for skipped).
         When every item is stored already nothing is committed and the seq is the last commit's."""
+        vectors = self._checked_vectors(items, vectors)
+        with self._transaction() as db:
+            seq = self.seq + 1
+            ids, next_id = self._insert_new(db, items, vectors, seq)
+            if next_id == self.next_id:
+                return seq - 1, ids
+            self._bump(seq, op, next_id - self.next_id, next_id)
+        return seq, ids
+
+    def _checked_vectors(self, items: Sequence[NewItem], vectors: np.ndarray) -> np.ndarray:
+        """`vectors` as little-endian float32 rows, one per item, of the index's dimension (else a StoreError)."""
         vectors = np.ascontiguousarray(vectors, dtype="<f4")
         dim = int(self.get_info("dim"))
         if len(items) != len(vectors) or (len(vectors) and vectors.shape[1] != dim):
             raise StoreError(f"{len(items)} items and vectors of shape {vectors.shape}; the index is {dim}-d")
-        with self._transaction() as db:
-            seq, next_id = self.seq + 1, self.next_id
-            ids = np.full(len(items), -1, dtype=np.int64)
-            seen = {h for (h,) in db.execute("SELECT content_hash FROM items WHERE content_hash IN (SELECT value FROM "
-                                             "json_each(?))", (json.dumps([it.content_hash for it in items]),))}
-            rows = []
-            for i, (it, v) in enumerate(zip(items, vectors)):
-                if it.content_hash in seen:
-                    continue
-                seen.add(it.content_hash)
-                ids[i] = next_id
-                rows.append((next_id, it.content_hash, it.path, it.label,
-                             json.dumps({k: json_scalar(x) for k, x in it.meta.items()}), v.tobytes(), seq))
-                next_id += 1
-            if not rows:
-                return seq - 1, ids
-            db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-            self._bump(seq, op, len(rows), next_id)
-        return seq, ids
+        return vectors
+
+    def _insert_new(self, db, items: Sequence[NewItem], vectors: np.ndarray, seq: int) -> tuple[np.ndarray, int]:
+        """Insert the items whose content is not stored yet (nor earlier in `items`) under commit `seq`, with ids
+        from `next_id` on. Returns (the ids in input order, -1 for content stored already; the next free id)."""
+        next_id = self.next_id
+        ids = np.full(len(items), -1, dtype=np.int64)
+        seen = {h for (h,) in db.execute("SELECT content_hash FROM items WHERE content_hash IN (SELECT value FROM "
+                                         "json_each(?))", (json.dumps([it.content_hash for it in items]),))}
+        rows = []
+        for i, (it, v) in enumerate(zip(items, vectors)):
+            if it.content_hash in seen:
+                continue
+            seen.add(it.content_hash)
+            ids[i] = next_id
+            rows.append((next_id, it.content_hash, it.path, it.label,
+                         json.dumps({k: json_scalar(x) for k, x in it.meta.items()}), v.tobytes(), seq))
+            next_id += 1
+        db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        return ids, next_id
+
+    @staticmethod
+    def _delete_stored(db, ids: Iterable[int], seq: int) -> list[int]:
+        """Delete the stored items among `ids`, logging each removal under commit `seq`; the ids deleted."""
+        wanted = json.dumps(sorted({int(i) for i in ids}))
+        found = [i for (i,) in db.execute("SELECT id FROM items WHERE id IN (SELECT value FROM json_each(?))",
+                                          (wanted,))]
+        if found:
+            db.execute("DELETE FROM items WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(found),))
+            db.executemany("INSERT OR REPLACE INTO removed VALUES (?, ?)", [(i, seq) for i in found])
+        return found
 
     @_guarded
     def commit_remove(self, ids: Iterable[int], op: str = "remove") -> tuple[int, np.ndarray]:
         """Remove the stored items among `ids` in one transaction, logging each removal with the commit's seq.
         Returns (the new commit's seq, the ids actually removed). When none of `ids` is stored nothing is
         committed and the seq is the last commit's."""
-        wanted = json.dumps(sorted({int(i) for i in ids}))
         with self._transaction() as db:
-            found = [i for (i,) in db.execute("SELECT id FROM items WHERE id IN (SELECT value FROM json_each(?))",
-                                              (wanted,))]
             seq = self.seq + 1
+            found = self._delete_stored(db, ids, seq)
             if not found:
                 return seq - 1, np.empty(0, np.int64)
-            db.execute("DELETE FROM items WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(found),))
-            db.executemany("INSERT OR REPLACE INTO removed VALUES (?, ?)", [(i, seq) for i in found])
             self._bump(seq, op, len(found), self.next_id)
         return seq, np.asarray(found, dtype=np.int64)
 
@@ -273,34 +292,15 @@ class MetadataStore:
         watched folder's batch: a renamed or changed file is never half-applied). Removals come first, so content
         removed here may be added back under another path. Returns (the commit's seq, the removed ids, the added
         ids in input order, -1 for content stored already); when nothing changes nothing is committed."""
-        vectors = np.ascontiguousarray(vectors, dtype="<f4")
-        dim = int(self.get_info("dim"))
-        if len(items) != len(vectors) or (len(vectors) and vectors.shape[1] != dim):
-            raise StoreError(f"{len(items)} items and vectors of shape {vectors.shape}; the index is {dim}-d")
-        wanted = json.dumps(sorted({int(i) for i in remove}))
+        vectors = self._checked_vectors(items, vectors)
         with self._transaction() as db:
-            seq, next_id = self.seq + 1, self.next_id
-            found = [i for (i,) in db.execute("SELECT id FROM items WHERE id IN (SELECT value FROM json_each(?))",
-                                              (wanted,))]
-            if found:
-                db.execute("DELETE FROM items WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(found),))
-                db.executemany("INSERT OR REPLACE INTO removed VALUES (?, ?)", [(i, seq) for i in found])
-            ids = np.full(len(items), -1, dtype=np.int64)
-            seen = {h for (h,) in db.execute("SELECT content_hash FROM items WHERE content_hash IN (SELECT value FROM "
-                                             "json_each(?))", (json.dumps([it.content_hash for it in items]),))}
-            rows = []
-            for i, (it, v) in enumerate(zip(items, vectors)):
-                if it.content_hash in seen:
-                    continue
-                seen.add(it.content_hash)
-                ids[i] = next_id
-                rows.append((next_id, it.content_hash, it.path, it.label,
-                             json.dumps({k: json_scalar(x) for k, x in it.meta.items()}), v.tobytes(), seq))
-                next_id += 1
-            if not rows and not found:
+            seq = self.seq + 1
+            found = self._delete_stored(db, remove, seq)
+            ids, next_id = self._insert_new(db, items, vectors, seq)
+            added = next_id - self.next_id
+            if not added and not found:
                 return seq - 1, np.empty(0, np.int64), ids
-            db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-            self._bump(seq, op, len(rows) + len(found), next_id)
+            self._bump(seq, op, added + len(found), next_id)
         return seq, np.asarray(found, dtype=np.int64), ids
 
     def _bump(self, seq: int, op: str, n: int, next_id: int) -> None:
