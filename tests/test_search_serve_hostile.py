@@ -5,8 +5,6 @@ import http.client
 import io
 import os
 import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,52 +13,13 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest import photo, write_labelled_folder
+from conftest import photo
 from hostile_http import hostile_cases, multipart, write_hostile_images
-
-KEY = "a-key-in-a-file-0123"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from served import KEY, ServedIndex
 
 
-class Served:
-    """`python -m guie.cli serve` on a free loopback port, its stderr in a file."""
-
-    def __init__(self, tmp: Path):
-        from guie.models import create_embedder, save_embedder
-        from guie.search.encoder import describe_model
-        from guie.search.image_index import ImageIndex
-        from guie.search.ingest import add_source
-
-        root = write_labelled_folder(tmp / "imgs", classes=4, domains=("a", "b", "c"))
-        model = create_embedder("timm:test_efficientnet", embed_dim=8, pretrained=False, image_size=32).eval()
-        path = save_embedder(model, tmp / "tiny.pt")
-        with ImageIndex.create(tmp / "idx", dim=8, model=describe_model(model, path)) as index:
-            add_source(index, root, model, progress=False)
-        (tmp / "key.txt").write_text(KEY + "\n")
-        self.port, self.log_path = free_port(), tmp / "server.log"
-        self.url = f"http://127.0.0.1:{self.port}/"
-        env = {k: v for k, v in os.environ.items() if k != "GUIE_API_KEY"}
-        env["PYTHONPATH"] = os.pathsep.join(sys.path)
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "guie.cli", "serve", str(tmp / "idx"), "--port",
-                                      str(self.port), "--api-key-file", str(tmp / "key.txt")], env=env,
-                                     stdout=self.log, stderr=self.log)
-        deadline = time.time() + 120
-        while time.time() < deadline and self.proc.poll() is None:
-            try:
-                if httpx.get(self.url + "health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        assert self.proc.poll() is None, self.log_text()
-
-    def log_text(self) -> str:
-        return self.log_path.read_text()
+class Served(ServedIndex):
+    """The shared real server (tests/served.py), plus one normal search as the attacks' yardstick."""
 
     def search(self, timeout: float = 30) -> tuple[int, float]:
         """One normal one-image search with the key: (status, seconds)."""
@@ -70,15 +29,6 @@ class Served:
         r = httpx.post(self.url + "search", headers={"X-API-Key": KEY}, data={"k": "3"},
                        files=[("files", ("q.png", buf.getvalue(), "image/png"))], timeout=timeout)
         return r.status_code, time.perf_counter() - t0
-
-    def close(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
