@@ -29,23 +29,32 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(data: bytes, path: str | Path) -> Path:
-    """Write to a temp file in the same folder, fsync, then rename: readers never see a partial file."""
+@contextmanager
+def atomic_output(path: str | Path):
+    """Yield a temp file path in `path`'s folder to write by any means (a streaming writer, say); on success it is
+    fsynced, given the usual permissions and renamed to `path`, on any error removed: readers never see a partial
+    file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the final file the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600 files
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
+
+
+def atomic_write_bytes(data: bytes, path: str | Path) -> Path:
+    """Write to a temp file in the same folder, fsync, then rename: readers never see a partial file."""
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:

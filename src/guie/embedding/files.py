@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import GuieError, InputError, MissingFileError
-from ..utils import atomic_write_json, log, save_parquet_atomic
+from ..utils import atomic_output, atomic_write_json, log, save_parquet_atomic
 
 if TYPE_CHECKING:
     from ..models.embedder import Embedder
@@ -458,27 +458,13 @@ def merge_parts(out_path: str | Path) -> MergeReport:
 def _concat_parts(parts: list[Path], out_path: Path, fingerprint: str) -> int:
     """Copy the parts, in order, into one Parquet file written atomically (a temp file renamed), one part in memory
     at a time. Returns the rows written."""
-    import os
-    import tempfile
-
     schema = _with_fingerprint(pq.read_table(parts[0]).slice(0, 0), fingerprint).schema
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    os.close(fd)
     rows = 0
-    try:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for part in parts:
-                table = pq.read_table(part).replace_schema_metadata(schema.metadata)
-                writer.write_table(table)
-                rows += table.num_rows
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(out_path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for part in parts:
+            table = pq.read_table(part).replace_schema_metadata(schema.metadata)
+            writer.write_table(table)
+            rows += table.num_rows
     return rows
 
 
